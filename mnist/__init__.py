@@ -1,0 +1,1 @@
+"""mnist-slurm: the course's MNIST MLP and CNN, trained locally or on a Slurm cluster."""

@@ -1,0 +1,154 @@
+"""Composing and checking configs from conf/. Imports no torch: the login node uses it."""
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from mnist.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "optimizer", "data", "resources", "launcher")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "elu")
+OUTPUTS = ("log_softmax", "softmax")
+ARCHS = ("mlp", "cnn")
+
+
+class ConfigError(UserError):
+    pass
+
+
+def choices(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_choices(overrides):
+    """Name the options of a config group before Hydra's own, longer error does.
+
+    Only plain `group=a,b` overrides are checked; Hydra's sweep syntax passes through.
+    """
+    for override in overrides:
+        match = re.fullmatch(r"([a-z_]+)=([\w,]+)", override)
+        if not match or match.group(1) not in GROUPS:
+            continue
+        group = match.group(1)
+        for value in match.group(2).split(","):
+            if value not in choices(group):
+                raise ConfigError(
+                    f"Unknown {group} '{value}' in `{override}`. Choose one of: {', '.join(choices(group))} "
+                    f"(the files in conf/{group}/), e.g. `{group}={choices(group)[0]}`."
+                )
+
+
+def compose(overrides=()):
+    """The config a run with these overrides gets, outside `python -m mnist.run` (tools, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_choices(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"{e} (in {' '.join(overrides)})") from None
+    return finalize(cfg)
+
+
+def finalize(cfg):
+    """Resolve interpolations and make paths absolute, so a job elsewhere sees the same values."""
+    from omegaconf import OmegaConf
+
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # an interpolation such as ${oc.env:...} that cannot resolve
+        raise ConfigError(f"The config does not resolve: {e}. Fix the override or the variable it names.") from None
+    cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
+    validate(cfg)
+    return cfg
+
+
+def _positive(cfg, key, kind, fix):
+    value = _get(cfg, key)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value > 0
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not a positive {_kind_name(kind)}. {fix}")
+
+
+def _kind_name(kind):
+    return "integer" if kind is int else "number"
+
+
+def _get(cfg, key):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key)
+
+
+def _one_of(cfg, key, options, fix=""):
+    value = _get(cfg, key)
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, options))}. {fix}".rstrip())
+
+
+def validate(cfg):
+    """Check every value a run depends on; raise ConfigError naming the bad value and the fix."""
+    from omegaconf import OmegaConf
+
+    _positive(cfg, "trainer.epochs", int, "Set e.g. trainer.epochs=3.")
+    _positive(cfg, "trainer.log_interval", int, "Set e.g. trainer.log_interval=10.")
+    if not isinstance(cfg.trainer.seed, int) or isinstance(cfg.trainer.seed, bool):
+        raise ConfigError(f"trainer.seed={cfg.trainer.seed!r} is not an integer. Set e.g. trainer.seed=1.")
+    _one_of(cfg, "trainer.device", ("auto", "cpu", "cuda"), "Set e.g. trainer.device=cpu.")
+    threads = cfg.trainer.threads
+    if threads != "auto":
+        _positive(cfg, "trainer.threads", int, "Set trainer.threads=auto or a count such as trainer.threads=2.")
+
+    _one_of(cfg, "data.name", choices("data"), "Choose it with data=<name>.")
+    _positive(cfg, "data.batch_size", int, "Set e.g. data.batch_size=64.")
+    _positive(cfg, "data.test_batch_size", int, "Set e.g. data.test_batch_size=1000.")
+    _positive(cfg, "data.std", (int, float), "Set e.g. data.std=0.3081.")
+    if not isinstance(cfg.data.mean, (int, float)) or isinstance(cfg.data.mean, bool):
+        raise ConfigError(f"data.mean={cfg.data.mean!r} is not a number. Set e.g. data.mean=0.1307.")
+    if not isinstance(cfg.data.shuffle, bool) or not isinstance(cfg.data.download, bool):
+        raise ConfigError("data.shuffle and data.download take true or false.")
+
+    _one_of(cfg, "model.arch", ARCHS, "Pick a model with model=<name> (see conf/model/).")
+    _one_of(cfg, "model.output", OUTPUTS)
+    if cfg.model.arch == "mlp":
+        hidden, activations = list(cfg.model.hidden), list(cfg.model.activations)
+        if len(hidden) != len(activations):
+            raise ConfigError(
+                f"model.hidden={hidden} has {len(hidden)} layers but model.activations={activations} "
+                f"names {len(activations)}. Give one activation per hidden layer."
+            )
+        for i, size in enumerate(hidden):
+            _positive(cfg, f"model.hidden.{i}", int, "Hidden layer sizes are positive integers.")
+        for name in activations:
+            if name not in ACTIVATIONS:
+                raise ConfigError(f"model.activations names '{name}'. Choose from: {', '.join(ACTIVATIONS)}.")
+
+    optimizer = OmegaConf.to_container(cfg.optimizer)
+    _one_of(cfg, "optimizer.name", choices("optimizer"), "Choose it with optimizer=<name>.")
+    _positive(cfg, "optimizer.lr", (int, float), f"Set e.g. optimizer.lr={_default_lr(cfg.optimizer.name)}.")
+    scheduler = optimizer.get("scheduler")
+    if scheduler is not None:
+        _positive(cfg, "optimizer.scheduler.step_size", int, "Set e.g. optimizer.scheduler.step_size=1.")
+        _positive(cfg, "optimizer.scheduler.gamma", (int, float), "Set e.g. optimizer.scheduler.gamma=0.7.")
+
+
+def _default_lr(name):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml").lr
+
+
+@contextmanager
+def report_errors():
+    """Print a UserError as its paragraph on stderr and exit 2, instead of a traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -1,0 +1,154 @@
+"""Datasets through torchvision's own classes, held in memory as uint8 tensors, batched by index.
+
+The course's pipeline converts and normalises every sample in Python through a DataLoader;
+here the whole split is one tensor and each batch is one indexing operation, so an epoch
+costs little more than the model's own forward and backward passes.
+
+    python -m mnist.data download [data=fashion_mnist]    fetch and check (login node)
+    python -m mnist.data verify   [data=...]              check what is on disk
+    python -m mnist.data copy DIR [data=...]              take the four IDX files from DIR
+"""
+import fcntl
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+
+from mnist import datafiles
+from mnist.datafiles import DataError
+
+TORCHVISION = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+
+
+class InMemoryLoader:
+    """Yields normalised (images, labels) batches from uint8 tensors; a seeded shuffle per epoch.
+
+    With `rank`/`world_size` each process of a data-parallel run sees its own shard.
+    """
+
+    def __init__(self, images, labels, batch_size, shuffle=False, seed=0, mean=0.0, std=1.0,
+                 device="cpu", rank=0, world_size=1):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.mean, self.std = mean, std
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def dataset_size(self):
+        return len(self.labels)
+
+    def indices(self):
+        n = len(self.labels)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        return order[self.rank::self.world_size].to(self.device)
+
+    def __len__(self):
+        return -(-len(range(self.rank, len(self.labels), self.world_size)) // self.batch_size)
+
+    def __iter__(self):
+        order = self.indices()
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            images = self.images[batch].unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
+            yield images, self.labels[batch]
+
+
+def load_split(data_cfg, train):
+    """The split's images (N, 28, 28) uint8 and labels (N,) int64, read by torchvision."""
+    dataset = TORCHVISION[data_cfg.name](data_cfg.root, train=train, download=False)
+    return dataset.data, dataset.targets
+
+
+def ensure_dataset(data_cfg):
+    """Have the dataset on disk and whole, downloading it first if the config allows."""
+    if data_cfg.download and datafiles.missing_files(data_cfg.root, data_cfg.name):
+        download(data_cfg)
+    return datafiles.prepare(data_cfg.root, data_cfg.name)
+
+
+def loaders(data_cfg, seed, device, rank=0, world_size=1):
+    ensure_dataset(data_cfg)
+    common = dict(mean=data_cfg.mean, std=data_cfg.std, device=device, rank=rank, world_size=world_size)
+    train_loader = InMemoryLoader(*load_split(data_cfg, train=True), data_cfg.batch_size,
+                                  shuffle=data_cfg.shuffle, seed=seed, **common)
+    test_loader = InMemoryLoader(*load_split(data_cfg, train=False), data_cfg.test_batch_size, **common)
+    return train_loader, test_loader
+
+
+@contextmanager
+def _lock(root, name):
+    """One download at a time per dataset and data folder; the others wait, then find it done."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / f".{datafiles.FOLDERS[name]}.lock", "w")
+    except OSError as e:
+        raise DataError(
+            f"Cannot write to the data folder {root}: {e.strerror}. Point data.root (or $MNIST_DATA) "
+            f"at a folder you can write, e.g. data.root=$HOME/data."
+        ) from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def download(data_cfg):
+    """torchvision's download, which checks each file's md5 sum, then our own IDX checks."""
+    with _lock(data_cfg.root, data_cfg.name):
+        if datafiles.missing_files(data_cfg.root, data_cfg.name):
+            try:
+                TORCHVISION[data_cfg.name](data_cfg.root, train=True, download=True)
+            except (RuntimeError, OSError) as e:
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(
+                    f"Downloading {data_cfg.name} into {data_cfg.root} failed ({first_line}). On a machine "
+                    f"without internet, copy the four IDX files from elsewhere: "
+                    f"`python -m mnist.data copy SOURCE_DIR data={data_cfg.name}`."
+                ) from None
+    return datafiles.prepare(data_cfg.root, data_cfg.name)
+
+
+def main(argv=None):
+    from mnist.config import compose, report_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("download", "verify", "copy")
+    if not argv or argv[0] not in commands:
+        print(__doc__.split("\n\n", 2)[2].rstrip(), file=sys.stderr)
+        return 2
+    command, args = argv[0], argv[1:]
+    with report_errors():
+        source = None
+        if command == "copy":
+            if not args or "=" in args[0]:
+                raise DataError("`python -m mnist.data copy` needs the folder to copy from, e.g. "
+                                "`python -m mnist.data copy /usr/share/datasets/fashion-mnist data=fashion_mnist`.")
+            source, args = args[0], args[1:]
+        data_cfg = compose(args).data
+        if command == "download":
+            sizes = download(data_cfg)
+        elif command == "copy":
+            sizes = datafiles.copy_from(source, data_cfg.root, data_cfg.name)
+        else:
+            sizes = datafiles.prepare(data_cfg.root, data_cfg.name)
+        where = datafiles.raw_folder(data_cfg.root, data_cfg.name)
+        print(f"{data_cfg.name}: {sizes['train']} training and {sizes['test']} test images, checked, in {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

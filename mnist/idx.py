@@ -1,0 +1,52 @@
+"""The IDX file format of MNIST: a 4-byte magic number, the dims, then raw unsigned bytes.
+
+Stdlib only, so the login-node path can check files without importing torch.
+"""
+import math
+import os
+import struct
+
+UBYTE = 0x08
+
+
+class IdxError(ValueError):
+    pass
+
+
+def write_idx(path, data: bytes, dims):
+    """Write unsigned-byte IDX data of shape `dims`, e.g. (n, 28, 28) for images, (n,) for labels."""
+    if len(data) != math.prod(dims):
+        raise ValueError(f"{len(data)} bytes do not fill dims {tuple(dims)}")
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, UBYTE, len(dims)))
+        f.write(struct.pack(f">{len(dims)}I", *dims))
+        f.write(data)
+
+
+def read_dims(path):
+    """The dims an IDX file's header declares, checked against the file's size."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0:
+            raise IdxError(f"{path} is not an IDX file (magic number {head.hex() or 'missing'})")
+        if head[2] != UBYTE:
+            raise IdxError(f"{path} holds IDX type 0x{head[2]:02x}, not unsigned bytes (0x08)")
+        ndim = head[3]
+        raw = f.read(4 * ndim)
+        if len(raw) < 4 * ndim:
+            raise IdxError(f"{path} is truncated inside its header")
+    dims = struct.unpack(f">{ndim}I", raw)
+    expected = 4 + 4 * ndim + math.prod(dims)
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise IdxError(f"{path} is {actual} bytes but its header {dims} needs {expected} (truncated or corrupt)")
+    return dims
+
+
+def max_value(path):
+    """The largest byte stored in an IDX file's body (labels must be 0..9)."""
+    ndim = len(read_dims(path))
+    with open(path, "rb") as f:
+        f.seek(4 + 4 * ndim)
+        body = f.read()
+    return max(body) if body else 0

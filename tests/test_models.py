@@ -1,0 +1,62 @@
+import torch
+
+from mnist.cnn import CNN
+from mnist.config import compose
+from mnist.mlp import MLP
+from mnist.models import build_model, build_optimizer
+
+
+def n_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_course_models_have_the_course_parameter_counts():
+    assert n_parameters(MLP()) == 101_770
+    assert n_parameters(CNN()) == 1_199_882
+
+
+def test_models_from_config_match_the_course():
+    assert n_parameters(build_model(compose(["model=mlp"]).model)) == 101_770
+    assert n_parameters(build_model(compose(["model=cnn"]).model)) == 1_199_882
+    # 784-128-64-10 and 784-256-10
+    assert n_parameters(build_model(compose(["model=mlp_deep"]).model)) == 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    assert n_parameters(build_model(compose(["model=mlp_sigmoid"]).model)) == 784 * 256 + 256 + 256 * 10 + 10
+
+
+def test_variant_layers_are_the_ones_the_course_shows():
+    deep = build_model(compose(["model=mlp_deep"]).model)
+    kinds = [type(layer).__name__ for layer in deep.layers]
+    assert kinds == ["Flatten", "Linear", "ReLU", "Linear", "LeakyReLU", "Linear"]
+    assert deep.layers[4].negative_slope == 0.01
+    sigmoid = build_model(compose(["model=mlp_sigmoid"]).model)
+    assert [type(layer).__name__ for layer in sigmoid.layers] == ["Flatten", "Linear", "Sigmoid", "Linear"]
+
+
+def test_outputs_are_log_probabilities_or_probabilities():
+    x = torch.randn(5, 1, 28, 28)
+    for name in ("mlp", "cnn", "mlp_deep"):
+        out = build_model(compose([f"model={name}"]).model).eval()(x)
+        assert out.shape == (5, 10)
+        torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(5))
+    probs = build_model(compose(["model=mlp_sigmoid"]).model)(x)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+    assert (probs >= 0).all()
+
+
+def test_every_optimizer_builds_with_the_course_learning_rate():
+    expected = {"adadelta": 1.0, "sgd": 0.01, "adam": 0.001, "adamw": 0.001, "rmsprop": 0.001, "adagrad": 0.01}
+    model = MLP()
+    for name, lr in expected.items():
+        optimizer, scheduler = build_optimizer(compose([f"optimizer={name}"]).optimizer, model.parameters())
+        assert type(optimizer).__name__.lower() == name
+        assert optimizer.param_groups[0]["lr"] == lr
+        assert (scheduler is not None) == (name == "adadelta")
+    optimizer, _ = build_optimizer(compose(["optimizer=sgd"]).optimizer, model.parameters())
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_reference_scheduler_is_steplr_one_epoch_gamma_point_seven():
+    optimizer, scheduler = build_optimizer(compose([]).optimizer, MLP().parameters())
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.7

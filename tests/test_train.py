@@ -1,0 +1,163 @@
+"""End-to-end runs of `python -m mnist.run` on tiny generated data, read the way a user reads them."""
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+
+from conftest import ROOT, run
+
+TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: \d+\.\d{6}$")
+TEST_LINE = re.compile(r"^Test set: Average loss: \d+\.\d{4}, Accuracy: (\d+)/(\d+) \((\d+)%\)$")
+EPOCH_LINE = re.compile(r"^Epoch (\d+): \d+\.\d\d s, \d+ samples/s, lr [\d.e-]+$")
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_prints_the_course_lines_and_leaves_a_complete_run_folder(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run([f"data.root={tiny_data}", "trainer.epochs=2", "trainer.log_interval=2",
+                  f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+
+    train_lines = [TRAIN_LINE.match(line) for line in lines if line.startswith("Train Epoch")]
+    assert all(train_lines) and len(train_lines) == 8  # 8 batches of 64, every 2nd one, 2 epochs
+    assert [m.group(1, 2, 3, 4) for m in train_lines[:4]] == [
+        ("1", "0", "512", "0"), ("1", "128", "512", "25"), ("1", "256", "512", "50"), ("1", "384", "512", "75")]
+    test_lines = [TEST_LINE.match(line) for line in lines if line.startswith("Test set")]
+    assert len(test_lines) == 2 and all(m and m.group(2) == "256" for m in test_lines)
+    assert [EPOCH_LINE.match(line).group(1) for line in lines if line.startswith("Epoch ")] == ["1", "2"]
+
+    assert (run_dir / "train.log").read_text() == result.stdout  # the full log, kept in the run folder
+    metrics = read_metrics(run_dir)
+    assert list(metrics[0]) == ["epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s"]
+    assert [row["epoch"] for row in metrics] == ["1", "2"]
+    last_correct = int(test_lines[-1].group(1))
+    assert float(metrics[-1]["accuracy"]) == last_correct / 256
+    assert last_correct / 256 > 0.5  # the tiny data is learnable: training really trains
+
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["model_name"] == "mlp"
+    assert {"model", "optimizer", "scheduler", "rng", "metrics"} <= set(checkpoint)
+    assert checkpoint["scheduler"]["last_epoch"] == 2
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["root"] == str(tiny_data) and config["trainer"]["epochs"] == 2
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["packages"]["torch"].startswith("2.") and environment["device"] == "cpu"
+    assert environment["cpu_threads"] >= 1 and "slurm" in environment
+
+
+def test_threads_follow_slurm_cpus_per_task(tiny_data, tmp_path):
+    result = run([f"data.root={tiny_data}", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                 cwd=tmp_path, env={"SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "4242"})
+    assert result.returncode == 0, result.stderr
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["cpu_threads"] == 1 and environment["slurm"]["SLURM_JOB_ID"] == "4242"
+
+
+def test_rerunning_into_a_run_folder_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_data, tmp_path):
+    common = [f"data.root={tiny_data}", "model=cnn", "trainer.log_interval=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run([*common, "trainer.epochs=2", f"hydra.run.dir={straight}"], tmp_path).returncode == 0
+    assert run([*common, "trainer.epochs=1", f"hydra.run.dir={resumed}"], tmp_path).returncode == 0
+    second = run([*common, "trainer.epochs=2", f"hydra.run.dir={resumed}"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "Resuming from" in second.stdout
+
+    def without_timing(rows):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")} for row in rows]
+
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight_lines = [l for l in (straight / "train.log").read_text().splitlines() if "Epoch: 2" in l]
+    assert straight_lines == [l for l in second.stdout.splitlines() if "Epoch: 2" in l]
+
+
+def test_ctrl_c_keeps_log_config_metrics_and_the_last_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnist.run", f"data.root={tiny_data}", "trainer.epochs=1000",
+         f"hydra.run.dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # wait until the first epoch is done and checkpointed
+        if line.startswith("Epoch 2:"):
+            break
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr and f"hydra.run.dir={run_dir}" in stderr and "Traceback" not in stderr
+    epochs_done = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epochs_done >= 2
+    assert len(read_metrics(run_dir)) == epochs_done
+    assert (run_dir / "config.yaml").exists() and "Epoch 2:" in (run_dir / "train.log").read_text()
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_course_scripts_train_their_model(tiny_data, tmp_path):
+    for module, name in (("mnist.mlp", "mlp"), ("mnist.cnn", "cnn")):
+        run_dir = tmp_path / name
+        result = run([f"data.root={tiny_data}", "trainer.epochs=1", f"hydra.run.dir={run_dir}"],
+                     cwd=tmp_path, module=module)
+        assert result.returncode == 0, result.stderr
+        assert "Test set: Average loss" in result.stdout
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"] == name
+
+
+def test_every_model_and_optimizer_trains_a_step(tiny_data, tmp_path):
+    result = run(["-m", "model=mlp_deep,mlp_sigmoid", "optimizer=sgd,adam,adamw,rmsprop,adagrad",
+                  f"data.root={tiny_data}", "data=fashion_mnist", "trainer.epochs=1",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.csv"))
+    assert len(runs) == 10
+    for metrics in runs:
+        row = list(csv.DictReader(open(metrics)))[0]
+        assert 0 < float(row["test_loss"]) < 10
+
+
+def test_hydra_cfg_and_help_work(tmp_path):
+    result = run(["--cfg", "job", "model=cnn"], cwd=tmp_path)
+    assert result.returncode == 0 and yaml.safe_load(result.stdout)["model"]["name"] == "cnn"
+    result = run(["--help"], cwd=tmp_path)
+    assert result.returncode == 0 and "model: cnn, mlp, mlp_deep, mlp_sigmoid" in result.stdout
+
+
+def test_bad_input_is_one_paragraph_without_traceback(tiny_data, tmp_path):
+    cases = [
+        (["model=resnet"], "Unknown model 'resnet'"),
+        (["optimizer.lr=0"], "optimizer.lr=0 is not a positive number"),
+        (["trainer.epochs=0"], "trainer.epochs=0"),
+        (["data.batch_size=-1"], "data.batch_size=-1"),
+        ([f"data.root={tiny_data}", "trainer.device=cuda"], "trainer.device=cuda"),
+        ([f"data.root={tmp_path / 'empty'}"], "python -m mnist.data download data=mnist"),
+    ]
+    for args, expected in cases:
+        result = run([*args, f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path)
+        if "cuda" in expected and torch.cuda.is_available():
+            continue
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_corrupt_checkpoint_is_an_error_not_a_pickle_traceback(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"\x80\x02not really a checkpoint")
+    result = run([f"data.root={tiny_data}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2 and "is not a readable checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == b"\x80\x02not really a checkpoint"
