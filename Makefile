@@ -38,3 +38,11 @@ bench: $(VENV) ## measure training speed against the course's pipeline and the c
 
 clean: ## remove run outputs (outputs/, multirun/); keeps data/ and .venv
 	rm -rf outputs multirun
+
+CLUSTER_DIR ?= .cluster
+.PHONY: cluster-up cluster-down
+cluster-up: $(VENV) ## start a real one-node Slurm here (Debian's slurmctld/slurmd/munge); prints the export line
+	@$(PYTHON) cluster/localslurm.py up --dir $(CLUSTER_DIR)
+
+cluster-down: $(VENV) ## stop the one-node Slurm that cluster-up started
+	@$(PYTHON) cluster/localslurm.py down --dir $(CLUSTER_DIR)
