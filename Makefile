@@ -14,10 +14,11 @@ help: ## list the targets
 
 install: $(VENV) ## create .venv and install the project into it (editable)
 
+# editable_mode=compat puts the checkout on sys.path, so Hydra finds hydra_plugins/ by walking it
 $(VENV): setup.cfg pyproject.toml
 	python3 -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 run: $(VENV) ## train MODEL on DATA right here: make run MODEL=cnn ARGS='trainer.epochs=1'
@@ -35,6 +36,26 @@ test: $(VENV) ## run the test suite
 
 bench: $(VENV) ## measure training speed against the course's pipeline and the compute floor
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)
+
+JOB ?=
+.PHONY: submit dry-run status logs cancel slurm-scripts
+submit: $(VENV) ## submit MODEL on DATA to Slurm (login node): make submit MODEL=cnn ARGS='resources=gpu'
+	$(PYTHON) -m mnist.run model=$(MODEL) data=$(DATA) launcher=slurm $(ARGS)
+
+dry-run: $(VENV) ## print the sbatch script `make submit` would submit, submit nothing
+	@$(PYTHON) -m mnist.run model=$(MODEL) data=$(DATA) launcher=slurm dry_run=true $(ARGS)
+
+status: $(VENV) ## the jobs submitted from here: state, elapsed, node, last log line, run folder
+	@$(PYTHON) -m mnist.jobs
+
+logs: $(VENV) ## the end of a job's log: make logs JOB=123456 (default: the latest job)
+	@$(PYTHON) -m mnist.jobs tail $(JOB)
+
+cancel: $(VENV) ## cancel a job: make cancel JOB=123456
+	@$(PYTHON) -m mnist.jobs cancel $(JOB)
+
+slurm-scripts: $(VENV) ## regenerate slurm/mlp.sh and slurm/cnn.sh from conf/
+	$(PYTHON) -m mnist.launch.scripts
 
 clean: ## remove run outputs (outputs/, multirun/); keeps data/ and .venv
 	rm -rf outputs multirun

@@ -65,6 +65,8 @@ def finalize(cfg):
     except Exception as e:  # an interpolation such as ${oc.env:...} that cannot resolve
         raise ConfigError(f"The config does not resolve: {e}. Fix the override or the variable it names.") from None
     cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
+    if "log_dir" in cfg.launcher:
+        cfg.launcher.log_dir = os.path.abspath(os.path.expanduser(str(cfg.launcher.log_dir)))
     validate(cfg)
     return cfg
 

@@ -89,8 +89,8 @@ def slurm_env(slurm_cluster, monkeypatch):
 
 @pytest.fixture(scope="module")
 def slurm_cluster_no_accounting(tmp_path_factory):
-    """A second running cluster (own ports and job ids) without slurmdbd: sacct fails."""
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm_noacct"), accounting=False, gpus=1)
+    """A second running cluster (own ports and job ids), without slurmdbd (sacct fails) and without GPUs."""
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm_noacct"), accounting=False, gpus=0)
     yield cluster
     cluster.stop()
 

@@ -1,0 +1,61 @@
+"""The course's plain batch scripts, slurm/<model>.sh, generated from conf/ so they always agree
+with what the launcher asks for (time from conf/model/, CPUs and memory from conf/resources/cpu).
+
+    python -m mnist.launch.scripts           (re)write slurm/mlp.sh and slurm/cnn.sh
+    python -m mnist.launch.scripts --check   exit 1 if the committed scripts differ
+"""
+import sys
+from pathlib import Path
+
+from mnist.config import compose
+from mnist.launch.resources import memory, time_seconds
+
+MODELS = ("mlp", "cnn")
+SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
+
+TEMPLATE = """\
+#!/bin/bash
+# The course's batch script for the {upper}. From the repository root:  sbatch slurm/{name}.sh
+# More overrides may follow:  sbatch slurm/{name}.sh trainer.epochs=1 data=fashion_mnist
+# Generated from conf/model/{name}.yaml and conf/resources/cpu.yaml by `make slurm-scripts`.
+#SBATCH --job-name={name}
+#SBATCH --time={time}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --mem={mem}
+#SBATCH --output=%x_%j.out
+#SBATCH --error=%x_%j.err
+
+source .venv/bin/activate
+python -u -m mnist.run model={name} "$@"
+"""
+
+
+def script(name):
+    resources = compose([f"model={name}", "resources=cpu"]).resources
+    time_seconds(resources.time)  # the same checks the launcher makes
+    return TEMPLATE.format(name=name, upper=name.upper(), time=resources.time,
+                           cpus=resources.cpus_per_task, mem=memory(resources.mem))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    stale = []
+    for name in MODELS:
+        path = SLURM_DIR / f"{name}.sh"
+        text = script(name)
+        if "--check" in argv:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            path.write_text(text)
+            path.chmod(0o755)
+            print(f"wrote {path}")
+    if stale:
+        print(f"{', '.join(stale)} no longer agree with conf/: run `make slurm-scripts` and commit them.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Submit runs to Slurm through submitit: one job, or one job array for a sweep.
+
+The login-node side: it checks the config and the cluster, creates each run folder with its
+resolved config, renders the sbatch script through submitit (so `dry_run=true` prints the very
+bytes submitit writes), submits, records the job for `python -m mnist.jobs`, and returns.
+It never imports torch and knows nothing about models beyond their name.
+"""
+import datetime
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mnist import datafiles
+from mnist.errors import UserError
+from mnist.launch import resources
+
+JOBS_RECORD = "jobs.jsonl"
+
+
+class SubmitError(UserError):
+    pass
+
+
+def log_paths(log_dir, array):
+    """The user-facing logs: %x (job name) _ %j (job id), or %A_%a for a task of an array."""
+    stem = "%x_%A_%a" if array else "%x_%j"
+    return str(Path(log_dir) / f"{stem}.out"), str(Path(log_dir) / f"{stem}.err")
+
+
+def job_name(cfgs):
+    names = sorted({c.model.name for c in cfgs})
+    return "-".join(names)
+
+
+def parameters(cfg, name, array=False):
+    """submitit's SlurmExecutor parameters for a run (or, with array=True, each task of a sweep)."""
+    launcher = cfg.launcher
+    options = resources.sbatch_options(cfg.resources)
+    out, err = log_paths(launcher.log_dir, array)
+    setup = []
+    if launcher.activate_env and sys.prefix != sys.base_prefix:
+        setup.append(f"source {shlex.quote(os.path.join(sys.prefix, 'bin', 'activate'))}")
+    setup += [str(line) for line in launcher.setup]
+    # submitit's own srun --output/--error name files in its folder; ours come after and win.
+    srun_args = ["--output", out, "--error", err]
+    signal_delay_s = min(int(launcher.signal_delay_s), options["time"] * 60 // 2)
+    params = dict(options, job_name=name, setup=setup, srun_args=srun_args, signal_delay_s=signal_delay_s)
+    if array:
+        params["array_parallelism"] = int(launcher.array_parallelism)
+    extra = resources.extra_options(cfg.resources)
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def _common_parameters(cfgs, name, array):
+    """One array, one set of sbatch options: the runs may differ only in their time limit
+    (the CNN needs longer than the MLP), and the array gets the longest."""
+    each = [parameters(cfg, name, array) for cfg in cfgs]
+    longest = max(p["time"] for p in each)
+    for p in each:
+        p["time"] = longest
+        p["signal_delay_s"] = each[0]["signal_delay_s"]
+    differing = sorted(k for p in each for k in set(p) | set(each[0]) if p.get(k) != each[0].get(k))
+    if differing:
+        raise SubmitError(
+            f"A job array asks Slurm for one set of resources, but these runs differ in {', '.join(differing)}. "
+            f"Sweep over those in separate submissions."
+        )
+    return each[0]
+
+
+def submitit_folder(cfg):
+    return str(Path(cfg.launcher.log_dir) / "submitit" / "%j")
+
+
+def render(cfg, params, array_size=None):
+    """The sbatch script submitit would write for these parameters, byte for byte."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = submitit_folder(cfg)
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
+    extra = {"map_count": array_size} if array_size else {}
+    return _make_sbatch_string(command=command, folder=folder, **params, **extra)
+
+
+def check(cfg):
+    """Everything that can be checked before submitting: resources, the cluster, the data."""
+    resources.sbatch_options(cfg.resources)
+    resources.extra_options(cfg.resources)
+    if int(cfg.launcher.array_parallelism) < 1:
+        raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
+    datafiles.check_present(cfg.data.root, cfg.data.name)
+    if not cfg.dry_run:
+        resources.check_cluster(cfg.resources)
+
+
+def prepare(cfg, run_dir):
+    """Create the run folder and save the resolved config the job will train on."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir
+
+
+def _executor(cfg, params):
+    import submitit
+
+    Path(cfg.launcher.log_dir).mkdir(parents=True, exist_ok=True)
+    # One more than ours: TrainJob itself stops asking for requeues after launcher.max_requeues.
+    executor = submitit.SlurmExecutor(folder=submitit_folder(cfg), max_num_timeout=int(cfg.launcher.max_requeues) + 1)
+    executor.update_parameters(**params)
+    return executor
+
+
+def _submitting():
+    """sbatch's refusal as Slurm words it, not as a traceback from inside submitit."""
+    import contextlib
+    import subprocess
+
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as e:
+            text = getattr(e, "output", None) or str(e)
+            if isinstance(text, bytes):
+                text = text.decode(errors="replace")
+            lines = [l.strip() for l in str(text).splitlines() if "error" in l.lower()] or [str(text).strip()]
+            raise SubmitError(f"sbatch refused the job: {' '.join(lines)[:600]}. Fix the request and submit again.") from None
+
+    return guard()
+
+
+def submit(cfg, run_dir):
+    """One run, one job. Prints the job id, the run folder and the log paths; returns the job id."""
+    return submit_array([(cfg, run_dir)], single=True)
+
+
+def submit_array(runs, single=False):
+    """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder."""
+    cfgs = [cfg for cfg, _ in runs]
+    for cfg in cfgs:
+        check(cfg)
+    first = cfgs[0]
+    name = job_name(cfgs)
+    array = not single
+    params = _common_parameters(cfgs, name, array)
+    if first.dry_run:
+        sys.stdout.write(render(first, params, array_size=len(runs) if array else None))
+        return None
+    run_dirs = [prepare(cfg, run_dir) for cfg, run_dir in runs]
+    from mnist.launch.job import TrainJob
+
+    executor = _executor(first, params)
+    trainers = [TrainJob(OmegaConf.to_container(cfg, resolve=True), d, int(cfg.launcher.max_requeues))
+                for cfg, d in zip(cfgs, run_dirs)]
+    with _submitting():
+        if single:
+            jobs = [executor.submit(trainers[0])]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(t) for t in trainers]
+    _record(first, name, jobs, runs, array)
+    _announce(first, name, jobs, run_dirs, array)
+    return jobs[0].job_id.split("_")[0]
+
+
+def _log_files(cfg, name, job_id, array):
+    out, err = log_paths(cfg.launcher.log_dir, array)
+    if array:
+        main, task = job_id.split("_")
+        fill = lambda p: p.replace("%x", name).replace("%A", main).replace("%a", task)  # noqa: E731
+    else:
+        fill = lambda p: p.replace("%x", name).replace("%j", job_id)  # noqa: E731
+    return fill(out), fill(err)
+
+
+def _record(cfg, name, jobs, runs, array):
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    with open(Path(cfg.launcher.log_dir) / JOBS_RECORD, "a") as f:
+        for job, (run_cfg, run_dir) in zip(jobs, runs):
+            out, err = _log_files(cfg, name, job.job_id, array)
+            f.write(json.dumps({
+                "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
+                "stdout": out, "stderr": err, "submitted": now,
+                "submitit_folder": str(job.paths.folder),
+            }) + "\n")
+
+
+def _announce(cfg, name, jobs, run_dirs, array):
+    main_id = jobs[0].job_id.split("_")[0]
+    if not array:
+        out, err = _log_files(cfg, name, main_id, False)
+        print(f"Submitted job {main_id} ({name})\n  run folder: {run_dirs[0]}\n  log:        {out}\n  errors:     {err}")
+    else:
+        out, _ = _log_files(cfg, name, f"{main_id}_0", True)
+        print(f"Submitted job array {main_id} ({name}): {len(jobs)} runs, at most "
+              f"{cfg.launcher.array_parallelism} at once\n  run folders: {Path(run_dirs[0]).parent}/<task>\n"
+              f"  logs:        {out.replace(f'{main_id}_0', f'{main_id}_<task>')}")
+    print("  watch with:  python -m mnist.jobs")

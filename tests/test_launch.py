@@ -1,0 +1,153 @@
+"""The login-node side, without a cluster: resources -> sbatch options, the rendered script,
+quoting, the course's scripts, and that submitting never imports torch."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+from mnist.config import compose
+from mnist.launch import resources, scripts
+from mnist.launch.resources import ResourceError
+from mnist.launch.slurm import parameters, render
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("0:5:0", 300), ("0:15:0", 900), (90, 5400), ("90", 5400), ("1:30", 90), ("1-12", 129600),
+    ("1-0:30", 88200), ("2-00:00:01", 172801)])
+def test_slurm_time_formats(text, seconds):
+    assert resources.time_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["5 minutes", "0", "0:0:0", "1:2:3:4", "-5", "", True])
+def test_bad_times_name_the_value_and_the_fix(text):
+    with pytest.raises(ResourceError, match=r"resources.time=.*resources.time=0:15:0|no time at all"):
+        resources.time_seconds(text)
+
+
+@pytest.mark.parametrize("text, normal", [("3G", "3G"), ("3g", "3G"), (500, "500"), ("16000M", "16000M")])
+def test_memory_sizes(text, normal):
+    assert resources.memory(text) == normal
+
+
+@pytest.mark.parametrize("text", ["3X", "3 GB", "1.5G", "0", "lots"])
+def test_bad_memory_names_the_value_and_the_fix(text):
+    with pytest.raises(ResourceError, match=r"resources.mem=.*e.g. resources.mem=3G"):
+        resources.memory(text)
+
+
+def test_cpu_resources_are_the_course_request():
+    mlp = resources.sbatch_options(compose(["model=mlp"]).resources)
+    assert mlp == {"time": 5, "cpus_per_task": 1, "mem": "3G", "nodes": 1, "ntasks_per_node": 1}
+    assert resources.sbatch_options(compose(["model=cnn"]).resources)["time"] == 15
+
+
+def test_gpu_resources_add_a_gpu_and_cpus():
+    options = resources.sbatch_options(compose(["resources=gpu"]).resources)
+    assert options["gpus_per_node"] == 1 and options["cpus_per_task"] > 1
+
+
+def test_every_request_can_be_overridden():
+    cfg = compose(["launcher=slurm", "resources.partition=long", "resources.account=proj1", "resources.qos=high",
+                   "resources.constraint=v100", "resources.time=2:00:00", "resources.nodes=2",
+                   "resources.tasks_per_node=4", "+resources.extra.mail-type=END", "+resources.extra.exclusive=true"])
+    script = render(cfg, parameters(cfg, "mlp"))
+    for line in ["--partition=long", "--account=proj1", "--qos=high", "--constraint=v100", "--time=120",
+                 "--nodes=2", "--ntasks-per-node=4", "--mail-type=END", "#SBATCH --exclusive\n", "--job-name=mlp"]:
+        assert line in script
+
+
+def test_the_script_writes_the_course_logs_and_activates_this_environment():
+    cfg = compose(["launcher=slurm", "launcher.log_dir=/shared/logs", "launcher.setup=[module load cuda]"])
+    script = render(cfg, parameters(cfg, "cnn"))
+    assert "--output /shared/logs/%x_%j.out --error /shared/logs/%x_%j.err" in script
+    assert f"source {sys.prefix}/bin/activate\nmodule load cuda\n" in script
+    array = render(cfg, parameters(cfg, "cnn", array=True), array_size=20)
+    assert "#SBATCH --array=0-19%8" in array and "/shared/logs/%x_%A_%a.out" in array
+
+
+def test_signal_delay_fits_the_time_limit():
+    cfg = compose(["launcher=slurm", "resources.time=1"])
+    assert parameters(cfg, "mlp")["signal_delay_s"] == 30
+    assert "#SBATCH --signal=USR2@30" in render(cfg, parameters(cfg, "mlp"))
+
+
+def hydra_quote(text):
+    """How a user writes an arbitrary string as a Hydra override value."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def test_values_that_reach_the_shell_are_quoted(tmp_path):
+    nasty = "a b;$(touch PWNED) 'q' \"d\""
+    cfg = compose(["launcher=slurm", f"launcher.log_dir={hydra_quote(str(tmp_path / nasty))}",
+                   f"+resources.extra.comment={hydra_quote(nasty)}"])
+    script = render(cfg, parameters(cfg, "mlp"))
+    srun = [line for line in script.splitlines() if line.startswith("srun")][0]
+    words = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + srun.removeprefix("srun ")],
+                           capture_output=True, text=True, cwd=tmp_path).stdout.splitlines()
+    assert f"{tmp_path / nasty}/%x_%j.out" in words  # one word, unexpanded
+    comment = [line for line in script.splitlines() if line.startswith("#SBATCH --comment=")][0]
+    value = subprocess.run(["bash", "-c", "printf %s " + comment.removeprefix("#SBATCH --comment=")],
+                           capture_output=True, text=True, cwd=tmp_path).stdout
+    assert value == nasty
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("resources.partition='a b'", "has characters no Slurm partition name has"),
+    ("+resources.extra={Bad_Key: 1}", "option name"),
+    ("resources.cpus_per_task=0", "resources.cpus_per_task=0 is not a whole number >= 1"),
+    ("resources.gpus_per_node=-1", "resources.gpus_per_node=-1"),
+])
+def test_bad_requests_are_refused_before_submitting(override, message):
+    cfg = compose(["launcher=slurm", override])
+    with pytest.raises(ResourceError, match=message):
+        parameters(cfg, "mlp")
+
+
+def test_committed_course_scripts_agree_with_conf():
+    assert scripts.main(["--check"]) == 0, "run `make slurm-scripts`"
+    mlp = (ROOT / "slurm" / "mlp.sh").read_text()
+    for line in ["#SBATCH --time=0:5:0", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=3G",
+                 "#SBATCH --output=%x_%j.out", "#SBATCH --error=%x_%j.err", "source .venv/bin/activate",
+                 "python -u -m mnist.run model=mlp"]:
+        assert line in mlp
+    assert "#SBATCH --time=0:15:0" in (ROOT / "slurm" / "cnn.sh").read_text()
+
+
+def test_a_changed_conf_makes_the_script_check_fail(monkeypatch):
+    real = scripts.script
+    monkeypatch.setattr(scripts, "script", lambda name: real(name).replace("--mem=3G", "--mem=4G"))
+    assert scripts.main(["--check"]) == 1
+
+
+SUBMIT_WITHOUT_TORCH = """
+import sys
+from mnist.run import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "torchvision", "numpy") if m in sys.modules)
+print("HEAVY:", ",".join(heavy) or "none")
+"""
+
+
+def test_the_submit_path_never_imports_torch(tiny_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", SUBMIT_WITHOUT_TORCH, "launcher=slurm", "dry_run=true", f"data.root={tiny_data}",
+         "model=cnn"], capture_output=True, text=True, cwd=tmp_path)
+    assert "#SBATCH --job-name=cnn" in result.stdout, result.stderr
+    assert "HEAVY: none" in result.stdout
+
+
+def test_submitting_checks_the_data_first(tmp_path):
+    result = run(["launcher=slurm", "dry_run=true", f"data.root={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2 and "python -m mnist.data download data=mnist" in result.stderr
+
+
+def test_no_sbatch_on_path_says_what_to_do(tiny_data, tmp_path):
+    result = run(["launcher=slurm", f"data.root={tiny_data}"], cwd=tmp_path,
+                 env={"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin/nonexistent"})
+    assert result.returncode == 2, result.stderr
+    assert "sbatch" in result.stderr and "launcher=local" in result.stderr and "Traceback" not in result.stderr

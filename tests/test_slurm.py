@@ -1,0 +1,173 @@
+"""Integration tests against a real one-node Slurm (cluster/localslurm.py, started by the fixtures):
+submit as a user does, wait, then read what the user reads."""
+import csv
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, run
+
+pytestmark = pytest.mark.slurm
+FINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
+
+
+def submitted_id(result):
+    assert result.returncode == 0, result.stderr
+    return re.search(r"Submitted job (?:array )?(\d+)", result.stdout).group(1)
+
+
+def wait_for(job_id, timeout=180):
+    """Poll sacct (one call every 2 s) until every task of the job has ended; returns their states."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State"],
+                             capture_output=True, text=True).stdout
+        states = dict(line.split("|") for line in out.splitlines() if line.strip())
+        if states and not any("[" in job for job in states) and all(s.split()[0] in FINAL for s in states.values()):
+            return {job: state.split()[0] for job, state in states.items()}
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} still not done after {timeout} s: {states}")
+
+
+def submit(args, tmp_path, data):
+    return run(["launcher=slurm", f"data.root={data}", f"launcher.log_dir={tmp_path / 'logs'}",
+                "resources.mem=1G", *args], cwd=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def timeout_job(slurm_cluster, tmp_path_factory):
+    """A job with more work than its 1-minute limit, submitted first so it runs beside the others."""
+    from conftest import write_dataset
+
+    tmp = tmp_path_factory.mktemp("timeout")
+    write_dataset(tmp / "data", "MNIST", n_train=20000, n_test=100)
+    result = run(["launcher=slurm", f"data.root={tmp / 'data'}", f"launcher.log_dir={tmp / 'logs'}",
+                  "resources.time=1", "launcher.max_requeues=0", "trainer.epochs=1000", "model=cnn",
+                  f"hydra.run.dir={tmp / 'run'}"], cwd=tmp, env=slurm_cluster.env)
+    return submitted_id(result), tmp
+
+
+def test_a_submitted_run_trains_on_the_cluster_and_logs_the_course_lines(slurm_env, timeout_job, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(submit(["trainer.epochs=2", f"hydra.run.dir={run_dir}"], tmp_path, tiny_data))
+    assert (run_dir / "config.yaml").exists()  # saved on the login node, before the job runs
+    assert wait_for(job_id) == {job_id: "COMPLETED"}
+
+    log = (tmp_path / "logs" / f"mlp_{job_id}.out").read_text()
+    assert "Train Epoch: 1 [0/512 (0%)]\tLoss: " in log and "Train Epoch: 2 [" in log
+    assert len(re.findall(r"^Test set: Average loss: \d\.\d{4}, Accuracy: \d+/256 \(\d+%\)$", log, re.M)) == 2
+    assert (tmp_path / "logs" / f"mlp_{job_id}.err").exists()
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["slurm"]["SLURM_JOB_ID"] == job_id and environment["cpu_threads"] == 1
+
+    listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs")
+    line = [l for l in listing.stdout.splitlines() if l.startswith(job_id)][0]
+    assert "COMPLETED" in line and "mlp" in line and str(run_dir) in line
+    tail = run(["--logs", str(tmp_path / "logs"), "tail", job_id, "-n", "50"], tmp_path, module="mnist.jobs")
+    assert "Test set: Average loss" in tail.stdout
+
+
+def test_dry_run_prints_the_exact_script_submitit_submits(slurm_env, tiny_data, tmp_path):
+    args = ["model=cnn", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    dry = submit([*args, "dry_run=true"], tmp_path, tiny_data)
+    assert dry.returncode == 0 and dry.stdout.startswith("#!/bin/bash")
+    job_id = submitted_id(submit(args, tmp_path, tiny_data))
+    written = (tmp_path / "logs" / "submitit" / job_id / f"{job_id}_submission.sh").read_text()
+    assert dry.stdout == written
+    wait_for(job_id)
+
+
+def test_a_sweep_is_one_job_array_with_a_folder_and_log_per_task(slurm_env, tiny_data, tmp_path):
+    result = run(["-m", "launcher=slurm", "optimizer=adadelta,sgd", f"data.root={tiny_data}", "trainer.epochs=1",
+                  f"launcher.log_dir={tmp_path / 'logs'}", "resources.mem=1G", "launcher.array_parallelism=1",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    job_id = submitted_id(result)
+    assert wait_for(job_id) == {f"{job_id}_0": "COMPLETED", f"{job_id}_1": "COMPLETED"}
+    for task, optimizer in ((0, "adadelta"), (1, "sgd")):
+        assert "Test set: Average loss" in (tmp_path / "logs" / f"mlp_{job_id}_{task}.out").read_text()
+        config = (tmp_path / "sweep" / str(task) / "config.yaml").read_text()
+        assert f"name: {optimizer}" in config
+        assert (tmp_path / "sweep" / str(task) / "metrics.csv").exists()
+    script = tmp_path / "logs" / "submitit" / job_id / f"{job_id}_submission.sh"  # one sbatch script
+    assert "#SBATCH --array=0-1%1" in script.read_text()
+
+
+def test_a_gpu_request_is_granted(slurm_env, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(submit(["resources=gpu", "resources.cpus_per_task=1", "resources.mem=1G",
+                                  "trainer.epochs=1", "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
+                                 tmp_path, tiny_data))
+    assert wait_for(job_id) == {job_id: "COMPLETED"}
+    assert json.loads((run_dir / "environment.json").read_text())["cuda_visible_devices"] == "0"
+
+
+def test_the_course_script_trains_the_mlp(slurm_env, tiny_data, tmp_path):
+    out = subprocess.run(["sbatch", "slurm/mlp.sh", f"data.root={tiny_data}", "trainer.epochs=1",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"\d+", out.stdout).group(0)
+    logs = [ROOT / f"mlp_{job_id}.out", ROOT / f"mlp_{job_id}.err"]
+    try:
+        assert wait_for(job_id) == {job_id: "COMPLETED"}
+        log = logs[0].read_text()
+        assert "Train Epoch: 1 [640/512" not in log and "Train Epoch: 1 [0/512 (0%)]" in log
+        assert "Test set: Average loss" in log
+        assert (tmp_path / "run" / "metrics.csv").exists()
+    finally:
+        for path in logs:
+            path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("resources.partition=nosuch", "has no such partition. It has: debug"),
+    ("resources.time='5 minutes'", "resources.time='5 minutes' is not a Slurm time limit"),
+    ("resources.mem=3X", "resources.mem='3X'"),
+    ("resources.gpus_per_node=2", "sbatch refused the job"),
+])
+def test_bad_requests_stop_before_anything_is_submitted(slurm_env, tiny_data, tmp_path, override, message):
+    result = submit([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "logs" / "jobs.jsonl").exists()
+
+
+def test_without_accounting_submitting_and_watching_still_work(slurm_env_no_accounting, tiny_data, tmp_path):
+    job_id = submitted_id(submit(["trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data))
+    assert subprocess.run(["sacct", "-j", job_id], capture_output=True).returncode != 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
+        if "COMPLETED" in listing or "FAILED" in listing:
+            break
+        time.sleep(2)
+    assert re.search(rf"^{job_id}\s+mlp\s+COMPLETED", listing, re.M), listing
+    assert "Test set: Average loss" in (tmp_path / "logs" / f"mlp_{job_id}.out").read_text()
+
+
+def test_gpus_on_a_cluster_without_any_are_refused(slurm_env_no_accounting, tiny_data, tmp_path):
+    result = submit(["resources=gpu", "resources.mem=1G"], tmp_path, tiny_data)
+    assert result.returncode == 2 and "has no GPUs" in result.stderr and "resources=cpu" in result.stderr
+
+
+def test_cancel_keeps_the_log(slurm_env, tiny_data, tmp_path):
+    job_id = submitted_id(submit(["trainer.epochs=1000", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data))
+    log = tmp_path / "logs" / f"mlp_{job_id}.out"
+    deadline = time.time() + 60
+    while time.time() < deadline and "Epoch 1:" not in (log.read_text() if log.exists() else ""):
+        time.sleep(1)
+    result = run(["--logs", str(tmp_path / "logs"), "cancel", job_id], tmp_path, module="mnist.jobs")
+    assert result.returncode == 0 and "Cancelled" in result.stdout
+    assert wait_for(job_id) == {job_id: "CANCELLED"}
+    assert "Epoch 1:" in log.read_text() and (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_job_over_its_time_limit_ends_timeout_and_keeps_its_log(slurm_env, timeout_job):
+    job_id, folder = timeout_job
+    assert wait_for(job_id, timeout=240) == {job_id: "TIMEOUT"}
+    log = (folder / "logs" / f"cnn_{job_id}.out").read_text()
+    assert "Train Epoch: 1 [" in log and (folder / "run" / "checkpoint.pt").exists()
