@@ -33,7 +33,7 @@ def check_choices(overrides):
             continue
         group = match.group(1)
         for value in match.group(2).split(","):
-            if value not in choices(group):
+            if choices(group) and value not in choices(group):
                 raise ConfigError(
                     f"Unknown {group} '{value}' in `{override}`. Choose one of: {', '.join(choices(group))} "
                     f"(the files in conf/{group}/), e.g. `{group}={choices(group)[0]}`."
