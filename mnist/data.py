@@ -113,9 +113,10 @@ def download(data_cfg):
             try:
                 TORCHVISION[data_cfg.name](data_cfg.root, train=True, download=True)
             except (RuntimeError, OSError) as e:
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                lines = str(e).strip().splitlines() or [type(e).__name__]
+                reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # what, and the last cause
                 raise DataError(
-                    f"Downloading {data_cfg.name} into {data_cfg.root} failed ({first_line}). On a machine "
+                    f"Downloading {data_cfg.name} into {data_cfg.root} failed ({reason}). On a machine "
                     f"without internet, copy the four IDX files from elsewhere: "
                     f"`python -m mnist.data copy SOURCE_DIR data={data_cfg.name}`."
                 ) from None
