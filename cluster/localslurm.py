@@ -44,7 +44,8 @@ __all__ = ["Cluster", "start", "load", "SlurmStartError", "missing_requirements"
 DEFAULT_DIR = ".cluster"
 STATE_FILE = "cluster.json"
 PARTITION = "debug"
-NODE_NAME = "node1"
+# The machine's own name, as on a real cluster: jobs can resolve it (torch.distributed's MASTER_ADDR).
+NODE_NAME = socket.gethostname().split(".")[0] or "node1"
 # Ports are taken from this range (below Linux' ephemeral range 32768-60999), 4 per cluster.
 PORT_RANGE = (20000, 32000)
 N_PORTS = 4  # slurmctld, slurmd, slurmdbd, mariadb
@@ -658,8 +659,11 @@ def load(folder) -> Optional[Cluster]:
 
 def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist",
           port_base: Optional[int] = None, first_job_id: Optional[int] = None,
-          timeout: float = START_TIMEOUT) -> Cluster:
+          timeout: float = START_TIMEOUT, cpus: Optional[int] = None) -> Cluster:
     """Start a fresh single-node cluster under ``folder`` and wait until its node is idle.
+
+    ``cpus``: the CPUs the node offers (default: this machine's); more than the machine has
+    lets more small jobs run at once, as tests want.
 
     Raises SlurmStartError (a RuntimeError) with the daemons' log tails on failure; the
     daemons started so far are stopped again.
@@ -693,7 +697,7 @@ def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist"
     if first_job_id is None:
         # distinct per instance (submitit caches job states by id); below MaxJobId (67043328)
         first_job_id = (port_base % 60000) * 1000 + 1
-    cpus = os.cpu_count() or 1
+    cpus = cpus or os.cpu_count() or 1
     real_memory = max(512, int(_mem_total_mb() * 0.95))
     cluster = Cluster(folder, name=name, port_base=port_base, first_job_id=first_job_id,
                       accounting=accounting, gpus=gpus, cpus=cpus, real_memory=real_memory)

@@ -23,9 +23,11 @@ def choices(group):
 
 
 def check_choices(overrides):
-    """Name the options of a config group before Hydra's own, longer error does.
+    """Name the options of a config group, and a key conf/ does not have, before Hydra's own,
+    longer errors do.
 
-    Only plain `group=a,b` overrides are checked; Hydra's sweep syntax passes through.
+    Only plain `group=a,b` and `a.b.c=value` overrides are checked; Hydra's sweep syntax,
+    `+key=`, `++key=`, `~key` and `hydra.*` pass through to Hydra.
     """
     for override in overrides:
         match = re.fullmatch(r"([a-z_]+)=([\w,]+)", override)
@@ -38,6 +40,84 @@ def check_choices(overrides):
                     f"Unknown {group} '{value}' in `{override}`. Choose one of: {', '.join(choices(group))} "
                     f"(the files in conf/{group}/), e.g. `{group}={choices(group)[0]}`."
                 )
+    check_keys(overrides)
+
+
+KEY_OVERRIDE = re.compile(r"([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.DOTALL)
+
+
+def check_keys(overrides):
+    """An override of a key conf/ lacks (`trainer.epoch=3`) as one paragraph naming the key, the
+    keys its section has and the fix, instead of Hydra's "Key 'epoch' is not in struct" and its
+    HYDRA_FULL_ERROR hint (exit status 1).
+
+    The keys are those of the config these overrides' group choices compose (the first option
+    of a sweep `group=a,b`, as Hydra's first run would). Anything this cannot judge (lists,
+    values, a config that does not compose) is left to Hydra.
+    """
+    keyed = []
+    for override in overrides:
+        match = KEY_OVERRIDE.fullmatch(override)
+        if not match:
+            continue
+        key = match.group(1)
+        if key.split(".")[0] == "hydra" or ("." not in key and key in GROUPS):
+            continue
+        keyed.append((key, override))
+    if not keyed:
+        return
+    picked = []
+    for override in overrides:
+        match = re.fullmatch(r"([a-z_]+)=([\w,]+)", override)
+        other = re.match(r"[+~]*([a-z_]+)(?:@[\w.]*)?=", override)
+        if match and match.group(1) in GROUPS:
+            picked.append(f"{match.group(1)}={match.group(2).split(',')[0]}")
+        elif other and other.group(1) in GROUPS:
+            return  # a choice in sweep syntax (`model=choice(mlp,cnn)`) or appended: Hydra's to judge
+    known = _plain_config(picked)
+    if known is None:
+        return
+    for key, override in keyed:
+        node, parts = known, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict):
+                break  # a list index or a value: Hydra's to judge
+            if part not in node:
+                _unknown_key(override, parts, depth, node)
+            node = node[part]
+
+
+def _plain_config(group_overrides):
+    """The composed config as plain dicts and lists, interpolations unresolved; None if it does not compose."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=group_overrides)
+        return OmegaConf.to_container(cfg, resolve=False)
+    except Exception:  # let Hydra itself report whatever this is
+        return None
+
+
+def _unknown_key(override, parts, depth, node):
+    import difflib
+
+    key, section, part = ".".join(parts), ".".join(parts[:depth]), parts[depth]
+    where = f"{section} has no key '{part}'" if section else f"the config has no top-level key '{part}'"
+    keys = sorted(map(str, node))
+    close = difflib.get_close_matches(part, keys, n=1)
+    value = override.split("=", 1)[1]
+    if close:
+        fix = f"Did you mean `{'.'.join([*parts[:depth], close[0], *parts[depth + 1:]])}={value}`?"
+    else:
+        fix = "Check the spelling against `python -m mnist.run --cfg job`."
+    raise ConfigError(
+        f"Unknown key `{key}` in `{override}`: {where}"
+        f"{' (it has: ' + ', '.join(keys) + ')' if keys else ''}. {fix} "
+        f"To add a key conf/ does not have, write `+{override}`."
+    )
 
 
 def compose(overrides=()):
@@ -113,11 +193,12 @@ def validate(cfg):
     _positive(cfg, "data.std", (int, float), "Set e.g. data.std=0.3081.")
     if not isinstance(cfg.data.mean, (int, float)) or isinstance(cfg.data.mean, bool):
         raise ConfigError(f"data.mean={cfg.data.mean!r} is not a number. Set e.g. data.mean=0.1307.")
-    if not isinstance(cfg.data.shuffle, bool) or not isinstance(cfg.data.download, bool):
-        raise ConfigError("data.shuffle and data.download take true or false.")
+    for key in ("data.shuffle", "data.download"):
+        if not isinstance(_get(cfg, key), bool):
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not true or false. Set {key}=true or {key}=false.")
 
     _one_of(cfg, "model.arch", ARCHS, "Pick a model with model=<name> (see conf/model/).")
-    _one_of(cfg, "model.output", OUTPUTS)
+    _one_of(cfg, "model.output", OUTPUTS, f"Set e.g. model.output={OUTPUTS[0]}.")
     if cfg.model.arch == "mlp":
         hidden, activations = list(cfg.model.hidden), list(cfg.model.activations)
         if len(hidden) != len(activations):
@@ -129,7 +210,10 @@ def validate(cfg):
             _positive(cfg, f"model.hidden.{i}", int, "Hidden layer sizes are positive integers.")
         for name in activations:
             if name not in ACTIVATIONS:
-                raise ConfigError(f"model.activations names '{name}'. Choose from: {', '.join(ACTIVATIONS)}.")
+                raise ConfigError(
+                    f"model.activations names '{name}', which is no activation this MLP has. Choose from: "
+                    f"{', '.join(ACTIVATIONS)}, e.g. model.activations=[{', '.join(['relu'] * len(hidden))}]."
+                )
 
     optimizer = OmegaConf.to_container(cfg.optimizer)
     _one_of(cfg, "optimizer.name", choices("optimizer"), "Choose it with optimizer=<name>.")

@@ -4,14 +4,11 @@ The course's pipeline converts and normalises every sample in Python through a D
 here the whole split is one tensor and each batch is one indexing operation, so an epoch
 costs little more than the model's own forward and backward passes.
 
-    python -m mnist.data download [data=fashion_mnist]    fetch and check (login node)
-    python -m mnist.data verify   [data=...]              check what is on disk
+    python -m mnist.data download [data=fashion_mnist]    fetch, check, record sha256 sums (login node)
+    python -m mnist.data verify   [data=...]              check what is on disk against them
     python -m mnist.data copy DIR [data=...]              take the four IDX files from DIR
 """
-import fcntl
 import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torchvision import datasets
@@ -54,10 +51,13 @@ class InMemoryLoader:
             order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
+        if self.world_size > 1:  # equal shards: ranks that take different numbers of steps wait forever
+            order = order[: n // self.world_size * self.world_size]
         return order[self.rank::self.world_size].to(self.device)
 
     def __len__(self):
-        return -(-len(range(self.rank, len(self.labels), self.world_size)) // self.batch_size)
+        per_rank = len(self.labels) // self.world_size if self.world_size > 1 else len(self.labels)
+        return -(-per_rank // self.batch_size)
 
     def __iter__(self):
         order = self.indices()
@@ -74,53 +74,43 @@ def load_split(data_cfg, train):
 
 
 def ensure_dataset(data_cfg):
-    """Have the dataset on disk and whole, downloading it first if the config allows."""
-    if data_cfg.download and datafiles.missing_files(data_cfg.root, data_cfg.name):
+    """Have the dataset on disk and whole. A local run downloads it first if data.download=true;
+    a Slurm job never does (compute nodes often have no internet): it stops, naming the command."""
+    if data_cfg.download and not datafiles.in_slurm_job() and datafiles.missing_files(data_cfg.root, data_cfg.name):
         download(data_cfg)
     return datafiles.prepare(data_cfg.root, data_cfg.name)
 
 
 def loaders(data_cfg, seed, device, rank=0, world_size=1):
+    """The training loader (this rank's shard) and the test loader (the whole test set)."""
     ensure_dataset(data_cfg)
-    common = dict(mean=data_cfg.mean, std=data_cfg.std, device=device, rank=rank, world_size=world_size)
-    train_loader = InMemoryLoader(*load_split(data_cfg, train=True), data_cfg.batch_size,
-                                  shuffle=data_cfg.shuffle, seed=seed, **common)
+    common = dict(mean=data_cfg.mean, std=data_cfg.std, device=device)
+    train_loader = InMemoryLoader(*load_split(data_cfg, train=True), data_cfg.batch_size, shuffle=data_cfg.shuffle,
+                                  seed=seed, rank=rank, world_size=world_size, **common)
     test_loader = InMemoryLoader(*load_split(data_cfg, train=False), data_cfg.test_batch_size, **common)
     return train_loader, test_loader
 
 
-@contextmanager
-def _lock(root, name):
-    """One download at a time per dataset and data folder; the others wait, then find it done."""
-    root = Path(root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / f".{datafiles.FOLDERS[name]}.lock", "w")
-    except OSError as e:
-        raise DataError(
-            f"Cannot write to the data folder {root}: {e.strerror}. Point data.root (or $MNIST_DATA) "
-            f"at a folder you can write, e.g. data.root=$HOME/data."
-        ) from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def download(data_cfg):
-    """torchvision's download, which checks each file's md5 sum, then our own IDX checks."""
-    with _lock(data_cfg.root, data_cfg.name):
-        if datafiles.missing_files(data_cfg.root, data_cfg.name):
-            try:
-                TORCHVISION[data_cfg.name](data_cfg.root, train=True, download=True)
-            except (RuntimeError, OSError) as e:
-                lines = str(e).strip().splitlines() or [type(e).__name__]
-                reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # what, and the last cause
-                raise DataError(
-                    f"Downloading {data_cfg.name} into {data_cfg.root} failed ({reason}). On a machine "
-                    f"without internet, copy the four IDX files from elsewhere: "
-                    f"`python -m mnist.data copy SOURCE_DIR data={data_cfg.name}`."
-                ) from None
-    return datafiles.prepare(data_cfg.root, data_cfg.name)
+    """torchvision's download (which checks each file's md5 sum) into a staging folder, then our own
+    checks, then the files moved into place with their sha256 sums. One process at a time per
+    dataset and data.root: the others wait, then find it done."""
+    root, name = data_cfg.root, data_cfg.name
+    with datafiles.writing(root, name) as stage:
+        sizes = datafiles.done(root, name)
+        if sizes:
+            return sizes
+        try:
+            TORCHVISION[name](stage, train=True, download=True)
+        except (RuntimeError, OSError) as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # what, and the last cause
+            raise DataError(
+                f"Downloading {name} into {root} failed ({reason}). On a machine "
+                f"without internet, copy the four IDX files from elsewhere: "
+                f"`python -m mnist.data copy SOURCE_DIR data={name}`."
+            ) from None
+        return datafiles.install(stage, root, name, origin=datafiles.raw_folder(root, name))
 
 
 def main(argv=None):
@@ -140,14 +130,17 @@ def main(argv=None):
                                 "`python -m mnist.data copy /usr/share/datasets/fashion-mnist data=fashion_mnist`.")
             source, args = args[0], args[1:]
         data_cfg = compose(args).data
-        if command == "download":
-            sizes = download(data_cfg)
-        elif command == "copy":
-            sizes = datafiles.copy_from(source, data_cfg.root, data_cfg.name)
-        else:
-            sizes = datafiles.prepare(data_cfg.root, data_cfg.name)
         where = datafiles.raw_folder(data_cfg.root, data_cfg.name)
-        print(f"{data_cfg.name}: {sizes['train']} training and {sizes['test']} test images, checked, in {where}")
+        if command == "verify":
+            sizes, summed = datafiles.verify(data_cfg.root, data_cfg.name)
+        elif command == "download":
+            sizes, summed = download(data_cfg), True
+        else:
+            sizes, summed = datafiles.copy_from(source, data_cfg.root, data_cfg.name), True
+        how = f"sha256 sums match {where / datafiles.SUMS}" if summed else (
+            f"structure only: {where} has no {datafiles.SUMS}; `python -m mnist.data download "
+            f"data={data_cfg.name}` records it")
+        print(f"{data_cfg.name}: {sizes['train']} training and {sizes['test']} test images, checked ({how})")
     return 0
 
 

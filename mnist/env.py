@@ -31,7 +31,14 @@ def cpu_threads(setting="auto"):
     return len(os.sched_getaffinity(0))
 
 
-def pick_device(setting):
+def distributed():
+    """(rank, local rank, world size) from torch's env:// variables (set by torchrun, or by the
+    Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def pick_device(setting, local_rank=0):
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "trainer.device=cuda, but torch sees no GPU on this machine "
@@ -40,6 +47,8 @@ def pick_device(setting):
         )
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(setting)
 
 
@@ -59,7 +68,7 @@ def _git_commit():
     return out.stdout.strip() or None
 
 
-def record(device, threads):
+def record(device, threads, world_size=1):
     """What a user needs to reproduce or debug a run: versions, commit, host, CPUs, GPU, job ids."""
     return {
         "python": sys.version.split()[0],
@@ -68,6 +77,7 @@ def record(device, threads):
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "cpu_threads": threads,
+        "world_size": world_size,
         "cpus_available": len(os.sched_getaffinity(0)),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -76,5 +86,5 @@ def record(device, threads):
     }
 
 
-def write_record(path, device, threads):
-    Path(path).write_text(json.dumps(record(device, threads), indent=2) + "\n")
+def write_record(path, device, threads, world_size=1):
+    Path(path).write_text(json.dumps(record(device, threads, world_size), indent=2) + "\n")

@@ -5,19 +5,27 @@ trains right here (launcher=local) or submits a Slurm job (launcher=slurm).
     python -m mnist.run model=cnn optimizer=sgd trainer.epochs=10
     python -m mnist.run -m model=mlp,cnn                  a sweep, one run after another
 """
+import re
+import signal
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from mnist.config import CONF_DIR, check_choices, finalize, report_errors
+from mnist.errors import UserError
+
+
+REQUEUE_ME = 3  # exit status of a run stopped by USR2: slurm/*.sh then requeues the job
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _run(cfg):
     run_dir = HydraConfig.get().runtime.output_dir
     with report_errors():
-        cfg = finalize(cfg)
+        cfg = own_config(finalize(cfg), run_dir, HydraConfig.get().overrides.task)
         if cfg.launcher.name == "local":
             _train_here(cfg, run_dir)
         else:
@@ -26,21 +34,75 @@ def _run(cfg):
             submit(cfg, run_dir)
 
 
-def _train_here(cfg, run_dir):
-    from mnist.train import CHECKPOINT, train
+# Where and how a run trains may change when it resumes; what it trains may not.
+TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval")
 
-    try:
-        train(cfg, run_dir)
-    except KeyboardInterrupt:
-        print(
-            f"\nInterrupted. {run_dir} keeps the log, config, metrics and the last finished epoch's "
-            f"{CHECKPOINT}; resume with: python -m mnist.run hydra.run.dir={run_dir}",
-            file=sys.stderr,
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def own_config(cfg, run_dir, overrides):
+    """A run folder that holds a checkpoint resumes with the config it was started with.
+
+    Overrides of where and how it runs (launcher, resources, device, threads, log interval) and
+    trainer.epochs (to train on) apply; any other override that differs from it is an error.
+    """
+    saved_path = Path(run_dir) / "config.yaml"
+    if not (Path(run_dir) / "checkpoint.pt").exists() or not saved_path.exists():
+        return cfg
+    saved = OmegaConf.load(saved_path)
+    given = {re.sub(r"^[+~]+", "", o).split("=", 1)[0] for o in overrides}
+    now, before = _leaves(OmegaConf.to_container(cfg)), _leaves(OmegaConf.to_container(saved))
+    conflicts = sorted(
+        key for key in set(now) | set(before)
+        if now.get(key) != before.get(key) and key != "trainer.epochs"
+        and any(key == g or key.startswith(g + ".") for g in given)
+        and not any(key == t or key.startswith(t + ".") for t in TAKEN_FROM_COMMAND)
+    )
+    if conflicts:
+        shown = ", ".join(f"{k} ({now.get(k)!r}, but the run has {before.get(k)!r})" for k in conflicts)
+        raise UserError(
+            f"{run_dir} holds a run to resume, and it resumes with its own config ({saved_path}). These "
+            f"overrides differ from it: {shown}. Leave them out to resume, or start a new run in another folder."
         )
-        sys.exit(130)
+    for key in TAKEN_FROM_COMMAND + (("trainer.epochs",) if "trainer.epochs" in given else ()):
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    return saved
+
+
+def _train_here(cfg, run_dir):
+    """Train in this process. Ctrl-C (or USR2, which sbatch scripts forward before the time
+    limit) finishes the step, writes a checkpoint and exits: 130 for Ctrl-C, 3 for USR2."""
+    from mnist.train import StopFlag, StopRequested, train
+
+    stop, received = StopFlag(), list(EARLY_STOPS)
+    stop.requested = bool(received)
+
+    def request_stop(signum, frame):
+        if received and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGUSR2, request_stop)
+    try:
+        train(cfg, run_dir, stop)
+    except StopRequested:
+        why = "Interrupted" if received[0] == signal.SIGINT else "Stopped before the time limit"
+        print(f"\n{why}. {run_dir} keeps the log, config, metrics and a checkpoint of where training was; "
+              f"resume with: python -m mnist.run hydra.run.dir={run_dir}", file=sys.stderr)
+        sys.exit(130 if received[0] == signal.SIGINT else REQUEUE_ME)
+
+
+EARLY_STOPS = []  # USR2 that came before training began (Slurm's timing is coarse)
 
 
 def main(overrides=None):
+    signal.signal(signal.SIGUSR2, lambda signum, frame: EARLY_STOPS.append(signum))
     if overrides is not None:
         sys.argv = [sys.argv[0], *overrides]
     with report_errors():

@@ -8,6 +8,17 @@
 #SBATCH --mem=3G
 #SBATCH --output=%x_%j.out
 #SBATCH --error=%x_%j.err
+#SBATCH --signal=B:USR2@90
+#SBATCH --requeue
+#SBATCH --open-mode=append
 
 source .venv/bin/activate
-python -u -m mnist.run model=mlp "$@"
+
+# 90 s before the time limit Slurm sends USR2: the run checkpoints where it is and exits 3,
+# and the job requeues itself (same id, run folder outputs/%x_%j and log) to resume, 3 times at most.
+python -u -m mnist.run model=mlp hydra.run.dir="outputs/${SLURM_JOB_NAME}_${SLURM_JOB_ID}" "$@" &
+trap '[ "${SLURM_RESTART_COUNT:-0}" -lt 3 ] && kill -USR2 $!' USR2
+wait $!; status=$?
+if [ $status -gt 128 ]; then wait $!; status=$?; fi   # the trap woke us: wait for the run to stop
+if [ $status -eq 3 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+exit $status

@@ -74,7 +74,8 @@ def start_cluster(folder, **kwargs):
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A running single-node cluster with accounting and one fake GPU (whole session)."""
-    cluster = start_cluster(tmp_path_factory.mktemp("slurm"), accounting=True, gpus=1)
+    # 4 CPUs on a 2-core machine: the integration tests' small 1-CPU jobs run side by side.
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"), accounting=True, gpus=1, cpus=4)
     yield cluster
     cluster.stop()
 

@@ -67,7 +67,7 @@ def test_cluster_is_idle_and_configured(slurm_cluster):
     assert c.env == {"SLURM_CONF": str(c.conf_path)}
     assert c.node_state() == "idle"
     res = c.run(["sinfo", "-h", "-o", "%P %G %c"])
-    assert res.stdout.split() == [f"{c.partition}*", "gpu:1", str(os.cpu_count())]
+    assert res.stdout.split() == [f"{c.partition}*", "gpu:1", str(c.cpus)]
     dbd = c.folder / "slurmdbd.conf"
     assert dbd.stat().st_mode & 0o777 == 0o600
     # nothing of it lives outside its folder

@@ -37,6 +37,20 @@ def test_idx_header_is_checked_against_the_file_size(tmp_path):
         read_dims(path)
 
 
+def test_a_gzipped_idx_file_is_checked_without_unpacking_it(tmp_path):
+    path, gz = tmp_path / "x-idx3-ubyte", tmp_path / "x-idx3-ubyte.gz"
+    write_idx(path, bytes(2 * 784), (2, 28, 28))
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_dims(gz) == (2, 28, 28)  # the header from its first bytes, the size from its gzip trailer
+    with open(gz, "r+b") as f:
+        f.truncate(gz.stat().st_size - 3)
+    with pytest.raises(IdxError, match="truncated or corrupt"):
+        read_dims(gz)
+    gz.write_bytes(path.read_bytes())
+    with pytest.raises(IdxError, match="not a gzip file"):
+        read_dims(gz)
+
+
 def test_gzipped_files_placed_by_hand_are_unpacked_and_checked(tmp_path):
     raw = write_dataset(tmp_path, "FashionMNIST", n_train=30, n_test=10)
     for f in datafiles.FILES:  # like Debian's recompressed copies: only .gz files
@@ -47,7 +61,8 @@ def test_gzipped_files_placed_by_hand_are_unpacked_and_checked(tmp_path):
     assert datasets.FashionMNIST(tmp_path, train=False).data.shape == (10, 28, 28)
 
 
-def test_missing_dataset_names_the_command_that_fetches_it(tmp_path):
+def test_missing_dataset_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # outside a job, data.download=true is a way out
     with pytest.raises(DataError) as error:
         ensure_dataset(compose([f"data.root={tmp_path}"]).data)
     message = str(error.value)
@@ -128,6 +143,13 @@ def test_shuffle_is_seeded_per_epoch_and_unshuffled_order_is_kept():
     assert order(1) == order(1) and order(1) != order(2)
     plain = InMemoryLoader(images, labels, batch_size=100)
     assert next(iter(plain))[1].tolist() == list(range(100))
+
+
+def test_ranks_take_equal_steps_even_when_the_split_does_not_divide():
+    images, labels = torch.zeros(11, 28, 28, dtype=torch.uint8), torch.arange(11)
+    ranks = [InMemoryLoader(images, labels, 2, True, 1, rank=r, world_size=2) for r in (0, 1)]
+    assert [len(loader) for loader in ranks] == [3, 3]
+    assert [sum(len(y) for _, y in loader) for loader in ranks] == [5, 5]
 
 
 def test_ranks_read_disjoint_shards():

@@ -2,8 +2,10 @@
 submit as a user does, wait, then read what the user reads."""
 import csv
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -43,14 +45,37 @@ def timeout_job(slurm_cluster, tmp_path_factory):
     from conftest import write_dataset
 
     tmp = tmp_path_factory.mktemp("timeout")
-    write_dataset(tmp / "data", "MNIST", n_train=20000, n_test=100)
+    write_dataset(tmp / "data", "MNIST", n_train=2000, n_test=100)  # whole epochs, so checkpoints, fit
     result = run(["launcher=slurm", f"data.root={tmp / 'data'}", f"launcher.log_dir={tmp / 'logs'}",
                   "resources.time=1", "launcher.max_requeues=0", "trainer.epochs=1000", "model=cnn",
                   f"hydra.run.dir={tmp / 'run'}"], cwd=tmp, env=slurm_cluster.env)
     return submitted_id(result), tmp
 
 
-def test_a_submitted_run_trains_on_the_cluster_and_logs_the_course_lines(slurm_env, timeout_job, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def requeue_job(slurm_cluster, tmp_path_factory):
+    """More work than a 1-minute limit holds, with requeues allowed; and the same run, uninterrupted,
+    trained here at the same time for comparison."""
+    from conftest import write_dataset
+
+    tmp = tmp_path_factory.mktemp("requeue")
+    write_dataset(tmp / "data", "MNIST", n_train=1024, n_test=256)
+    common = [f"data.root={tmp / 'data'}", "model=cnn", "trainer.epochs=12", "trainer.threads=1"]
+    straight = subprocess.Popen([sys.executable, "-m", "mnist.run", *common, f"hydra.run.dir={tmp / 'straight'}"],
+                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = run(["launcher=slurm", *common, f"launcher.log_dir={tmp / 'logs'}", "resources.time=1",
+                  "resources.mem=1G", "launcher.max_requeues=4", f"hydra.run.dir={tmp / 'run'}"],
+                 cwd=tmp, env=slurm_cluster.env)
+    script = subprocess.run(
+        ["sbatch", "--time=1", "--signal=B:USR2@30", f"--output={tmp}/script_%j.out", f"--error={tmp}/script_%j.err",
+         "slurm/cnn.sh", *common, f"hydra.run.dir={tmp / 'script_run'}"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, **slurm_cluster.env})
+    assert script.returncode == 0, script.stderr
+    return submitted_id(result), tmp, straight, re.search(r"\d+", script.stdout).group(0)
+
+
+def test_a_submitted_run_trains_on_the_cluster_and_logs_the_course_lines(slurm_env, timeout_job, requeue_job,
+                                                                         tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     job_id = submitted_id(submit(["trainer.epochs=2", f"hydra.run.dir={run_dir}"], tmp_path, tiny_data))
     assert (run_dir / "config.yaml").exists()  # saved on the login node, before the job runs
@@ -168,6 +193,47 @@ def test_cancel_keeps_the_log(slurm_env, tiny_data, tmp_path):
 
 def test_a_job_over_its_time_limit_ends_timeout_and_keeps_its_log(slurm_env, timeout_job):
     job_id, folder = timeout_job
-    assert wait_for(job_id, timeout=240) == {job_id: "TIMEOUT"}
+    assert wait_for(job_id, timeout=400) == {job_id: "TIMEOUT"}
     log = (folder / "logs" / f"cnn_{job_id}.out").read_text()
     assert "Train Epoch: 1 [" in log and (folder / "run" / "checkpoint.pt").exists()
+
+
+def test_a_run_longer_than_its_limit_is_requeued_and_completes_like_an_uninterrupted_one(slurm_env, requeue_job):
+    job_id, folder, straight, _ = requeue_job
+    assert wait_for(job_id, timeout=400) == {job_id: "COMPLETED"}
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    log = (folder / "logs" / f"cnn_{job_id}.out").read_text()  # one log for every attempt
+    assert "asking Slurm to requeue" in log and "Resuming from" in log
+    assert log.count("Test set: Average loss") >= 12
+
+    def metrics(run_dir):
+        return [(r["epoch"], r["train_loss"], r["test_loss"], r["accuracy"])
+                for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+    assert metrics(folder / "run") == metrics(folder / "straight")
+    assert len(metrics(folder / "run")) == 12
+
+
+def test_the_course_script_requeues_itself_near_its_limit(slurm_env, requeue_job):
+    _, folder, straight, script_job = requeue_job
+    assert wait_for(script_job, timeout=400) == {script_job: "COMPLETED"}
+    assert straight.wait(timeout=300) == 0
+    log = (folder / f"script_{script_job}.out").read_text()
+    assert "Stopped in epoch" in log and "Resuming from" in log
+    assert (folder / "script_run" / "metrics.csv").read_text().count("\n") == 13
+    rows = lambda run_dir: [r[:4] for r in csv.reader(open(run_dir / "metrics.csv"))]  # noqa: E731
+    assert rows(folder / "script_run") == rows(folder / "straight")
+
+
+def test_two_tasks_train_data_parallel_and_log_once(slurm_env, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submitted_id(submit(["resources.tasks_per_node=2", "resources.mem=2G", "trainer.epochs=2",
+                                  "trainer.log_interval=2", f"hydra.run.dir={run_dir}"], tmp_path, tiny_data))
+    assert wait_for(job_id) == {job_id: "COMPLETED"}
+    log = (tmp_path / "logs" / f"mlp_{job_id}.out").read_text()
+    assert "global_rank=1(2)" in log  # submitit started two tasks...
+    assert log.count("Test set: Average loss") == 2 and log.count("Train Epoch: 1 [0/512 (0%)]") == 1  # ...one spoke
+    assert "Train Epoch: 1 [256/512 (50%)]" in log  # 4 steps of 64 per rank: 256 of 512 samples after step 2
+    assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert len(rows) == 2 and float(rows[-1]["accuracy"]) > 0.5  # the band a single task reaches here

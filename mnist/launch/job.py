@@ -5,6 +5,7 @@ Pickled on the login node, so this module must not import torch at import time.
 import os
 import signal
 import sys
+import time
 
 import submitit
 
@@ -12,10 +13,11 @@ import submitit
 class TrainJob(submitit.helpers.Checkpointable):
     """A run: its resolved config (a plain dict) and its run folder, fixed at submit time.
 
-    Near its time limit (or on preemption) Slurm sends USR2; submitit then calls `checkpoint()`
-    (inherited), which requeues this same object: the run resumes from the folder's last
-    checkpoint, in the same folder and the same log. Once `max_requeues` requeues are used up,
-    the job ignores the signal and Slurm ends it at its limit, as TIMEOUT.
+    Near its time limit (or on preemption) Slurm sends USR2. Training then finishes its step,
+    writes a checkpoint of exactly where it is, and hands over to submitit, which calls
+    `checkpoint()` (inherited) and requeues this same object: the run resumes in the same folder
+    and the same log. Once `max_requeues` are used up, the job ignores the signal and Slurm ends
+    it at its limit, as TIMEOUT, with the last whole epoch's checkpoint in place.
     """
 
     def __init__(self, config, run_dir, max_requeues):
@@ -26,12 +28,30 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self):
         from omegaconf import OmegaConf
 
-        from mnist.train import train
+        from mnist.train import StopFlag, StopRequested, train
 
+        cfg = OmegaConf.create(self.config)
+        cfg.data.download = False  # jobs never download: compute nodes often have no internet
+        environment = submitit.JobEnvironment()
+        if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if requeues >= self.max_requeues:
             signal.signal(signal.SIGUSR2, self._last_warning)
-        return train(OmegaConf.create(self.config), self.run_dir)
+            return train(cfg, self.run_dir)
+
+        stop, submitit_handler = StopFlag(), signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: setattr(stop, "requested", True))
+        try:
+            return train(cfg, self.run_dir, stop)
+        except StopRequested:
+            if environment.global_rank != 0:  # rank 0 requeues the whole job, which ends this task too
+                time.sleep(300)
+                raise
+            print(f"Checkpointed in {self.run_dir}; asking Slurm to requeue (requeue {requeues + 1} "
+                  f"of at most {self.max_requeues})", flush=True)
+            submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint(), requeue, exit
+            raise
 
     def _last_warning(self, signum, frame):
         print(f"Time limit near and no requeue left ({self.max_requeues} used): Slurm will stop this job. "

@@ -54,7 +54,11 @@ def memory(value):
 def _count(resources, key, minimum):
     value = resources[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ResourceError(f"resources.{key}={value!r} is not a whole number >= {minimum}. Set e.g. resources.{key}={max(minimum, 1)}.")
+        none = " (0 for none)" if minimum == 0 else ""
+        raise ResourceError(
+            f"resources.{key}={value!r} is not a whole number >= {minimum}. "
+            f"Set e.g. resources.{key}={max(minimum, 1)}{none}."
+        )
     return value
 
 
@@ -63,8 +67,17 @@ def _name(resources, key):
     if value is None:
         return None
     if not re.fullmatch(r"[\w.,:&|()!*-]+", str(value)):
-        raise ResourceError(f"resources.{key}={value!r} has characters no Slurm {key} name has. Check the spelling.")
+        raise ResourceError(
+            f"resources.{key}={value!r} has characters no Slurm {key} name has (spaces, quotes, ...). "
+            f"Write the name as Slurm lists it ({_LISTED_BY[key]}), e.g. resources.{key}={_EXAMPLE[key]}, "
+            f"or resources.{key}=null to leave it to the cluster."
+        )
     return str(value)
+
+
+_LISTED_BY = {"partition": "`sinfo -s`", "account": "`sacctmgr show assoc user=$USER`",
+              "qos": "`sacctmgr show qos`", "constraint": "node features in `sinfo -o %f`"}
+_EXAMPLE = {"partition": "long", "account": "proj1", "qos": "normal", "constraint": "v100"}
 
 
 def sbatch_options(resources):
@@ -90,7 +103,11 @@ def extra_options(resources):
     extra = {}
     for key, value in (resources.extra or {}).items():
         if not OPTION_NAME.fullmatch(str(key)):
-            raise ResourceError(f"resources.extra has the option name {key!r}; sbatch options look like mail-type.")
+            raise ResourceError(
+                f"resources.extra has the option name {key!r}, which is no sbatch option name: those are "
+                f"lower case, without the leading --, like mail-type. Write e.g. "
+                f"'+resources.extra={{mail-type: END}}' (see `man sbatch`)."
+            )
         if value is None or value is False:
             continue
         extra[str(key).replace("_", "-")] = value if value is True else str(value)

@@ -24,17 +24,30 @@ TEMPLATE = """\
 #SBATCH --mem={mem}
 #SBATCH --output=%x_%j.out
 #SBATCH --error=%x_%j.err
+#SBATCH --signal=B:USR2@{signal}
+#SBATCH --requeue
+#SBATCH --open-mode=append
 
 source .venv/bin/activate
-python -u -m mnist.run model={name} "$@"
+
+# {signal} s before the time limit Slurm sends USR2: the run checkpoints where it is and exits 3,
+# and the job requeues itself (same id, run folder outputs/%x_%j and log) to resume, {requeues} times at most.
+python -u -m mnist.run model={name} hydra.run.dir="outputs/${{SLURM_JOB_NAME}}_${{SLURM_JOB_ID}}" "$@" &
+trap '[ "${{SLURM_RESTART_COUNT:-0}}" -lt {requeues} ] && kill -USR2 $!' USR2
+wait $!; status=$?
+if [ $status -gt 128 ]; then wait $!; status=$?; fi   # the trap woke us: wait for the run to stop
+if [ $status -eq 3 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+exit $status
 """
 
 
 def script(name):
     resources = compose([f"model={name}", "resources=cpu"]).resources
-    time_seconds(resources.time)  # the same checks the launcher makes
-    return TEMPLATE.format(name=name, upper=name.upper(), time=resources.time,
-                           cpus=resources.cpus_per_task, mem=memory(resources.mem))
+    launcher = compose(["launcher=slurm"]).launcher
+    limit = time_seconds(resources.time)
+    return TEMPLATE.format(name=name, upper=name.upper(), time=resources.time, cpus=resources.cpus_per_task,
+                           mem=memory(resources.mem), signal=min(launcher.signal_delay_s, limit // 2),
+                           requeues=launcher.max_requeues)
 
 
 def main(argv=None):

@@ -94,7 +94,7 @@ def check(cfg):
     resources.extra_options(cfg.resources)
     if int(cfg.launcher.array_parallelism) < 1:
         raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
-    datafiles.check_present(cfg.data.root, cfg.data.name)
+    datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
     if not cfg.dry_run:
         resources.check_cluster(cfg.resources)
 
