@@ -38,7 +38,7 @@ bench: $(VENV) ## measure training speed against the course's pipeline and the c
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)
 
 JOB ?=
-.PHONY: submit dry-run status logs cancel slurm-scripts
+.PHONY: submit dry-run status logs cancel report slurm-scripts
 submit: $(VENV) ## submit MODEL on DATA to Slurm (login node): make submit MODEL=cnn ARGS='resources=gpu'
 	$(PYTHON) -m mnist.run model=$(MODEL) data=$(DATA) launcher=slurm $(ARGS)
 
@@ -53,6 +53,10 @@ logs: $(VENV) ## the end of a job's log: make logs JOB=123456 (default: the late
 
 cancel: $(VENV) ## cancel a job: make cancel JOB=123456
 	@$(PYTHON) -m mnist.jobs cancel $(JOB)
+
+RUN ?=
+report: $(VENV) ## table, report.csv and loss/accuracy PNGs of a run or sweep: make report RUN=multirun/<date>/<time> (default: the latest)
+	@$(PYTHON) -m mnist.report $(RUN) $(ARGS)
 
 slurm-scripts: $(VENV) ## regenerate slurm/mlp.sh and slurm/cnn.sh from conf/
 	$(PYTHON) -m mnist.launch.scripts

@@ -36,7 +36,7 @@ def wait_for(job_id, timeout=180):
 
 def submit(args, tmp_path, data):
     return run(["launcher=slurm", f"data.root={data}", f"launcher.log_dir={tmp_path / 'logs'}",
-                "resources.mem=1G", *args], cwd=tmp_path)
+                "resources.mem=2G", *args], cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def requeue_job(slurm_cluster, tmp_path_factory):
     straight = subprocess.Popen([sys.executable, "-m", "mnist.run", *common, f"hydra.run.dir={tmp / 'straight'}"],
                                 cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     result = run(["launcher=slurm", *common, f"launcher.log_dir={tmp / 'logs'}", "resources.time=1",
-                  "resources.mem=1G", "launcher.max_requeues=4", f"hydra.run.dir={tmp / 'run'}"],
+                  "resources.mem=2G", "launcher.max_requeues=4", f"hydra.run.dir={tmp / 'run'}"],
                  cwd=tmp, env=slurm_cluster.env)
     script = subprocess.run(
         ["sbatch", "--time=1", "--signal=B:USR2@30", f"--output={tmp}/script_%j.out", f"--error={tmp}/script_%j.err",
@@ -109,7 +109,7 @@ def test_dry_run_prints_the_exact_script_submitit_submits(slurm_env, tiny_data, 
 
 def test_a_sweep_is_one_job_array_with_a_folder_and_log_per_task(slurm_env, tiny_data, tmp_path):
     result = run(["-m", "launcher=slurm", "optimizer=adadelta,sgd", f"data.root={tiny_data}", "trainer.epochs=1",
-                  f"launcher.log_dir={tmp_path / 'logs'}", "resources.mem=1G", "launcher.array_parallelism=1",
+                  f"launcher.log_dir={tmp_path / 'logs'}", "resources.mem=2G", "launcher.array_parallelism=1",
                   f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
     job_id = submitted_id(result)
     assert wait_for(job_id) == {f"{job_id}_0": "COMPLETED", f"{job_id}_1": "COMPLETED"}
@@ -124,7 +124,7 @@ def test_a_sweep_is_one_job_array_with_a_folder_and_log_per_task(slurm_env, tiny
 
 def test_a_gpu_request_is_granted(slurm_env, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    job_id = submitted_id(submit(["resources=gpu", "resources.cpus_per_task=1", "resources.mem=1G",
+    job_id = submitted_id(submit(["resources=gpu", "resources.cpus_per_task=1", "resources.mem=2G",
                                   "trainer.epochs=1", "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
                                  tmp_path, tiny_data))
     assert wait_for(job_id) == {job_id: "COMPLETED"}
@@ -175,7 +175,7 @@ def test_without_accounting_submitting_and_watching_still_work(slurm_env_no_acco
 
 
 def test_gpus_on_a_cluster_without_any_are_refused(slurm_env_no_accounting, tiny_data, tmp_path):
-    result = submit(["resources=gpu", "resources.mem=1G"], tmp_path, tiny_data)
+    result = submit(["resources=gpu", "resources.mem=2G"], tmp_path, tiny_data)
     assert result.returncode == 2 and "has no GPUs" in result.stderr and "resources=cpu" in result.stderr
 
 
@@ -227,7 +227,7 @@ def test_the_course_script_requeues_itself_near_its_limit(slurm_env, requeue_job
 
 def test_two_tasks_train_data_parallel_and_log_once(slurm_env, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    job_id = submitted_id(submit(["resources.tasks_per_node=2", "resources.mem=2G", "trainer.epochs=2",
+    job_id = submitted_id(submit(["resources.tasks_per_node=2", "resources.mem=3G", "trainer.epochs=2",
                                   "trainer.log_interval=2", f"hydra.run.dir={run_dir}"], tmp_path, tiny_data))
     assert wait_for(job_id) == {job_id: "COMPLETED"}
     log = (tmp_path / "logs" / f"mlp_{job_id}.out").read_text()

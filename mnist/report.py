@@ -1,0 +1,529 @@
+"""What a run or a sweep gave: one table row per run, the same as CSV, and loss/accuracy figures.
+
+    python -m mnist.report PATH [--out DIR] [--logs DIR] [--no-figures]
+    python -m mnist.report          the latest run or sweep folder under ./outputs and ./multirun
+
+PATH is a run folder (`outputs/<date>/<time>`) or any folder above run folders: a sweep
+(`multirun/<date>/<time>`, or `hydra.sweep.dir`), a day, all of `outputs/`. A run folder is one
+holding `config.yaml`, `metrics.csv` or Hydra's `.hydra/`; they are found up to four levels down.
+
+Writes `report.csv`, `report_loss.png` (train and test loss per epoch) and `report_accuracy.png`
+(test accuracy per epoch) into PATH, or into `--out DIR`, and prints the table:
+
+    RUN  MODEL  OPTIMIZER  OVERRIDES  STATE  EPOCHS  ACC %  TEST LOSS  BEST EPOCH  S/EPOCH  SAMPLES/S  JOB
+
+- EPOCHS: the epochs finished (rows of metrics.csv) / trainer.epochs.
+- ACC % and TEST LOSS are those of the last finished epoch (report.csv: the values of metrics.csv,
+  accuracy as the fraction 0..1 it is written there).
+- BEST EPOCH has the highest test accuracy (a tie goes to the lower test loss, then the earlier epoch).
+- S/EPOCH and SAMPLES/S are the means over the finished epochs (the first one includes warm-up).
+- OVERRIDES and the figures' labels (report.csv: overrides, label) are the command-line
+  overrides (`.hydra/overrides.yaml`) that differ between the runs shown: `hydra.*` ones and ones
+  every run has alike are left out. A run lacking such an override gets no entry for it; runs
+  with no differing override are labelled model/optimizer, and labels that would be the same get
+  the run's folder added (`optimizer=sgd [2]`). A single run is labelled by its model/optimizer
+  and its OVERRIDES are all of its own (`hydra.*` left out).
+- JOB is the Slurm job id: from `<logs>/jobs.jsonl` (the launcher's record, `--logs`, default
+  `./logs` if it exists; the latest submission of that run folder wins), else from the run's
+  `environment.json` (any job that started it, `sbatch slurm/*.sh` included).
+
+STATE, by the first rule that applies:
+
+1. every epoch of `trainer.epochs` has its row in metrics.csv: COMPLETED;
+2. the run has a job id and Slurm knows it (one `sacct` and one `squeue` call for all jobs, through
+   `mnist.jobs.slurm_states`): Slurm's state, e.g. PENDING, RUNNING, FAILED, TIMEOUT, CANCELLED,
+   REQUEUED; where accounting is off, a finished job's outcome from the result submitit left
+   (COMPLETED or FAILED, as `python -m mnist.jobs` does);
+3. otherwise: `not started` without any finished epoch, else `incomplete (epoch k of n)`. A local
+   run that is still training and one that died or was interrupted look alike on disk, so neither
+   is guessed; `python -m mnist.run hydra.run.dir=<run folder>` resumes the latter.
+
+No run is left out: one not started, still going or failed has its row (numbers `-` where no epoch
+finished) and, once it has an epoch, its line in the figures. Reads only the CSV, YAML and JSON
+files; imports no torch, and matplotlib (Agg, no display needed) only to draw the figures.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from mnist.errors import UserError
+
+CSV_NAME = "report.csv"
+LOSS_PNG = "report_loss.png"
+ACCURACY_PNG = "report_accuracy.png"
+MAX_DEPTH = 4  # multirun/<date>/<time>/<n> is three levels below multirun/
+CSV_COLUMNS = [
+    "run", "run_dir", "model", "optimizer", "overrides", "label", "state", "epochs_done", "epochs", "accuracy",
+    "test_loss", "train_loss", "best_epoch", "best_accuracy", "seconds_per_epoch", "samples_per_s",
+    "job_id", "slurm_state",
+]
+TABLE_COLUMNS = [  # (header, key, right-aligned)
+    ("RUN", "run", False), ("MODEL", "model", False), ("OPTIMIZER", "optimizer", False),
+    ("OVERRIDES", "overrides", False), ("STATE", "state", False), ("EPOCHS", "epochs_shown", True),
+    ("ACC %", "accuracy_shown", True), ("TEST LOSS", "test_loss_shown", True), ("BEST EPOCH", "best_epoch", True),
+    ("S/EPOCH", "seconds_shown", True), ("SAMPLES/S", "samples_shown", True), ("JOB", "job_id", False),
+]
+
+
+# ---------------------------------------------------------------- finding and reading run folders
+
+def is_run_folder(path):
+    path = Path(path)
+    return (path / "config.yaml").is_file() or (path / "metrics.csv").is_file() or (path / ".hydra").is_dir()
+
+
+def _natural(path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_runs(path):
+    """The run folders at or below `path` (not inside another run folder), in natural order."""
+    path = Path(path)
+    if is_run_folder(path):
+        return [path]
+    found = []
+
+    def walk(folder, depth):
+        try:
+            children = sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural)
+        except OSError:
+            return
+        for child in children:
+            if is_run_folder(child):
+                found.append(child)
+            elif depth < MAX_DEPTH:
+                walk(child, depth + 1)
+
+    walk(path, 1)
+    return sorted(found, key=lambda p: _natural(p.relative_to(path)))
+
+
+def latest_folder(base="."):
+    """The most recently changed run folder of ./outputs or sweep folder of ./multirun, or None."""
+    candidates = [p for p in Path(base, "outputs").glob("*/*") if p.is_dir()]
+    candidates += [p for p in Path(base, "multirun").glob("*/*") if p.is_dir()]
+    candidates = [p for p in candidates if find_runs(p)]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _load_yaml(path):
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _get(mapping, dotted, default=None):
+    for key in dotted.split("."):
+        if not isinstance(mapping, dict) or key not in mapping:
+            return default
+        mapping = mapping[key]
+    return mapping
+
+
+def read_metrics(run_dir):
+    """metrics.csv's rows as dicts of strings ([] when there is none yet); torn rows are dropped."""
+    try:
+        with open(Path(run_dir) / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    good = []
+    for row in rows:
+        try:
+            int(row["epoch"])
+            for key in ("train_loss", "test_loss", "accuracy", "seconds", "samples_per_s"):
+                float(row[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        good.append(row)
+    return good
+
+
+def read_overrides(run_dir):
+    """Hydra's command-line overrides of the run as {key: value}, `hydra.*` ones left out."""
+    overrides = _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
+    result = {}
+    for item in overrides if isinstance(overrides, list) else []:
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if key == "hydra" or key.startswith("hydra."):
+            continue
+        result[key] = value
+    return result
+
+
+def environment_job_id(run_dir):
+    try:
+        slurm = json.loads((Path(run_dir) / "environment.json").read_text()).get("slurm") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if slurm.get("SLURM_ARRAY_JOB_ID") and slurm.get("SLURM_ARRAY_TASK_ID"):
+        return f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
+    return slurm.get("SLURM_JOB_ID")
+
+
+def read_run(run_dir):
+    config = _load_yaml(Path(run_dir) / "config.yaml")
+    if not isinstance(config, dict):  # not written yet (or a local run that stopped before training)
+        config = _load_yaml(Path(run_dir) / ".hydra" / "config.yaml")
+    config = config if isinstance(config, dict) else {}
+    epochs = _get(config, "trainer.epochs")
+    return {
+        "run_dir": Path(run_dir),
+        "model": str(_get(config, "model.name", "?")),
+        "optimizer": str(_get(config, "optimizer.name", "?")),
+        "epochs": epochs if isinstance(epochs, int) else None,
+        "metrics": read_metrics(run_dir),
+        "overrides": read_overrides(run_dir),
+        "env_job_id": environment_job_id(run_dir),
+    }
+
+
+# ---------------------------------------------------------------- Slurm
+
+def _in_array_listing(task, listing):
+    """Whether task "7" is in squeue/sacct's pending-array listing "[2-5,7%8]"."""
+    match = re.fullmatch(r"\[([\d,\-]+)(?:%\d+)?\]", listing)
+    if not match:
+        return False
+    for part in match.group(1).split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and int(low) <= int(task) <= int(high or low):
+            return True
+    return False
+
+
+def state_of(job_id, states):
+    """Slurm's (state, elapsed, node) for a job id, a task of an array included, or None."""
+    if job_id in states:
+        return states[job_id]
+    main, _, task = job_id.partition("_")
+    if task.isdigit():
+        for known, value in states.items():
+            array, _, listing = known.partition("_")
+            if array == main and _in_array_listing(task, listing):
+                return value
+    return None
+
+
+def job_ids(runs, log_dir):
+    """{run folder: job id} from the launcher's record (latest submission wins), else environment.json."""
+    entries = {}
+    if log_dir is not None:
+        from mnist.jobs import read_record
+
+        try:
+            records = read_record(log_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{Path(log_dir) / 'jobs.jsonl'} could not be read ({e}). Point --logs at the "
+                            f"launcher's log folder (launcher.log_dir), or leave it out.") from None
+        for entry in records:
+            if entry.get("run_dir") and entry.get("job_id"):
+                entries[Path(entry["run_dir"]).resolve()] = entry
+    found = {}
+    for run in runs:
+        entry = entries.get(run["run_dir"].resolve())
+        run["job_entry"] = entry
+        job = entry["job_id"] if entry else run["env_job_id"]
+        if job:
+            found[run["run_dir"]] = str(job)
+    return found
+
+
+def slurm_lookup(runs, log_dir):
+    """Set each run's job_id and slurm_state; asks Slurm once, and only when some run has a job."""
+    ids = job_ids(runs, log_dir)
+    states = {}
+    if ids:
+        from mnist.jobs import slurm_states
+
+        states = slurm_states(sorted(set(ids.values())))
+    for run in runs:
+        run["job_id"] = ids.get(run["run_dir"])
+        known = state_of(run["job_id"], states) if run["job_id"] else None
+        state = known[0] if known else None
+        if state is None and run["job_entry"] is not None:
+            state = _submitit_outcome(run["job_entry"])
+        run["slurm_state"] = state
+
+
+def _submitit_outcome(entry):
+    try:
+        from mnist.jobs import _result_state
+    except ImportError:
+        return None
+    try:
+        return _result_state(entry)
+    except Exception:  # a record from another version of the launcher: no outcome, no failure
+        return None
+
+
+# ---------------------------------------------------------------- the table
+
+def run_state(run):
+    done, epochs = len(run["metrics"]), run["epochs"]
+    if epochs is not None and done >= epochs:
+        return "COMPLETED"
+    if run.get("slurm_state"):
+        return run["slurm_state"]
+    if done == 0:
+        return "not started"
+    return f"incomplete (epoch {done} of {epochs if epochs is not None else '?'})"
+
+
+def labels(runs, base):
+    """Per run: the overrides that differ between the runs (a single run: model/optimizer)."""
+    names = [_run_name(r["run_dir"], base) for r in runs]
+    if len(runs) == 1:
+        return [f"{runs[0]['model']}/{runs[0]['optimizer']}"], [" ".join(_pairs(runs[0]["overrides"])) or "-"]
+    keys = []
+    for run in runs:
+        keys += [k for k in run["overrides"] if k not in keys]
+    differing = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
+    shown = [" ".join(f"{k}={r['overrides'][k]}" for k in differing if k in r["overrides"]) for r in runs]
+    plain = [label or f"{run['model']}/{run['optimizer']}" for run, label in zip(runs, shown)]
+    result = [f"{label} [{name}]" if plain.count(label) > 1 else label for label, name in zip(plain, names)]
+    return result, [s or "-" for s in shown]
+
+
+def _pairs(overrides):
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def _run_name(run_dir, base):
+    try:
+        name = str(Path(run_dir).relative_to(base))
+    except ValueError:
+        name = str(run_dir)
+    return Path(run_dir).name if name == "." else name
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs, base):
+    """One dict per run, the columns of report.csv and of the table."""
+    figure_labels, shown_overrides = labels(runs, base)
+    table = []
+    for run, label, overrides in zip(runs, figure_labels, shown_overrides):
+        rows, epochs = run["metrics"], run["epochs"]
+        last = rows[-1] if rows else None
+        best = (min(rows, key=lambda r: (-float(r["accuracy"]), float(r["test_loss"]), int(r["epoch"])))
+                if rows else None)
+        seconds = _mean([float(r["seconds"]) for r in rows])
+        samples = _mean([float(r["samples_per_s"]) for r in rows])
+        state = run_state(run)
+        table.append({
+            "run": _run_name(run["run_dir"], base),
+            "run_dir": str(run["run_dir"]),
+            "model": run["model"],
+            "optimizer": run["optimizer"],
+            "overrides": overrides,
+            "label": label,
+            "state": state,
+            "epochs_done": len(rows),
+            "epochs": epochs if epochs is not None else "",
+            "accuracy": last["accuracy"] if last else "",
+            "test_loss": last["test_loss"] if last else "",
+            "train_loss": last["train_loss"] if last else "",
+            "best_epoch": best["epoch"] if best else "-",
+            "best_accuracy": best["accuracy"] if best else "",
+            "seconds_per_epoch": f"{seconds:.3f}" if seconds is not None else "",
+            "samples_per_s": f"{samples:.1f}" if samples is not None else "",
+            "job_id": run.get("job_id") or "-",
+            "slurm_state": run.get("slurm_state") or "",
+            # as printed
+            "epochs_shown": f"{len(rows)}/{epochs if epochs is not None else '?'}",
+            "accuracy_shown": f"{100 * float(last['accuracy']):.2f}" if last else "-",
+            "test_loss_shown": f"{float(last['test_loss']):.4f}" if last else "-",
+            "seconds_shown": f"{seconds:.2f}" if seconds is not None else "-",
+            "samples_shown": f"{samples:.0f}" if samples is not None else "-",
+            "metrics": rows,
+        })
+    return table
+
+
+def format_table(table):
+    header = [h for h, _, _ in TABLE_COLUMNS]
+    lines = [[str(row[key]) for _, key, _ in TABLE_COLUMNS] for row in table]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+    right = [r for _, _, r in TABLE_COLUMNS]
+    out = []
+    for line in (header, *lines):
+        cells = [x.rjust(w) if r else x.ljust(w) for x, w, r in zip(line, widths, right)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- files
+
+def _replace_into(path, write):
+    """Write through a temporary file, then rename: a report on disk is always a whole one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_csv(table, path):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({**row, "best_epoch": "" if row["best_epoch"] == "-" else row["best_epoch"],
+                              "job_id": "" if row["job_id"] == "-" else row["job_id"]} for row in table)
+
+    _replace_into(path, write)
+
+
+def write_figures(table, out_dir, title):
+    """report_loss.png (train and test loss) and report_accuracy.png, one line per run, through Agg."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    plotted = [row for row in table if row["metrics"]]
+
+    def label(row):
+        return row["label"] if row["state"] == "COMPLETED" else f"{row['label']} ({row['state']})"
+
+    def draw(axes, key, ylabel, scale=1.0, top=None):
+        for i, row in enumerate(plotted):  # ten colours, then the next line style
+            epochs = [int(r["epoch"]) for r in row["metrics"]]
+            axes.plot(epochs, [scale * float(r[key]) for r in row["metrics"]], marker="o", markersize=3,
+                      linestyle=("-", "--", ":", "-.")[i // 10 % 4], label=label(row))
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(ylabel)
+        axes.grid(True, alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        if top is not None and plotted:
+            low, high = axes.get_ylim()
+            axes.set_ylim(low, min(high, top))
+        if not plotted:
+            axes.text(0.5, 0.5, "no finished epoch yet", ha="center", va="center", transform=axes.transAxes)
+
+    def save(figure, name):
+        handles, names = figure.axes[0].get_legend_handles_labels()
+        for row in table:  # runs without a finished epoch: named in the legend, with no line
+            if not row["metrics"]:
+                handles.append(Line2D([], [], linestyle="none"))
+                names.append(label(row))
+        figure.legend(handles, names, loc="outside right upper", ncols=legend_columns, fontsize=8)
+        figure.suptitle(title, fontsize=9)
+        FigureCanvasAgg(figure)
+        _replace_into(out_dir / name, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+    legend_columns = 1 if len(table) <= 20 else 2
+    legend_width = legend_columns * (0.5 + 0.056 * max(len(label(row)) for row in table))
+    height = max(4.5, 0.5 + 0.17 * math.ceil(len(table) / legend_columns))
+    loss = Figure(figsize=(10 + legend_width, height), layout="constrained")
+    train_axes, test_axes = loss.subplots(1, 2)
+    draw(train_axes, "train_loss", "train loss")
+    draw(test_axes, "test_loss", "test loss")
+    save(loss, LOSS_PNG)
+
+    accuracy = Figure(figsize=(6 + legend_width, height), layout="constrained")
+    draw(accuracy.subplots(), "accuracy", "test accuracy (%)", scale=100.0, top=100.5)
+    save(accuracy, ACCURACY_PNG)
+
+
+# ---------------------------------------------------------------- the command
+
+def report(path, out_dir=None, log_dir=None, figures=True):
+    """Print the table and write report.csv (+ the figures) for the runs at or below `path`."""
+    if path is None:
+        path = latest_folder()
+        if path is None:
+            raise UserError(
+                f"No run folder to report on: neither ./outputs nor ./multirun holds one (in {Path.cwd()}). "
+                f"Name one: python -m mnist.report outputs/<date>/<time> (a run) or multirun/<date>/<time> (a sweep)."
+            )
+    path = Path(path)
+    if not path.exists():
+        latest = latest_folder()
+        hint = f" The latest here is {latest}." if latest else ""
+        raise UserError(
+            f"{path} does not exist. Give a run folder (outputs/<date>/<time>) or a sweep folder "
+            f"(multirun/<date>/<time>, or the sweep's hydra.sweep.dir).{hint}"
+        )
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder. Give the run folder or sweep folder that holds it: "
+                        f"python -m mnist.report {path.parent}")
+    folders = find_runs(path)
+    if not folders:
+        raise UserError(
+            f"{path} holds no run folders (a folder with config.yaml, metrics.csv or .hydra/, up to "
+            f"{MAX_DEPTH} levels down). Give a run folder (outputs/<date>/<time>) or a sweep folder "
+            f"(multirun/<date>/<time>)."
+        )
+    if log_dir is None and Path("logs").is_dir():
+        log_dir = Path("logs")
+    if log_dir is not None and not Path(log_dir).is_dir():
+        raise UserError(f"--logs {log_dir} is not a folder. Give the launcher's log folder (launcher.log_dir, "
+                        f"default logs), or leave --logs out.")
+    runs = [read_run(f) for f in folders]
+    slurm_lookup(runs, log_dir)
+    table = summarize(runs, path)
+
+    out_dir = Path(out_dir) if out_dir is not None else path
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(table, out_dir / CSV_NAME)
+    except OSError as e:
+        raise UserError(f"Cannot write the report into {out_dir} ({e.strerror or e}). Write it elsewhere: "
+                        f"python -m mnist.report {path} --out <folder>") from None
+    written = [out_dir / CSV_NAME]
+    skipped = None
+    if figures:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            skipped = "figures skipped: matplotlib is not installed (.venv/bin/pip install matplotlib)"
+        else:
+            try:
+                write_figures(table, out_dir, str(path.resolve()))
+            except OSError as e:
+                raise UserError(f"Cannot write the figures into {out_dir} ({e.strerror or e}). Write them "
+                                f"elsewhere: python -m mnist.report {path} --out <folder>") from None
+            written += [out_dir / LOSS_PNG, out_dir / ACCURACY_PNG]
+
+    print(f"{len(table)} run{'s' if len(table) != 1 else ''} in {path}\n")
+    print(format_table(table))
+    print("\nwritten: " + ", ".join(str(p) for p in written))
+    if skipped:
+        print(skipped, file=sys.stderr)
+    return table
+
+
+def main(argv=None):
+    from mnist.config import report_errors
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist.report",
+        description="A table (printed and report.csv) and loss/accuracy figures for a run folder or a sweep folder.",
+    )
+    parser.add_argument("path", nargs="?", help="run folder or sweep folder (default: the latest under "
+                                                "./outputs and ./multirun)")
+    parser.add_argument("--out", help="write report.csv and the PNGs here (default: PATH)")
+    parser.add_argument("--logs", help="the launcher's log folder holding jobs.jsonl (default: ./logs if it exists)")
+    parser.add_argument("--no-figures", action="store_true", help="the table and report.csv only")
+    args = parser.parse_args(argv)
+    with report_errors():
+        report(args.path, args.out, args.logs, figures=not args.no_figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""`python -m mnist.report` on real runs (a local sweep on tiny generated data), read the way a user
+reads it: the printed table and report.csv against each run's metrics.csv, and the PNGs as images."""
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run, write_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real two-run sweep (adadelta, sgd; 2 epochs each), plus two folders made from its runs:
+    2/ a copy of the sgd run with only its first epoch in metrics.csv (stopped or still training),
+    3/ a copy of the adadelta run with only config.yaml and .hydra/ (submitted, not started)."""
+    base = tmp_path_factory.mktemp("report")
+    data_root = base / "data"
+    write_dataset(data_root, "MNIST")
+    folder = base / "sweep"
+    with pytest.MonkeyPatch.context() as mp:  # a local sweep, even when pytest itself runs in a job
+        for name in [k for k in os.environ if k.startswith("SLURM_")]:
+            mp.delenv(name)
+        result = run(["-m", "optimizer=adadelta,sgd", f"data.root={data_root}", "trainer.epochs=2",
+                      f"hydra.sweep.dir={folder}"], cwd=base)
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(folder / "1", folder / "2")
+    lines = (folder / "2" / "metrics.csv").read_text().splitlines(keepends=True)
+    (folder / "2" / "metrics.csv").write_text("".join(lines[:2]))
+    shutil.copytree(folder / "0", folder / "3")
+    for name in ("metrics.csv", "checkpoint.pt", "train.log", "environment.json"):
+        (folder / "3" / name).unlink()
+    return folder
+
+
+@pytest.fixture
+def no_slurm(tmp_path):
+    """No cluster to ask: Slurm's own tools then fail at once, as on a laptop with Slurm installed."""
+    return {"SLURM_CONF": str(tmp_path / "no-such-cluster.conf")}
+
+
+def report(args, cwd, env=None):
+    return run([str(a) for a in args], cwd=cwd, env=env, timeout=120, module="mnist.report")
+
+
+def table(stdout):
+    """The printed table as {RUN: {HEADER: cell}}; columns are two or more spaces apart."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("RUN  "))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        assert len(cells) == len(header), line
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def metrics(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def best_epoch(rows):
+    return min(rows, key=lambda r: (-float(r["accuracy"]), float(r["test_loss"]), int(r["epoch"])))["epoch"]
+
+
+def check_png(path):
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, image.shape
+    assert image.min() < image.max(), f"{path} is blank"
+
+
+def check_against_metrics(shown, saved, rows):
+    """A table row and a report.csv row against the run's metrics.csv."""
+    last = rows[-1]
+    assert shown["ACC %"] == f"{100 * float(last['accuracy']):.2f}"
+    assert shown["TEST LOSS"] == f"{float(last['test_loss']):.4f}"
+    assert shown["BEST EPOCH"] == best_epoch(rows)
+    seconds = sum(float(r["seconds"]) for r in rows) / len(rows)
+    samples = sum(float(r["samples_per_s"]) for r in rows) / len(rows)
+    assert shown["S/EPOCH"] == f"{seconds:.2f}"
+    assert shown["SAMPLES/S"] == f"{samples:.0f}"
+    assert (saved["accuracy"], saved["test_loss"], saved["train_loss"]) == (
+        last["accuracy"], last["test_loss"], last["train_loss"])
+    assert saved["best_epoch"] == best_epoch(rows)
+    assert float(saved["seconds_per_epoch"]) == pytest.approx(seconds, abs=1e-3)
+    assert float(saved["samples_per_s"]) == pytest.approx(samples, abs=0.1)
+    assert int(saved["epochs_done"]) == len(rows)
+
+
+def test_a_sweep_report_has_every_run_its_numbers_and_two_figures(sweep, tmp_path, no_slurm):
+    result = report([sweep], cwd=tmp_path, env=no_slurm)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"4 runs in {sweep}")
+    shown, saved = table(result.stdout), read_csv(sweep / "report.csv")
+    assert list(shown) == list(saved) == ["0", "1", "2", "3"]  # none skipped, in order
+
+    for name in ("0", "1", "2"):
+        check_against_metrics(shown[name], saved[name], metrics(sweep / name))
+    assert [shown[n]["STATE"] for n in "0123"] == ["COMPLETED", "COMPLETED", "incomplete (epoch 1 of 2)",
+                                                   "not started"]
+    assert [saved[n]["state"] for n in "0123"] == [shown[n]["STATE"] for n in "0123"]
+    assert [shown[n]["EPOCHS"] for n in "0123"] == ["2/2", "2/2", "1/2", "0/2"]
+    assert [shown[n]["JOB"] for n in "0123"] == ["-"] * 4
+    not_started = shown["3"]
+    assert [not_started[k] for k in ("ACC %", "TEST LOSS", "BEST EPOCH", "S/EPOCH", "SAMPLES/S")] == ["-"] * 5
+    assert saved["3"]["accuracy"] == saved["3"]["test_loss"] == saved["3"]["best_epoch"] == ""
+
+    # Labelled by what differs: the optimizer, not data.root or trainer.epochs, which all share.
+    assert [shown[n]["MODEL"] + "/" + shown[n]["OPTIMIZER"] for n in "0123"] == [
+        "mlp/adadelta", "mlp/sgd", "mlp/sgd", "mlp/adadelta"]
+    assert [shown[n]["OVERRIDES"] for n in "0123"] == [
+        "optimizer=adadelta", "optimizer=sgd", "optimizer=sgd", "optimizer=adadelta"]
+    labels = [saved[n]["label"] for n in "0123"]
+    assert labels == ["optimizer=adadelta [0]", "optimizer=sgd [1]", "optimizer=sgd [2]", "optimizer=adadelta [3]"]
+    assert not any("data.root" in label or "trainer.epochs" in label or "hydra" in label for label in labels)
+
+    for name in ("report_loss.png", "report_accuracy.png"):
+        check_png(sweep / name)
+    assert f"written: {sweep / 'report.csv'}, {sweep / 'report_loss.png'}, {sweep / 'report_accuracy.png'}" \
+        in result.stdout
+
+
+@pytest.mark.slurm
+def test_a_sweep_run_on_slurm_shows_its_job_ids_and_states(slurm_env, tiny_data, tmp_path):
+    result = run(["-m", "launcher=slurm", "optimizer=adadelta,sgd", f"data.root={tiny_data}", "trainer.epochs=1",
+                  "resources.mem=2G", f"launcher.log_dir={tmp_path / 'logs'}",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = re.search(r"Submitted job array (\d+)", result.stdout).group(1)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((tmp_path / "sweep").glob("*/metrics.csv"))) < 2:
+        time.sleep(2)
+    time.sleep(3)  # let sacct catch up with the ends
+    result = report([tmp_path / "sweep"], cwd=tmp_path)  # --logs: ./logs by default
+    assert result.returncode == 0, result.stderr
+    shown, saved = table(result.stdout), read_csv(tmp_path / "sweep" / "report.csv")
+    assert [shown[n]["JOB"] for n in "01"] == [f"{job}_0", f"{job}_1"]
+    assert [shown[n]["STATE"] for n in "01"] == ["COMPLETED", "COMPLETED"]
+    for n in "01":
+        check_against_metrics(shown[n], saved[n], metrics(tmp_path / "sweep" / n))
+
+
+def test_a_single_run_folder_is_labelled_by_model_and_optimizer(sweep, tmp_path, no_slurm):
+    result = report([sweep / "0", "--out", tmp_path / "out"], cwd=tmp_path, env=no_slurm)
+    assert result.returncode == 0, result.stderr
+    shown, saved = table(result.stdout), read_csv(tmp_path / "out" / "report.csv")
+    assert list(shown) == list(saved) == ["0"]
+    check_against_metrics(shown["0"], saved["0"], metrics(sweep / "0"))
+    assert saved["0"]["label"] == "mlp/adadelta" and shown["0"]["STATE"] == "COMPLETED"
+    assert "optimizer=adadelta" in shown["0"]["OVERRIDES"]
+    for name in ("report_loss.png", "report_accuracy.png"):
+        check_png(tmp_path / "out" / name)
+
+
+def test_the_report_reads_files_only_no_torch_and_no_matplotlib_without_figures(sweep, tmp_path, no_slurm):
+    code = ("import sys; from mnist.report import main; main([sys.argv[1], '--no-figures', '--out', sys.argv[2]]); "
+            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, 'imported'")
+    result = subprocess.run([sys.executable, "-c", code, str(sweep), str(tmp_path / "out")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, **no_slurm})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "report.csv").exists() and not (tmp_path / "out" / "report_loss.png").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "nothing here"])
+def test_no_run_folder_is_one_paragraph_and_exit_status_2(tmp_path, what):
+    (tmp_path / "empty").mkdir()
+    args = {"missing": [tmp_path / "nope"], "empty": [tmp_path / "empty"], "nothing here": []}[what]
+    result = report(args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "run folder" in result.stderr
+    assert not list(tmp_path.rglob("report*"))
+
+
+def test_the_module_is_documented_in_its_help():
+    result = run(["--help"], cwd=ROOT, module="mnist.report")
+    assert result.returncode == 0 and "--out" in result.stdout and "--logs" in result.stdout
