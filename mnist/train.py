@@ -99,15 +99,23 @@ def train_epoch(model, train_loader, optimizer, epoch, log_interval, log, stop, 
     return total_loss, batches
 
 
+# On a CPU a forward pass over 1000 images at once runs out of cache: the CNN evaluates the test
+# set ~3x faster in pieces of 64 (measured here). The sums are the same; a GPU takes whole batches.
+CPU_EVAL_PIECE = 64
+
+
 @torch.inference_mode()
 def evaluate(model, test_loader):
     model.eval()
     test_loss = torch.zeros((), device=test_loader.device)
     correct = torch.zeros((), dtype=torch.long, device=test_loader.device)
-    for images, target in test_loader:
-        output = model(images)
-        test_loss += nll(output, target, model, reduction="sum")
-        correct += (output.argmax(dim=1) == target).sum()
+    on_cpu = torch.device(test_loader.device).type == "cpu"
+    for batch_images, batch_target in test_loader:
+        piece = CPU_EVAL_PIECE if on_cpu else len(batch_target)
+        for images, target in zip(batch_images.split(piece), batch_target.split(piece)):
+            output = model(images)
+            test_loss += nll(output, target, model, reduction="sum")
+            correct += (output.argmax(dim=1) == target).sum()
     return test_loss.item() / test_loader.dataset_size, int(correct.item())
 
 
