@@ -1,0 +1,450 @@
+"""Training speed: the in-memory data path against the course's pipeline and the compute floor.
+
+    python -m benchmarks.train_speed [--data-root DIR] [--models mlp,cnn] [--out FILE] [--quick]
+    make bench ARGS='--data-root DIR'
+
+For each model, on Fashion-MNIST with the reference settings (Adadelta lr 1.0, seed 1, batch 64,
+test batch 1000, on the CPU with all the CPUs we may use), this process trains one epoch three ways:
+
+  in-memory  the project's way: mnist.data.loaders() (the split as one uint8 tensor, one
+             indexing per batch) through mnist.train.train_epoch
+  classic    the course's way: torchvision's dataset with ToTensor()+Normalize per sample,
+             through a DataLoader (batch 64, shuffle=True, no workers), in the course's loop
+  floor      the model's compute floor: train_epoch's forward/backward/step calls, as many and
+             with the same batch sizes, all on one pre-made batch; no data path at all
+
+and passes over the test set both ways: mnist.train.evaluate on the in-memory loader, and the
+course's test loop (each batch of 1000 in one forward pass) on a DataLoader of batch 1000.
+
+The three epochs of a round run side by side, in turns of 20 batches (the test passes: of one
+batch), so that a burst of other work on the machine slows all paths alike and the ratios hold
+even where the seconds do not. After a short warm-up, a model gets another round (up to --repeat,
+in a rotated order) while its rounds so far took under --budget seconds: the MLP gets 3, the CNN
+1; test passes get --repeat rounds. The figures are those of the fastest round (the least time in
+all: other work only ever adds time). The report says which share of the CPUs other processes
+took meanwhile, and warns above 5%.
+
+Peak memory: the in-memory and the classic pipeline each train one epoch and evaluate once in a
+child process of their own (this module again), which reports its VmHWM: the peak resident memory
+of its own address space, so the interpreter, torch, the data as that pipeline holds it, the
+model, the optimizer state and the batches. Identical MLP runs agree within 0.2 MiB; identical
+CNN runs differ by up to 4% (the allocator's state after an epoch decides where evaluation's
+batches of 1000 land), so "no higher than classic's" allows 5%. (Not ru_maxrss: Linux carries it
+over from the parent through fork and exec, so a child reports at least the parent's peak.)
+
+Reading the table: `x in-mem` and `x floor` are a row's epoch time over the in-memory and the floor
+epoch times. The in-memory row's `x floor` is what the data path adds to the model's own
+arithmetic; the classic row's `x in-mem` is the speedup over the course's pipeline. All figures,
+the targets and whether each is met also go to --out as JSON. Compare figures within one run only.
+"""
+import argparse
+import itertools
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision import transforms
+
+from mnist import data, datafiles, env
+from mnist.config import compose, report_errors
+from mnist.models import build_model, build_optimizer
+from mnist.train import StopFlag, evaluate, nll, train_epoch
+
+PATHS = ("in_memory", "classic", "floor")
+ROOT = Path(__file__).resolve().parent.parent
+DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+PEAK_NOISE = 0.05  # identical CNN runs' peaks differ by up to 4% here: "no higher" allows 5%
+NOISY = 0.05  # other processes' share of the CPUs above which the report warns
+QUICK_BATCHES = 20
+WARM_UP_BATCHES = 10
+TURN_BATCHES = 20  # training batches a path runs before the next path's turn
+NEVER = 10**9  # a log_interval; train_epoch still logs batch 0, to this logger that drops it
+QUIET = logging.getLogger("benchmarks.train_speed")
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
+
+
+def classic_loader(data_cfg, train, batch_size, shuffle):
+    """The course's pipeline: torchvision's dataset, ToTensor()+Normalize per sample, a DataLoader."""
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data_cfg.mean,), (data_cfg.std,))])
+    dataset = data.TORCHVISION[data_cfg.name](data_cfg.root, train=train, transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def classic_train(model, train_loader, optimizer):
+    """The course's training loop (pytorch/examples' train()), without its log lines."""
+    model.train()
+    for images, target in train_loader:
+        optimizer.zero_grad()
+        loss = nll(model(images), target, model)
+        loss.backward()
+        optimizer.step()
+
+
+def classic_test(model, test_loader):
+    """The course's test loop (pytorch/examples' test())."""
+    model.eval()
+    test_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for images, target in test_loader:
+            output = model(images)
+            test_loss += nll(output, target, model, reduction="sum").item()
+            correct += (output.argmax(dim=1) == target).sum().item()
+    return test_loss / len(test_loader.dataset), correct
+
+
+class OneBatch:
+    """The compute floor: the batch sizes of an epoch of `loader`, each cut from its first batch."""
+
+    def __init__(self, loader):
+        self.images, self.labels = next(iter(loader))
+        self.batch_size, self.dataset_size, self.device = loader.batch_size, loader.dataset_size, loader.device
+        self.rank, self.world_size = 0, 1
+        self.sizes = [min(self.batch_size, self.dataset_size - start)
+                      for start in range(0, self.dataset_size, self.batch_size)]
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __iter__(self):
+        for size in self.sizes:
+            yield self.images[:size], self.labels[:size]
+
+
+class FirstBatches:
+    """At most n batches per epoch of a loader (--max-batches, --quick)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return min(len(self.loader), self.n)
+
+    def __iter__(self):
+        return itertools.islice(self.loader, len(self))
+
+
+class Turn:
+    """The next n batches of an epoch in progress, as a loader: lets several epochs advance in turns."""
+
+    def __init__(self, loader, batches, n):
+        self.loader, self.batches, self.n = loader, batches, n
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.n)
+
+
+def limit(loader, max_batches):
+    return loader if max_batches is None else FirstBatches(loader, max_batches)
+
+
+def samples(loader):
+    """How many samples one epoch of `loader` yields: only its last batch can be short."""
+    return min(len(loader) * loader.batch_size, loader.dataset_size)
+
+
+def loaders(cfg, path, max_batches):
+    """The (train, test) loaders of the in-memory or the classic pipeline."""
+    if path == "in_memory":
+        train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, torch.device("cpu"))
+    else:
+        train_loader = classic_loader(cfg.data, True, cfg.data.batch_size, shuffle=True)
+        test_loader = classic_loader(cfg.data, False, cfg.data.test_batch_size, shuffle=False)
+    return limit(train_loader, max_batches), limit(test_loader, max_batches)
+
+
+def one_epoch(model, train_loader, optimizer):
+    train_epoch(model, train_loader, optimizer, 1, NEVER, QUIET, StopFlag())
+
+
+TRAIN = {"in_memory": one_epoch, "classic": classic_train, "floor": one_epoch}
+TEST = {"in_memory": evaluate, "classic": classic_test}
+
+
+def fresh(cfg):
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg.model)
+    optimizer, _ = build_optimizer(cfg.optimizer, model.parameters())
+    return model, optimizer
+
+
+def in_turns(loaders, run, turn_batches):
+    """Seconds each loader's epoch took under `run(path, part)`, the epochs advancing `turn_batches`
+    batches at a time in turns, so that a burst of other work on the machine hits them all alike."""
+    batches = {path: iter(loader) for path, loader in loaders.items()}
+    seconds = dict.fromkeys(loaders, 0.0)
+    for _ in range(0, len(next(iter(loaders.values()))), turn_batches):
+        for path, loader in loaders.items():
+            started = time.perf_counter()
+            run(path, Turn(loader, batches[path], turn_batches))
+            seconds[path] += time.perf_counter() - started
+    return seconds
+
+
+def time_epochs(cfg, train_loaders):
+    """One training epoch per loader, each with its own fresh model and optimizer."""
+    runs = {path: fresh(cfg) for path in train_loaders}
+    return in_turns(train_loaders, lambda path, part: TRAIN[path](runs[path][0], part, runs[path][1]), TURN_BATCHES)
+
+
+def time_evaluations(model, test_loaders):
+    return in_turns(test_loaders, lambda path, part: TEST[path](model, part), 1)
+
+
+def cpu_seconds():
+    """(CPU seconds every process has used, from /proc/stat; this process's own), or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), usage.ru_utime + usage.ru_stime
+
+
+def others_share(before, after, seconds):
+    """The share of the machine's CPUs that other processes used meanwhile: the timings' noise."""
+    if before is None or after is None:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(others, 0.0) / (seconds * os.cpu_count())
+
+
+def rotated(paths, turn):
+    turn %= len(paths)
+    return paths[turn:] + paths[:turn]
+
+
+def best(rounds, paths):
+    """The round least disturbed by other work: the one that took the least time in all."""
+    fastest = min(rounds, key=lambda seconds: sum(seconds.values()))
+    return {path: fastest[path] for path in paths}
+
+
+def seconds_of(seconds):
+    return ", ".join(f"{path} {value:.2f} s" for path, value in seconds.items())
+
+
+def progress(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def measure(cfg, args):
+    name = cfg.model.name
+    train_in_memory, test_in_memory = loaders(cfg, "in_memory", args.max_batches)
+    train_classic, test_classic = loaders(cfg, "classic", args.max_batches)
+    train = {"in_memory": train_in_memory, "classic": train_classic,
+             "floor": limit(OneBatch(train_in_memory), args.max_batches)}
+    test = {"in_memory": test_in_memory, "classic": test_classic}
+
+    model, optimizer = fresh(cfg)  # warm-up: the first calls allocate and choose their kernels
+    one_epoch(model, FirstBatches(train["floor"], WARM_UP_BATCHES), optimizer)
+    evaluate(model, FirstBatches(test["in_memory"], 1))
+
+    epoch_rounds, eval_rounds = [], []
+    cpu_before, started = cpu_seconds(), time.perf_counter()
+    for turn in range(args.repeat):
+        if turn and time.perf_counter() - started > args.budget:
+            break
+        epoch_rounds.append(time_epochs(cfg, {path: train[path] for path in rotated(PATHS, turn)}))
+        progress(f"{name} epochs, round {turn + 1}: {seconds_of(epoch_rounds[-1])}")
+    for turn in range(args.repeat):
+        order = {path: test[path] for path in rotated(tuple(test), turn)}
+        eval_rounds.append(in_turns(order, lambda path, part: TEST[path](model, part), 1))
+        progress(f"{name} evaluations, round {turn + 1}: {seconds_of(eval_rounds[-1])}")
+    busy = others_share(cpu_before, cpu_seconds(), time.perf_counter() - started)
+    peak = {}
+    for path in ("in_memory", "classic"):
+        peak[path] = peak_memory(cfg, path, args.max_batches)
+        progress(f"{name} {path} peak memory: {peak[path]} MiB")
+
+    epoch_s, eval_s = best(epoch_rounds, PATHS), best(eval_rounds, test)
+    n = samples(train["in_memory"])
+    return {
+        "rounds": len(epoch_rounds),
+        "other_processes_cpu_share": busy,
+        "train_samples": n,
+        "test_samples": samples(test["in_memory"]),
+        "epoch_s": epoch_s,
+        "samples_per_s": {path: n / seconds for path, seconds in epoch_s.items()},
+        "eval_s": eval_s,
+        "peak_mib": peak,
+        "ratios": {
+            "in_memory_over_floor": epoch_s["in_memory"] / epoch_s["floor"],
+            "classic_over_floor": epoch_s["classic"] / epoch_s["floor"],
+            "classic_over_in_memory": epoch_s["classic"] / epoch_s["in_memory"],
+            "eval_classic_over_in_memory": eval_s["classic"] / eval_s["in_memory"],
+            "peak_in_memory_over_classic": (peak["in_memory"] / peak["classic"]
+                                            if None not in peak.values() else None),
+        },
+        "epoch_s_rounds": epoch_rounds,
+        "eval_s_rounds": eval_rounds,
+    }
+
+
+def peak_memory(cfg, path, max_batches):
+    """Peak resident MiB of a fresh process that trains one epoch and evaluates once through `path`."""
+    command = [sys.executable, "-m", "benchmarks.train_speed", "--peak-memory-of", path,
+               "--models", cfg.model.name, "--data-root", cfg.data.root]
+    if max_batches is not None:
+        command += ["--max-batches", str(max_batches)]
+    child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"The peak-memory run ({' '.join(command)}) failed:\n{child.stderr}")
+    return json.loads(child.stdout.splitlines()[-1])["peak_mib"]
+
+
+def peak_memory_child(cfg, path, max_batches):
+    train_loader, test_loader = loaders(cfg, path, max_batches)
+    model, optimizer = fresh(cfg)
+    TRAIN[path](model, train_loader, optimizer)
+    TEST[path](model, test_loader)
+    print(json.dumps({"peak_mib": own_peak_mib()}))
+
+
+def own_peak_mib():
+    """VmHWM: this address space's peak resident memory (None where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def targets(results):
+    rows = []
+    for name, r in results.items():
+        rows.append((name, "epoch within 1.1x of the compute floor", r["ratios"]["in_memory_over_floor"], "<=", 1.1))
+        if name == "cnn":
+            rows.append((name, "test-set evaluation >= 1.5x faster than classic",
+                         r["ratios"]["eval_classic_over_in_memory"], ">=", 1.5))
+        rows.append((name, f"peak memory of a training run <= classic's (+{PEAK_NOISE:.0%} noise)",
+                     r["ratios"]["peak_in_memory_over_classic"], "<=", 1 + PEAK_NOISE))
+    return [{"model": name, "target": what, "value": value, "limit": bound,
+             "met": None if value is None else (value <= bound if op == "<=" else value >= bound)}
+            for name, what, value, op, bound in rows]
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(results, checks, settings):
+    rounds = ", ".join(f"{name} {r['rounds']}" for name, r in results.items())
+    print(f"\n{settings['data']} on the CPU, {settings['threads']} threads, {settings['train_samples']} training "
+          f"samples per epoch. Best of: epochs {rounds}; evaluations {settings['repeat']}.")
+    print(f"{'model':<6} {'path':<10} {'epoch s':>8} {'samples/s':>10} {'x in-mem':>9} {'x floor':>8} "
+          f"{'eval s':>7} {'peak MiB':>9}")
+    for name, r in results.items():
+        for path in PATHS:
+            seconds = r["epoch_s"][path]
+            print(f"{name:<6} {path.replace('_', '-'):<10} {seconds:>8.2f} {r['samples_per_s'][path]:>10.0f} "
+                  f"{seconds / r['epoch_s']['in_memory']:>9.2f} {seconds / r['epoch_s']['floor']:>8.2f} "
+                  f"{fmt(r['eval_s'].get(path), '.2f'):>7} {fmt(r['peak_mib'].get(path), '.0f'):>9}")
+    for name, r in results.items():
+        busy = r["other_processes_cpu_share"]
+        if busy is not None and busy > NOISY:
+            print(f"Warning: other processes used {busy:.0%} of the CPUs during the {name} timings; "
+                  f"its figures are noisy. Run again on a quiet machine.")
+    print("\nTargets:")
+    for check in checks:
+        verdict = {True: "met", False: "NOT met", None: "unknown"}[check["met"]]
+        print(f"  {verdict:<8} {check['model']:<4} {check['target']:<56} {fmt(check['value'], '.2f')}x "
+              f"(limit {check['limit']:g}x)")
+
+
+def config(args, model):
+    cfg = compose([f"model={model}", "data=fashion_mnist"])
+    if args.data_root is not None:
+        cfg.data.root = os.path.abspath(os.path.expanduser(args.data_root))
+    return cfg
+
+
+def check_data(data_cfg):
+    if datafiles.missing_files(data_cfg.root, data_cfg.name) and DEBIAN_COPY.is_dir():
+        raise datafiles.DataError(
+            f"Fashion-MNIST is not in {datafiles.raw_folder(data_cfg.root, data_cfg.name)}. This machine has "
+            f"Debian's copy: `python -m mnist.data copy {DEBIAN_COPY} data=fashion_mnist "
+            f"data.root={data_cfg.root}`, or pass --data-root DIR where the data already is."
+        )
+    data.ensure_dataset(data_cfg)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", help="the folder holding FashionMNIST/raw/ (default: data.root, "
+                                            "i.e. $MNIST_DATA, else ./data)")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated conf/model names (default: mlp,cnn)")
+    parser.add_argument("--out", default="bench/train_speed.json", help="JSON file to write (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="most rounds of epochs, and evaluations (default: 3)")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="no new round of a model's epochs after this many seconds (default: 60)")
+    parser.add_argument("--max-batches", type=int, help="train and evaluate on at most N batches per epoch")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke test: --max-batches {QUICK_BATCHES}")
+    parser.add_argument("--peak-memory-of", choices=("in_memory", "classic"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick and args.max_batches is None:
+        args.max_batches = QUICK_BATCHES
+    if args.repeat < 1 or (args.max_batches is not None and args.max_batches < 1):
+        parser.error("--repeat and --max-batches take a positive count")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    models = [name for name in args.models.split(",") if name]
+    with report_errors():
+        cfgs = {name: config(args, name) for name in models}
+        threads = env.cpu_threads(cfgs[models[0]].trainer.threads)
+        torch.set_num_threads(threads)
+        if args.peak_memory_of:
+            return peak_memory_child(cfgs[models[0]], args.peak_memory_of, args.max_batches)
+        check_data(cfgs[models[0]].data)
+
+    results = {name: measure(cfg, args) for name, cfg in cfgs.items()}
+    checks = targets(results)
+    first = cfgs[models[0]]
+    settings = {
+        "data": first.data.name, "data_root": first.data.root, "threads": threads, "device": "cpu",
+        "batch_size": first.data.batch_size, "test_batch_size": first.data.test_batch_size,
+        "optimizer": first.optimizer.name, "lr": first.optimizer.lr, "seed": first.trainer.seed,
+        "max_batches": args.max_batches, "repeat": args.repeat, "budget_s": args.budget,
+        "statistic": "min", "train_samples": results[models[0]]["train_samples"],
+    }
+    print_report(results, checks, settings)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"settings": settings, "models": results, "targets": checks,
+              "environment": env.record(torch.device("cpu"), threads)}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nWrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`make bench` in quick mode on tiny generated Fashion-MNIST: it runs and writes every figure."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnist.idx import write_idx
+
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = {"in_memory", "classic", "floor"}
+
+
+def tiny_fashion_mnist(root, n_train=256, n_test=128):
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = random.Random(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.randbytes(n * 28 * 28), (n, 28, 28))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", bytes(rng.randrange(10) for _ in range(n)), (n,))
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_every_figure(tmp_path):
+    tiny_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "bench" / "train_speed.json"
+    bench = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_speed", "--data-root", str(tmp_path / "data"),
+         "--quick", "--repeat", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert bench.returncode == 0, bench.stderr
+    assert "Targets:" in bench.stdout and "x floor" in bench.stdout
+
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"mlp", "cnn"}
+    for r in report["models"].values():
+        assert (r["train_samples"], r["test_samples"]) == (256, 128)
+        assert set(r["epoch_s"]) == set(r["samples_per_s"]) == PATHS
+        assert set(r["eval_s"]) == set(r["peak_mib"]) == {"in_memory", "classic"}
+        figures = [*r["epoch_s"].values(), *r["samples_per_s"].values(), *r["eval_s"].values(),
+                   *r["peak_mib"].values(), *r["ratios"].values()]
+        assert all(value > 0 for value in figures), r
+    assert {t["model"] for t in report["targets"]} == {"mlp", "cnn"}
+    for target in report["targets"]:
+        assert isinstance(target["met"], bool) and isinstance(target["value"], float), target
