@@ -16,13 +16,14 @@ test batch 1000, on the CPU with all the CPUs we may use), this process trains o
 and passes over the test set both ways: mnist.train.evaluate on the in-memory loader, and the
 course's test loop (each batch of 1000 in one forward pass) on a DataLoader of batch 1000.
 
-The three epochs of a round run side by side, in turns of 20 batches (the test passes: of one
-batch), so that a burst of other work on the machine slows all paths alike and the ratios hold
-even where the seconds do not. After a short warm-up, a model gets another round (up to --repeat,
-in a rotated order) while its rounds so far took under --budget seconds: the MLP gets 3, the CNN
-1; test passes get --repeat rounds. The figures are those of the fastest round (the least time in
-all: other work only ever adds time). The report says which share of the CPUs other processes
-took meanwhile, and warns above 5%.
+The three epochs of a round run side by side, in turns of 10 batches (the test passes: of one
+batch), so that a burst of other work on the machine, or its speed drifting (it does, by tens of
+percent, on this shared VM), slows all paths alike. After a short warm-up, a model gets another
+round (up to --repeat, in a rotated order) while its rounds so far took under --budget seconds:
+the MLP gets 3, the CNN 1; test passes get --repeat rounds. Seconds are medians over rounds;
+ratios are medians of the ratios within each round. The report says which share of the CPUs other
+processes took meanwhile, and warns above 5%: two-thread torch slows down many times over when it
+shares its cores, so such figures mean little.
 
 Peak memory: the in-memory and the classic pipeline each train one epoch and evaluate once in a
 child process of their own (this module again), which reports its VmHWM: the peak resident memory
@@ -43,6 +44,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -63,7 +65,7 @@ PEAK_NOISE = 0.05  # identical CNN runs' peaks differ by up to 4% here: "no high
 NOISY = 0.05  # other processes' share of the CPUs above which the report warns
 QUICK_BATCHES = 20
 WARM_UP_BATCHES = 10
-TURN_BATCHES = 20  # training batches a path runs before the next path's turn
+TURN_BATCHES = 10  # training batches a path runs before the next path's turn
 NEVER = 10**9  # a log_interval; train_epoch still logs batch 0, to this logger that drops it
 QUIET = logging.getLogger("benchmarks.train_speed")
 QUIET.addHandler(logging.NullHandler())
@@ -236,10 +238,14 @@ def rotated(paths, turn):
     return paths[turn:] + paths[:turn]
 
 
-def best(rounds, paths):
-    """The round least disturbed by other work: the one that took the least time in all."""
-    fastest = min(rounds, key=lambda seconds: sum(seconds.values()))
-    return {path: fastest[path] for path in paths}
+def medians(rounds, paths):
+    return {path: statistics.median(seconds[path] for seconds in rounds) for path in paths}
+
+
+def ratio(rounds, path, base):
+    """The median over rounds of path's time over base's in the same round: machine speed that
+    drifts between rounds cancels out."""
+    return statistics.median(seconds[path] / seconds[base] for seconds in rounds)
 
 
 def seconds_of(seconds):
@@ -271,7 +277,7 @@ def measure(cfg, args):
         progress(f"{name} epochs, round {turn + 1}: {seconds_of(epoch_rounds[-1])}")
     for turn in range(args.repeat):
         order = {path: test[path] for path in rotated(tuple(test), turn)}
-        eval_rounds.append(in_turns(order, lambda path, part: TEST[path](model, part), 1))
+        eval_rounds.append(time_evaluations(model, order))
         progress(f"{name} evaluations, round {turn + 1}: {seconds_of(eval_rounds[-1])}")
     busy = others_share(cpu_before, cpu_seconds(), time.perf_counter() - started)
     peak = {}
@@ -279,7 +285,7 @@ def measure(cfg, args):
         peak[path] = peak_memory(cfg, path, args.max_batches)
         progress(f"{name} {path} peak memory: {peak[path]} MiB")
 
-    epoch_s, eval_s = best(epoch_rounds, PATHS), best(eval_rounds, test)
+    epoch_s, eval_s = medians(epoch_rounds, PATHS), medians(eval_rounds, test)
     n = samples(train["in_memory"])
     return {
         "rounds": len(epoch_rounds),
@@ -291,10 +297,10 @@ def measure(cfg, args):
         "eval_s": eval_s,
         "peak_mib": peak,
         "ratios": {
-            "in_memory_over_floor": epoch_s["in_memory"] / epoch_s["floor"],
-            "classic_over_floor": epoch_s["classic"] / epoch_s["floor"],
-            "classic_over_in_memory": epoch_s["classic"] / epoch_s["in_memory"],
-            "eval_classic_over_in_memory": eval_s["classic"] / eval_s["in_memory"],
+            "in_memory_over_floor": ratio(epoch_rounds, "in_memory", "floor"),
+            "classic_over_floor": ratio(epoch_rounds, "classic", "floor"),
+            "classic_over_in_memory": ratio(epoch_rounds, "classic", "in_memory"),
+            "eval_classic_over_in_memory": ratio(eval_rounds, "classic", "in_memory"),
             "peak_in_memory_over_classic": (peak["in_memory"] / peak["classic"]
                                             if None not in peak.values() else None),
         },
@@ -356,14 +362,14 @@ def fmt(value, spec):
 def print_report(results, checks, settings):
     rounds = ", ".join(f"{name} {r['rounds']}" for name, r in results.items())
     print(f"\n{settings['data']} on the CPU, {settings['threads']} threads, {settings['train_samples']} training "
-          f"samples per epoch. Best of: epochs {rounds}; evaluations {settings['repeat']}.")
+          f"samples per epoch. Medians of rounds: epochs {rounds}; test passes {settings['repeat']}.")
     print(f"{'model':<6} {'path':<10} {'epoch s':>8} {'samples/s':>10} {'x in-mem':>9} {'x floor':>8} "
           f"{'eval s':>7} {'peak MiB':>9}")
     for name, r in results.items():
         for path in PATHS:
-            seconds = r["epoch_s"][path]
-            print(f"{name:<6} {path.replace('_', '-'):<10} {seconds:>8.2f} {r['samples_per_s'][path]:>10.0f} "
-                  f"{seconds / r['epoch_s']['in_memory']:>9.2f} {seconds / r['epoch_s']['floor']:>8.2f} "
+            seconds = r["epoch_s_rounds"]
+            print(f"{name:<6} {path.replace('_', '-'):<10} {r['epoch_s'][path]:>8.2f} {r['samples_per_s'][path]:>10.0f} "
+                  f"{ratio(seconds, path, 'in_memory'):>9.2f} {ratio(seconds, path, 'floor'):>8.2f} "
                   f"{fmt(r['eval_s'].get(path), '.2f'):>7} {fmt(r['peak_mib'].get(path), '.0f'):>9}")
     for name, r in results.items():
         busy = r["other_processes_cpu_share"]
@@ -434,7 +440,7 @@ def main(argv=None):
         "batch_size": first.data.batch_size, "test_batch_size": first.data.test_batch_size,
         "optimizer": first.optimizer.name, "lr": first.optimizer.lr, "seed": first.trainer.seed,
         "max_batches": args.max_batches, "repeat": args.repeat, "budget_s": args.budget,
-        "statistic": "min", "train_samples": results[models[0]]["train_samples"],
+        "statistic": "median over rounds; ratios: median of same-round ratios", "train_samples": results[models[0]]["train_samples"],
     }
     print_report(results, checks, settings)
     out = Path(args.out)
