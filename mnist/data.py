@@ -63,8 +63,9 @@ class InMemoryLoader:
         order = self.indices()
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            images = self.images[batch].unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
-            yield images, self.labels[batch]
+            # index_select: the same rows as images[batch], measurably faster on a CPU for small models
+            images = self.images.index_select(0, batch).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
+            yield images, self.labels.index_select(0, batch)
 
 
 def load_split(data_cfg, train):

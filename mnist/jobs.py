@@ -57,7 +57,7 @@ def slurm_states(job_ids):
     return states
 
 
-def _result_state(entry):
+def result_state(entry):
     """Without accounting: submitit's result file says whether a finished job succeeded."""
     result = Path(entry.get("submitit_folder", "")) / f"{entry['job_id']}_0_result.pkl"
     if not result.exists():
@@ -88,7 +88,7 @@ def rows(log_dir):
     for entry in entries:
         state, elapsed, node = states.get(entry["job_id"], (None, "", ""))
         if state is None:
-            state = _result_state(entry) or ("ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN")
+            state = result_state(entry) or ("ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN")
         yield {**entry, "state": state, "elapsed": elapsed or "-", "node": node or "-",
                "last_line": last_line(entry["stdout"])}
 

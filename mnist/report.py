@@ -258,11 +258,11 @@ def slurm_lookup(runs, log_dir):
 
 def _submitit_outcome(entry):
     try:
-        from mnist.jobs import _result_state
+        from mnist.jobs import result_state
     except ImportError:
         return None
     try:
-        return _result_state(entry)
+        return result_state(entry)
     except Exception:  # a record from another version of the launcher: no outcome, no failure
         return None
 

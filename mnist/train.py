@@ -22,11 +22,14 @@ from omegaconf import OmegaConf
 from mnist import data, env
 from mnist.errors import UserError
 from mnist.models import build_model, build_optimizer
+from mnist.precision import Precision
+from mnist.progress import Progress, wanted
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CHECKPOINT_KEYS = {"epoch", "model_name", "model", "optimizer", "scheduler", "rng", "metrics"}
 METRIC_COLUMNS = ["epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s"]
+USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # else torch.compile's cache goes in the run folder
 
 
 def open_log(run_dir, main=True):
@@ -71,31 +74,41 @@ def stop_agreed(stop, world_size):
     return bool(flag.item())
 
 
-def train_epoch(model, train_loader, optimizer, epoch, log_interval, log, stop, resume=None):
+def train_epoch(model, train_loader, optimizer, epoch, log_interval, log, stop, resume=None, precision=None,
+                progress=None):
     """One epoch, or what is left of it after `resume` = {"batches": done, "loss_sum": tensor}.
 
     Returns (summed loss, batches done); fewer batches than the epoch has means `stop` was set.
     """
     model.train()
     train_loader.set_epoch(epoch)
+    precision = precision or Precision("fp32", torch.device(train_loader.device))
+    progress = progress or Progress(on=False)
     done = resume["batches"] if resume else 0
     total_loss = resume["loss_sum"].to(train_loader.device) if resume else torch.zeros((), device=train_loader.device)
     batches = len(train_loader)
     world_size = train_loader.world_size
+    progress.start(epoch, done, batches, train_loader.batch_size * world_size)
     # The epoch's order is seeded, so skipping the batches already done continues it exactly.
     for batch_idx, (images, target) in itertools.islice(enumerate(train_loader), done, None):
         optimizer.zero_grad()
-        loss = nll(model(images), target, model)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            loss = nll(model(images), target, model)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
         total_loss += loss.detach() * len(target)
         if batch_idx % log_interval == 0:
+            progress.clear()
             log.info(
                 f"Train Epoch: {epoch} [{batch_idx * train_loader.batch_size * world_size}/{train_loader.dataset_size} "
                 f"({100.0 * batch_idx / batches:.0f}%)]\tLoss: {loss.item():.6f}"
             )
+        progress.update(batch_idx + 1)
         if batch_idx + 1 < batches and stop_agreed(stop, world_size):
+            progress.close()
             return total_loss, batch_idx + 1
+    progress.close()
     return total_loss, batches
 
 
@@ -105,16 +118,18 @@ CPU_EVAL_PIECE = 64
 
 
 @torch.inference_mode()
-def evaluate(model, test_loader):
+def evaluate(model, test_loader, precision=None):
     model.eval()
+    precision = precision or Precision("fp32", torch.device(test_loader.device))
     test_loss = torch.zeros((), device=test_loader.device)
     correct = torch.zeros((), dtype=torch.long, device=test_loader.device)
     on_cpu = torch.device(test_loader.device).type == "cpu"
     for batch_images, batch_target in test_loader:
         piece = CPU_EVAL_PIECE if on_cpu else len(batch_target)
         for images, target in zip(batch_images.split(piece), batch_target.split(piece)):
-            output = model(images)
-            test_loss += nll(output, target, model, reduction="sum")
+            with precision.autocast():
+                output = model(images)
+            test_loss += nll(output.float(), target, model, reduction="sum")
             correct += (output.argmax(dim=1) == target).sum()
     return test_loss.item() / test_loader.dataset_size, int(correct.item())
 
@@ -168,13 +183,14 @@ def save_config(run_dir, cfg):
     os.replace(tmp, path)
 
 
-def _state(cfg, epoch, model, optimizer, scheduler, rows, partial=None):
+def _state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None):
     return {
         "epoch": epoch,  # the last whole epoch
         "model_name": cfg.model.name,
         "model": getattr(model, "module", model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": precision.scaler.state_dict() if precision.scaler.is_enabled() else None,
         "rng": torch.get_rng_state(),
         "metrics": rows,
         "partial": partial,  # where in the next epoch a stop left off, or None
@@ -189,12 +205,14 @@ def _check_model(checkpoint, cfg, path):
         )
 
 
-def _restore(checkpoint, model, optimizer, scheduler, path):
+def _restore(checkpoint, model, optimizer, scheduler, precision, path):
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
+        if precision.scaler.is_enabled() and checkpoint.get("scaler"):  # a run may switch precision on resume
+            precision.scaler.load_state_dict(checkpoint["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise UserError(
             f"{path} does not fit this run's model or optimizer ({str(e).splitlines()[0][:200]}). "
@@ -225,18 +243,26 @@ def train(cfg, run_dir, stop=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
+    precision = Precision(cfg.trainer.precision, device)
     train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, device, rank, world_size)
     model = build_model(cfg.model).to(device)
+    if cfg.trainer.channels_last:  # NHWC weights; convolutions then keep their outputs NHWC too
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg.optimizer, model.parameters())
     rows, start_epoch, partial = [], 1, None
     if checkpoint is not None:
-        _restore(checkpoint, model, optimizer, scheduler, run_dir / CHECKPOINT)
+        _restore(checkpoint, model, optimizer, scheduler, precision, run_dir / CHECKPOINT)
         rows, start_epoch, partial = checkpoint["metrics"], checkpoint["epoch"] + 1, checkpoint.get("partial")
         where = f"epoch {partial['epoch']}, batch {partial['batches']}" if partial else f"after epoch {checkpoint['epoch']}"
         log.info(f"Resuming from {run_dir / CHECKPOINT} at {where}")
     if world_size > 1:
         torch.manual_seed(cfg.trainer.seed + rank)  # each rank its own dropout masks
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = model
+    if cfg.trainer.compile:  # compiles on the first batch; the compiler's cache stays in the run folder
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_COMPILE_CACHE or str(run_dir / ".compile_cache")
+        step_model = torch.compile(model)
+    progress = Progress(on=main and wanted(cfg.trainer.progress))
     if main:
         save_config(run_dir, cfg)
         env.write_record(run_dir / "environment.json", device, threads, world_size)
@@ -244,31 +270,35 @@ def train(cfg, run_dir, stop=None):
 
     try:
         for epoch in range(start_epoch, cfg.trainer.epochs + 1):
-            _train_one(cfg, epoch, model, optimizer, scheduler, train_loader, test_loader, rows, log, stop,
-                       run_dir, main, resume=partial if epoch == start_epoch else None)
+            _train_one(cfg, epoch, step_model, model, optimizer, scheduler, precision, train_loader, test_loader,
+                       rows, log, progress, stop, run_dir, main, resume=partial if epoch == start_epoch else None)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
     return rows
 
 
-def _train_one(cfg, epoch, model, optimizer, scheduler, train_loader, test_loader, rows, log, stop, run_dir,
-               main, resume):
-    """One epoch: train, test, log, step the scheduler, checkpoint; or checkpoint and stop."""
+def _train_one(cfg, epoch, step_model, model, optimizer, scheduler, precision, train_loader, test_loader, rows, log,
+               progress, stop, run_dir, main, resume):
+    """One epoch: train, test, log, step the scheduler, checkpoint; or checkpoint and stop.
+
+    `step_model` takes the training steps (compiled or not); `model` is the same weights, uncompiled.
+    """
     lr = optimizer.param_groups[0]["lr"]
     started = time.perf_counter() - (resume["seconds"] if resume else 0.0)
-    loss_sum, done = train_epoch(model, train_loader, optimizer, epoch, cfg.trainer.log_interval, log, stop, resume)
+    loss_sum, done = train_epoch(step_model, train_loader, optimizer, epoch, cfg.trainer.log_interval, log, stop,
+                                 resume, precision, progress)
     seconds = time.perf_counter() - started
     if done < len(train_loader):
         left_off = {"epoch": epoch, "batches": done, "loss_sum": loss_sum.cpu(), "seconds": seconds}
         if main:
-            save_checkpoint(run_dir, _state(cfg, epoch - 1, model, optimizer, scheduler, rows, left_off))
+            save_checkpoint(run_dir, _state(cfg, epoch - 1, model, optimizer, scheduler, precision, rows, left_off))
         log.info(f"Stopped in epoch {epoch} after batch {done}; checkpoint written")
         raise StopRequested(run_dir)
     if train_loader.world_size > 1:
         dist.all_reduce(loss_sum)
     train_loss = loss_sum.item() / (len(train_loader.indices()) * train_loader.world_size)
-    test_loss, correct = evaluate(getattr(model, "module", model), test_loader)  # each rank, no collectives
+    test_loss, correct = evaluate(getattr(model, "module", model), test_loader, precision)  # each rank, no collectives
     n_test = test_loader.dataset_size
     log.info(
         f"\nTest set: Average loss: {test_loss:.4f}, "
@@ -284,7 +314,7 @@ def _train_one(cfg, epoch, model, optimizer, scheduler, train_loader, test_loade
         "samples_per_s": round(samples_per_s, 1),
     })
     if main:
-        save_checkpoint(run_dir, _state(cfg, epoch, model, optimizer, scheduler, rows))
+        save_checkpoint(run_dir, _state(cfg, epoch, model, optimizer, scheduler, precision, rows))
         write_metrics(run_dir, rows)
     if epoch < cfg.trainer.epochs and stop_agreed(stop, train_loader.world_size):
         raise StopRequested(run_dir)

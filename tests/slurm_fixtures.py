@@ -83,9 +83,7 @@ def slurm_cluster(tmp_path_factory):
 @pytest.fixture
 def slurm_env(slurm_cluster, monkeypatch):
     """``slurm_cluster`` with ``SLURM_CONF`` exported for this test only."""
-    for key, value in slurm_cluster.env.items():
-        monkeypatch.setenv(key, value)
-    return slurm_cluster
+    return _export(slurm_cluster, monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +97,10 @@ def slurm_cluster_no_accounting(tmp_path_factory):
 @pytest.fixture
 def slurm_env_no_accounting(slurm_cluster_no_accounting, monkeypatch):
     """``slurm_cluster_no_accounting`` with its ``SLURM_CONF`` exported for this test."""
-    for key, value in slurm_cluster_no_accounting.env.items():
+    return _export(slurm_cluster_no_accounting, monkeypatch)
+
+
+def _export(cluster, monkeypatch):
+    for key, value in cluster.env.items():
         monkeypatch.setenv(key, value)
-    return slurm_cluster_no_accounting
+    return cluster
