@@ -12,6 +12,7 @@ GROUPS = ("model", "optimizer", "data", "resources", "launcher")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "elu")
 OUTPUTS = ("log_softmax", "softmax")
 ARCHS = ("mlp", "cnn")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(UserError):
@@ -22,9 +23,9 @@ def choices(group):
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def check_choices(overrides):
-    """Name the options of a config group, and a key conf/ does not have, before Hydra's own,
-    longer errors do.
+def check_choices(overrides, keys=True):
+    """Name the options of a config group, and (keys=True) a key conf/ does not have, before Hydra's
+    own, longer errors do.
 
     Only plain `group=a,b` and `a.b.c=value` overrides are checked; Hydra's sweep syntax,
     `+key=`, `++key=`, `~key` and `hydra.*` pass through to Hydra.
@@ -40,7 +41,8 @@ def check_choices(overrides):
                     f"Unknown {group} '{value}' in `{override}`. Choose one of: {', '.join(choices(group))} "
                     f"(the files in conf/{group}/), e.g. `{group}={choices(group)[0]}`."
                 )
-    check_keys(overrides)
+    if keys:
+        check_keys(overrides)
 
 
 KEY_OVERRIDE = re.compile(r"([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.DOTALL)
@@ -174,6 +176,11 @@ def _one_of(cfg, key, options, fix=""):
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, options))}. {fix}".rstrip())
 
 
+def _boolean(cfg, key):
+    if not isinstance(_get(cfg, key), bool):
+        raise ConfigError(f"{key}={_get(cfg, key)!r} is not true or false. Set {key}=true or {key}=false.")
+
+
 def validate(cfg):
     """Check every value a run depends on; raise ConfigError naming the bad value and the fix."""
     from omegaconf import OmegaConf
@@ -187,6 +194,16 @@ def validate(cfg):
     if threads != "auto":
         _positive(cfg, "trainer.threads", int, "Set trainer.threads=auto or a count such as trainer.threads=2.")
 
+    if not (cfg.trainer.progress == "auto" or isinstance(cfg.trainer.progress, bool)):
+        raise ConfigError(f"trainer.progress={cfg.trainer.progress!r} is not auto, true or false. "
+                          f"Set e.g. trainer.progress=false.")
+    _one_of(cfg, "trainer.precision", PRECISIONS, "Set e.g. trainer.precision=bf16.")
+    if cfg.trainer.precision == "fp16" and cfg.trainer.device == "cpu":
+        raise ConfigError("trainer.precision=fp16 (float16 with loss scaling) needs a GPU, but trainer.device=cpu. "
+                          "On a CPU use trainer.precision=bf16.")
+    for key in ("trainer.channels_last", "trainer.compile"):
+        _boolean(cfg, key)
+
     _one_of(cfg, "data.name", choices("data"), "Choose it with data=<name>.")
     _positive(cfg, "data.batch_size", int, "Set e.g. data.batch_size=64.")
     _positive(cfg, "data.test_batch_size", int, "Set e.g. data.test_batch_size=1000.")
@@ -194,8 +211,7 @@ def validate(cfg):
     if not isinstance(cfg.data.mean, (int, float)) or isinstance(cfg.data.mean, bool):
         raise ConfigError(f"data.mean={cfg.data.mean!r} is not a number. Set e.g. data.mean=0.1307.")
     for key in ("data.shuffle", "data.download"):
-        if not isinstance(_get(cfg, key), bool):
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not true or false. Set {key}=true or {key}=false.")
+        _boolean(cfg, key)
 
     _one_of(cfg, "model.arch", ARCHS, "Pick a model with model=<name> (see conf/model/).")
     _one_of(cfg, "model.output", OUTPUTS, f"Set e.g. model.output={OUTPUTS[0]}.")

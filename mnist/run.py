@@ -14,15 +14,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from mnist.config import CONF_DIR, check_choices, finalize, report_errors
+from mnist.config import CONF_DIR, check_choices, check_keys, finalize, report_errors
 from mnist.errors import UserError
 
 
 REQUEUE_ME = 3  # exit status of a run stopped by USR2: slurm/*.sh then requeues the job
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _run(cfg):
+def _task(cfg):
+    """What Hydra runs on the composed config: train here, or submit to Slurm."""
     run_dir = HydraConfig.get().runtime.output_dir
     with report_errors():
         cfg = own_config(finalize(cfg), run_dir, HydraConfig.get().overrides.task)
@@ -34,8 +34,12 @@ def _run(cfg):
             submit(cfg, run_dir)
 
 
+_run = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
+
+
 # Where and how a run trains may change when it resumes; what it trains may not.
-TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval")
+TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval",
+                      "trainer.progress", "trainer.precision", "trainer.channels_last", "trainer.compile")
 
 
 def _leaves(node, prefix=""):
@@ -47,7 +51,8 @@ def _leaves(node, prefix=""):
 def own_config(cfg, run_dir, overrides):
     """A run folder that holds a checkpoint resumes with the config it was started with.
 
-    Overrides of where and how it runs (launcher, resources, device, threads, log interval) and
+    Overrides of where and how it runs (launcher, resources, device, threads, log interval, progress
+    bar, precision, channels-last, compile) and
     trainer.epochs (to train on) apply; any other override that differs from it is an error.
     """
     saved_path = Path(run_dir) / "config.yaml"
@@ -105,9 +110,48 @@ def main(overrides=None):
     signal.signal(signal.SIGUSR2, lambda signum, frame: EARLY_STOPS.append(signum))
     if overrides is not None:
         sys.argv = [sys.argv[0], *overrides]
-    with report_errors():
-        check_choices([a for a in sys.argv[1:] if not a.startswith("-")])
-    _run()
+    args = sys.argv[1:]
+    submitting = _submits_one_run(args)
+    with report_errors():  # (submitting: an unknown key is explained only if composing fails, see below)
+        check_choices([a for a in args if not a.startswith("-")], keys=not submitting)
+    if submitting:
+        _submit_one_run(args)
+    else:
+        _run()
+
+
+def _submits_one_run(args):
+    """`launcher=slurm` with overrides only (no -m, --cfg, --help, ...): the login node's everyday path."""
+    return "launcher=slurm" in args and not any(a.startswith("-") or "hydra.mode" in a for a in args)
+
+
+def _submit_one_run(overrides):
+    """What hydra.main does for these overrides (compose, callbacks, the run folder with .hydra/, then
+    _task), through the same Hydra calls, but composing once instead of three times: hydra.main first
+    composes to read hydra.mode (which conf/ never sets, and these overrides do not), and check_keys
+    composes to explain an unknown key; here that happens only if composing failed."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path, run_and_report
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def run():
+        try:
+            # hydra.main, finding no hydra.mode, adds this override too (it lands in .hydra/hydra.yaml)
+            hydra.run(config_name="config", task_function=_task, overrides=[*overrides, "hydra.mode=RUN"])
+        except (ConfigCompositionException, OmegaConfBaseException):
+            GlobalHydra.instance().clear()  # check_keys composes with a Hydra of its own
+            with report_errors():
+                check_keys(overrides)  # an unknown key: our paragraph instead of Hydra's
+            raise
+
+    hydra = run_and_report(lambda: Hydra.create_main_hydra2(
+        task_name="run", config_search_path=create_config_search_path(str(CONF_DIR))))
+    try:
+        run_and_report(run)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 if __name__ == "__main__":

@@ -151,3 +151,64 @@ def test_no_sbatch_on_path_says_what_to_do(tiny_data, tmp_path):
                  env={"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin/nonexistent"})
     assert result.returncode == 2, result.stderr
     assert "sbatch" in result.stderr and "launcher=local" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the fast submit paths must do exactly what Hydra's own would --------------------------------
+
+FULL_HYDRA_MAIN = """
+import sys
+import mnist.run
+sys.argv = [sys.argv[0], *sys.argv[1:]]
+mnist.run._run()  # hydra.main itself, as every command but `launcher=slurm` with overrides only takes
+"""
+
+
+def test_submitting_one_run_does_what_hydra_main_does(tiny_data, tmp_path):
+    args = ["launcher=slurm", "dry_run=true", f"data.root={tiny_data}", "model=cnn", "trainer.seed=7"]
+    fast = run([*args, f"hydra.run.dir={tmp_path / 'fast'}"], cwd=tmp_path)
+    full = subprocess.run([sys.executable, "-c", FULL_HYDRA_MAIN, *args, f"hydra.run.dir={tmp_path / 'full'}"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
+    assert fast.stdout == full.stdout and fast.stdout.startswith("#!/bin/bash")
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):  # Hydra's record of the run, to the letter
+        written = [(tmp_path / run_dir / ".hydra" / name).read_text().replace(run_dir, "RUN") for run_dir in ("fast", "full")]
+        assert written[0] == written[1], name
+
+
+@pytest.mark.parametrize("sweep", [
+    ["launcher=slurm", "trainer.seed=range(3)"],
+    ["launcher=slurm", "model=mlp,cnn", "optimizer.lr=0.5,0.1", "dry_run=true", "+resources.extra.hold=true"],
+    ["launcher=slurm", "trainer.seed=1,2", "trainer={seed: 5},{seed: 6}"],  # one key set twice: composed in full
+    ["launcher=slurm", "optimizer=sgd,adam", "optimizer.lr=0.1,0.01", "hydra.job.config.override_dirname.exclude_keys=[optimizer.lr]"],
+])
+def test_a_sweep_composes_each_run_as_hydra_does(sweep):
+    """compose_runs composes conf/ once per set of group choices; each run's config, hydra node
+    included, must equal what Hydra's load_sweep_config composes for it."""
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher import compose_runs
+    from mnist.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().hydra.config_loader
+        master = loader.load_configuration("config", ["hydra.mode=MULTIRUN", *sweep], RunMode.MULTIRUN)
+        parsed = OverridesParser.create(loader).parse_overrides(list(master.hydra.overrides.task))
+        job_overrides = BasicSweeper.split_arguments(parsed, None)[0]
+        ours = compose_runs(loader, master, job_overrides)
+        hydras = [loader.load_sweep_config(master, list(overrides)) for overrides in job_overrides]
+    assert len(ours) == len(job_overrides) > 1
+    for overrides, mine, theirs in zip(job_overrides, ours, hydras):
+        assert OmegaConf.to_yaml(mine) == OmegaConf.to_yaml(theirs), overrides
+        assert OmegaConf.is_struct(mine) and not OmegaConf.is_readonly(mine.hydra)
+
+
+def test_a_bad_value_in_a_sweep_is_named_before_anything_is_made(tiny_data, tmp_path):
+    result = run(["-m", "launcher=slurm", "dry_run=true", f"data.root={tiny_data}", "optimizer.lr=0.5,0",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 2 and "optimizer.lr=0 is not a positive number" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "#!/bin/bash" not in result.stdout

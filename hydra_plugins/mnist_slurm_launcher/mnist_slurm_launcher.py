@@ -4,16 +4,26 @@ Hydra finds it in the `hydra_plugins` namespace package; conf/launcher/slurm.yam
 Each sweep run gets its folder and resolved config through Hydra's own `run_job` (so the
 folders look like any multirun's), then mnist.launch.slurm submits them all in one sbatch call.
 Unlike hydra-submitit-launcher it does not wait for the jobs, and it honours dry_run=true.
+
+conf/launcher/slurm.yaml also selects the sweeper here: Hydra's basic sweeper, less its check
+that every run of a batch composes. That check composes each run once more only to fail early
+"as the launcher may be performing this in a different process/machine" (Hydra's words); this
+launcher composes every run right here, all of them before it creates a folder or submits, so
+a bad override stops the sweep at the same point, with the same error, at half the cost.
 """
+import copy
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+from hydra._internal.core_plugins import basic_sweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +33,68 @@ class MnistSlurmLauncherConf:
     _target_: str = "hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher.MnistSlurmLauncher"
 
 
+@dataclass
+class MnistSlurmSweeperConf(basic_sweeper.BasicSweeperConf):
+    _target_: str = "hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher.MnistSlurmSweeper"
+
+
 ConfigStore.instance().store(group="hydra/launcher", name="mnist_slurm", node=MnistSlurmLauncherConf,
                              provider="mnist-slurm")
+ConfigStore.instance().store(group="hydra/sweeper", name="mnist_slurm", node=MnistSlurmSweeperConf,
+                             provider="mnist-slurm")
+
+
+class MnistSlurmSweeper(basic_sweeper.BasicSweeper):
+    """Hydra's basic sweeper (the same `a,b`, `range()`, `hydra.sweeper.params`, batches), for the
+    launcher below, which composes every run of a batch before it acts on any."""
+
+    def validate_batch_is_legal(self, batch):
+        pass  # MnistSlurmLauncher.launch composes each run of the batch first, in this process
+
+
+def compose_runs(config_loader, master, job_overrides):
+    """Each run's config, exactly as Hydra's `load_sweep_config(master, overrides)` composes it, but
+    composing conf/ once per set of config-group choices instead of once per run.
+
+    Hydra composes a run in two steps: it merges conf/'s files as the defaults list (the group
+    choices) picks them, then applies the overrides of values on top, in order, in struct mode.
+    The runs of a sweep over values (`trainer.seed=range(50)`, `optimizer.lr=0.1,0.01`) differ only
+    in the second step, so each such run is the first step's result (composed once, by Hydra, from
+    the run's other overrides) with its own values applied by Hydra's own override code, plus the
+    two records of a run's overrides Hydra keeps (hydra.overrides.task, hydra.job.override_dirname).
+    Only plain `a.b.c=value` overrides of keys no other override of the run touches are applied
+    this way (their order then does not matter); anything else stays in the first step.
+    tests/test_launch.py checks that the result equals Hydra's, config and hydra node alike.
+    """
+    parser = OverridesParser.create(config_loader=config_loader)
+    bases, runs = {}, []
+    for overrides in job_overrides:
+        parsed = parser.parse_overrides(list(overrides))
+        values = [o for o in parsed if _is_value(o, parsed, config_loader)]
+        rest = tuple(o.input_line for o in parsed if not any(o is v for v in values))
+        if rest not in bases:
+            bases[rest] = config_loader.load_sweep_config(master, list(rest))
+        cfg = copy.deepcopy(bases[rest])
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        task = [o for o in parsed if not o.is_hydra_override()]
+        cfg.hydra.overrides.task = [o.input_line for o in task]
+        dirname = cfg.hydra.job.config.override_dirname
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task, exclude_keys=list(dirname.exclude_keys), item_sep=dirname.item_sep, kv_sep=dirname.kv_sep)
+        OmegaConf.copy_cache(from_config=master, to_config=cfg)
+        runs.append(cfg)
+    return runs
+
+
+def _is_value(override, parsed, config_loader):
+    """`a.b.c=value`: a plain override of a value (no +, ~, @package, dict, or config group), of a key
+    that no other override of the run sets, contains or is contained in."""
+    key = override.key_or_group
+    plain = (override.type == OverrideType.CHANGE and override.package is None and "." in key
+             and not key.startswith("hydra.") and not isinstance(override.value(), dict)
+             and not config_loader.repository.group_exists(key))
+    others = [o.key_or_group for o in parsed if o is not override]
+    return plain and not any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in others)
 
 
 def _prepare(cfg):
@@ -45,11 +115,12 @@ class MnistSlurmLauncher(Launcher):
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        # Every run composed before any is logged or gets a folder: a bad override stops the sweep here.
+        composed = compose_runs(self.hydra_context.config_loader, self.config, job_overrides)
         with report_errors():
             runs, returns = [], []
-            for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            for idx, (overrides, sweep_config) in enumerate(zip(job_overrides, composed), start=initial_job_idx):
                 log.info(f"#{idx} : {' '.join(filter_overrides(overrides))}")
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
                 with open_dict(sweep_config):
                     sweep_config.hydra.job.id = idx
                     sweep_config.hydra.job.num = idx

@@ -88,15 +88,24 @@ def render(cfg, params, array_size=None):
     return _make_sbatch_string(command=command, folder=folder, **params, **extra)
 
 
-def check(cfg):
-    """Everything that can be checked before submitting: resources, the cluster, the data."""
+def check(cfg, asked=None):
+    """Everything that can be checked before submitting: resources, the cluster, the data.
+
+    `asked`, a set shared by the runs of one submission, skips the data and cluster questions an
+    earlier run already asked (a sweep of 50 seeds reads the data's headers and calls sinfo once)."""
+    asked = set() if asked is None else asked
     resources.sbatch_options(cfg.resources)
     resources.extra_options(cfg.resources)
     if int(cfg.launcher.array_parallelism) < 1:
         raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
-    datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
-    if not cfg.dry_run:
+    data = ("data", cfg.data.root, cfg.data.name)
+    if data not in asked:
+        datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
+        asked.add(data)
+    cluster = ("cluster", cfg.resources.partition, cfg.resources.gpus_per_node)
+    if not cfg.dry_run and cluster not in asked:
         resources.check_cluster(cfg.resources)
+        asked.add(cluster)
 
 
 def prepare(cfg, run_dir):
@@ -146,8 +155,9 @@ def submit(cfg, run_dir):
 def submit_array(runs, single=False):
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder."""
     cfgs = [cfg for cfg, _ in runs]
+    asked = set()
     for cfg in cfgs:
-        check(cfg)
+        check(cfg, asked)
     first = cfgs[0]
     name = job_name(cfgs)
     array = not single
