@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,10 +56,10 @@ from torchvision import transforms
 
 from mnist import data, datafiles, env
 from mnist.config import compose, report_errors
-from mnist.models import build_model, build_optimizer
-from mnist.train import StopFlag, evaluate, nll, train_epoch
+from mnist.train import StopFlag, build, evaluate, nll, train_epoch
 
 PATHS = ("in_memory", "classic", "floor")
+SECTIONS = ("train", "switches")
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
 PEAK_NOISE = 0.05  # identical CNN runs' peaks differ by up to 4% here: "no higher" allows 5%
@@ -82,7 +83,9 @@ def classic_loader(data_cfg, train, batch_size, shuffle):
 def classic_train(model, train_loader, optimizer):
     """The course's training loop (pytorch/examples' train()), without its log lines."""
     model.train()
+    device = next(model.parameters()).device
     for images, target in train_loader:
+        images, target = images.to(device), target.to(device)
         optimizer.zero_grad()
         loss = nll(model(images), target, model)
         loss.backward()
@@ -93,8 +96,10 @@ def classic_test(model, test_loader):
     """The course's test loop (pytorch/examples' test())."""
     model.eval()
     test_loss, correct = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for images, target in test_loader:
+            images, target = images.to(device), target.to(device)
             output = model(images)
             test_loss += nll(output, target, model, reduction="sum").item()
             correct += (output.argmax(dim=1) == target).sum().item()
@@ -169,25 +174,28 @@ def samples(loader):
 def loaders(cfg, path, max_batches):
     """The (train, test) loaders of the in-memory or the classic pipeline."""
     if path == "in_memory":
-        train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, torch.device("cpu"))
+        train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, device_of(cfg))
     else:
         train_loader = classic_loader(cfg.data, True, cfg.data.batch_size, shuffle=True)
         test_loader = classic_loader(cfg.data, False, cfg.data.test_batch_size, shuffle=False)
     return limit(train_loader, max_batches), limit(test_loader, max_batches)
 
 
-def one_epoch(model, train_loader, optimizer):
-    train_epoch(model, train_loader, optimizer, 1, NEVER, QUIET, StopFlag())
+def one_epoch(model, train_loader, optimizer, precision=None):
+    train_epoch(model, train_loader, optimizer, 1, NEVER, QUIET, StopFlag(), precision=precision)
 
 
 TRAIN = {"in_memory": one_epoch, "classic": classic_train, "floor": one_epoch}
 TEST = {"in_memory": evaluate, "classic": classic_test}
 
 
+def device_of(cfg):
+    return env.pick_device(cfg.trainer.device)
+
+
 def fresh(cfg):
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model)
-    optimizer, _ = build_optimizer(cfg.optimizer, model.parameters())
+    model, optimizer, _, _ = build(cfg, device_of(cfg))
     return model, optimizer
 
 
@@ -309,10 +317,52 @@ def measure(cfg, args):
     }
 
 
+SWITCHES = {"bf16": "trainer.precision=bf16", "fp16": "trainer.precision=fp16",
+            "channels_last": "trainer.channels_last=true", "compile": "trainer.compile=true"}
+SWITCH_BATCHES = {"mlp": 200, "cnn": 30}  # per round: a few seconds of the default on this CPU
+
+
+def switches_for(cfg, wanted):
+    """The switches wanted that apply: fp16 only on a GPU, channels-last only to a convolutional model."""
+    on_gpu = device_of(cfg).type == "cuda"
+    return [name for name in wanted
+            if (name != "fp16" or on_gpu) and (name != "channels_last" or cfg.model.arch == "cnn")]
+
+
+def measure_switches(cfg, args):
+    """Each trainer.* speed switch against the default, on the run's device: training batches of the
+    in-memory path in turns, after a warm-up (which, for compile, is the compilation)."""
+    name = cfg.model.name
+    variants = {"default": cfg} | {switch: config(args, name, [SWITCHES[switch]]) for switch in switches_for(cfg, args.switches)}
+    train_loader, _ = data.loaders(cfg.data, cfg.trainer.seed, device_of(cfg))
+    runs, warm_up_s = {}, {}
+    for switch, variant in variants.items():
+        torch.manual_seed(variant.trainer.seed)
+        model, optimizer, _, precision = build(variant, device_of(variant))
+        step_model = torch.compile(model) if variant.trainer.compile else model
+        started = time.perf_counter()
+        one_epoch(step_model, FirstBatches(train_loader, WARM_UP_BATCHES), optimizer, precision)
+        warm_up_s[switch] = time.perf_counter() - started
+        runs[switch] = (step_model, optimizer, precision)
+    batches = min(args.max_batches or SWITCH_BATCHES[name], SWITCH_BATCHES[name])
+    rounds = []
+    for turn in range(args.repeat):
+        order = {switch: FirstBatches(train_loader, batches) for switch in rotated(tuple(variants), turn)}
+        rounds.append(in_turns(order, lambda switch, part: one_epoch(runs[switch][0], part, *runs[switch][1:]),
+                               TURN_BATCHES))
+        progress(f"{name} switches, round {turn + 1}: {seconds_of(rounds[-1])}")
+    return {
+        "batches": batches,
+        "batch_ms": {switch: 1000 * seconds / batches for switch, seconds in medians(rounds, variants).items()},
+        "speedup": {switch: ratio(rounds, "default", switch) for switch in variants},
+        "warm_up_s": warm_up_s,
+    }
+
+
 def peak_memory(cfg, path, max_batches):
     """Peak resident MiB of a fresh process that trains one epoch and evaluates once through `path`."""
     command = [sys.executable, "-m", "benchmarks.train_speed", "--peak-memory-of", path,
-               "--models", cfg.model.name, "--data-root", cfg.data.root]
+               "--models", cfg.model.name, "--data-root", cfg.data.root, "--device", cfg.trainer.device]
     if max_batches is not None:
         command += ["--max-batches", str(max_batches)]
     child = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -359,9 +409,24 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_report(results, checks, settings):
+def print_report(report):
+    settings, results = report["settings"], report.get("models", {})
+    if results:
+        print_training(results, settings)
+    if "switches" in report:
+        print_switches(report["switches"], settings)
+    if report["targets"]:
+        print("\nTargets:")
+    for check in report["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "unknown"}[check["met"]]
+        print(f"  {verdict:<8} {check['model']:<4} {check['target']:<56} {fmt(check['value'], '.2f')}x "
+              f"(limit {check['limit']:g}x)")
+
+
+def print_training(results, settings):
     rounds = ", ".join(f"{name} {r['rounds']}" for name, r in results.items())
-    print(f"\n{settings['data']} on the CPU, {settings['threads']} threads, {settings['train_samples']} training "
+    samples = next(iter(results.values()))["train_samples"]
+    print(f"\n{settings['data']} on {settings['device']}, {settings['threads']} threads, {samples} training "
           f"samples per epoch. Medians of rounds: epochs {rounds}; test passes {settings['repeat']}.")
     print(f"{'model':<6} {'path':<10} {'epoch s':>8} {'samples/s':>10} {'x in-mem':>9} {'x floor':>8} "
           f"{'eval s':>7} {'peak MiB':>9}")
@@ -376,15 +441,19 @@ def print_report(results, checks, settings):
         if busy is not None and busy > NOISY:
             print(f"Warning: other processes used {busy:.0%} of the CPUs during the {name} timings; "
                   f"its figures are noisy. Run again on a quiet machine.")
-    print("\nTargets:")
-    for check in checks:
-        verdict = {True: "met", False: "NOT met", None: "unknown"}[check["met"]]
-        print(f"  {verdict:<8} {check['model']:<4} {check['target']:<56} {fmt(check['value'], '.2f')}x "
-              f"(limit {check['limit']:g}x)")
 
 
-def config(args, model):
-    cfg = compose([f"model={model}", "data=fashion_mnist"])
+def print_switches(switches, settings):
+    print(f"\nSpeed switches on {settings['device']} (trainer.*; speedup = default's time over the switch's, "
+          f"same rounds; warm-up includes compiling):")
+    print(f"{'model':<6} {'switch':<14} {'ms/batch':>9} {'speedup':>8} {'warm-up s':>10}")
+    for name, r in switches.items():
+        for switch, ms in r["batch_ms"].items():
+            print(f"{name:<6} {switch:<14} {ms:>9.2f} {r['speedup'][switch]:>8.2f} {r['warm_up_s'][switch]:>10.2f}")
+
+
+def config(args, model, overrides=()):
+    cfg = compose([f"model={model}", "data=fashion_mnist", f"trainer.device={args.device}", *overrides])
     if args.data_root is not None:
         cfg.data.root = os.path.abspath(os.path.expanduser(args.data_root))
     return cfg
@@ -411,6 +480,12 @@ def parse_args(argv):
     parser.add_argument("--budget", type=float, default=60.0,
                         help="no new round of a model's epochs after this many seconds (default: 60)")
     parser.add_argument("--max-batches", type=int, help="train and evaluate on at most N batches per epoch")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                        help="where the models train (default: cpu; the targets are the CPU's)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated, of: %(default)s (default: all)")
+    parser.add_argument("--switches", default=",".join(SWITCHES),
+                        help="the speed switches to measure, of: %(default)s (default: all that apply)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke test: --max-batches {QUICK_BATCHES}")
     parser.add_argument("--peak-memory-of", choices=("in_memory", "classic"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -418,6 +493,12 @@ def parse_args(argv):
         args.max_batches = QUICK_BATCHES
     if args.repeat < 1 or (args.max_batches is not None and args.max_batches < 1):
         parser.error("--repeat and --max-batches take a positive count")
+    args.sections = [section for section in args.sections.split(",") if section]
+    args.switches = [switch for switch in args.switches.split(",") if switch]
+    for option, given, known in (("--sections", args.sections, SECTIONS), ("--switches", args.switches, SWITCHES)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"unknown {option} {', '.join(unknown)}: choose from {', '.join(known)}")
     return args
 
 
@@ -431,22 +512,29 @@ def main(argv=None):
         if args.peak_memory_of:
             return peak_memory_child(cfgs[models[0]], args.peak_memory_of, args.max_batches)
         check_data(cfgs[models[0]].data)
+        device = device_of(cfgs[models[0]])
 
-    results = {name: measure(cfg, args) for name, cfg in cfgs.items()}
-    checks = targets(results)
+    out = Path(args.out)
+    compile_cache = out.parent / "compile_cache"  # torch.compile's cache: emptied, so warm-ups compile afresh
+    shutil.rmtree(compile_cache, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
+    report = {"settings": None}
+    if "train" in args.sections:
+        report["models"] = {name: measure(cfg, args) for name, cfg in cfgs.items()}
+    if "switches" in args.sections:
+        report["switches"] = {name: measure_switches(cfg, args) for name, cfg in cfgs.items()}
     first = cfgs[models[0]]
-    settings = {
-        "data": first.data.name, "data_root": first.data.root, "threads": threads, "device": "cpu",
+    report["settings"] = {
+        "data": first.data.name, "data_root": first.data.root, "threads": threads, "device": str(device),
         "batch_size": first.data.batch_size, "test_batch_size": first.data.test_batch_size,
         "optimizer": first.optimizer.name, "lr": first.optimizer.lr, "seed": first.trainer.seed,
-        "max_batches": args.max_batches, "repeat": args.repeat, "budget_s": args.budget,
-        "statistic": "median over rounds; ratios: median of same-round ratios", "train_samples": results[models[0]]["train_samples"],
+        "max_batches": args.max_batches, "repeat": args.repeat, "budget_s": args.budget, "sections": args.sections,
+        "statistic": "median over rounds; ratios: median of same-round ratios",
     }
-    print_report(results, checks, settings)
-    out = Path(args.out)
+    report["targets"] = targets(report.get("models", {}))
+    report["environment"] = env.record(device, threads)
+    print_report(report)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"settings": settings, "models": results, "targets": checks,
-              "environment": env.record(torch.device("cpu"), threads)}
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nWrote {out}")
     return 0

@@ -222,6 +222,16 @@ def _restore(checkpoint, model, optimizer, scheduler, precision, path):
     torch.set_rng_state(checkpoint["rng"])
 
 
+def build(cfg, device):
+    """The model (on `device`, NHWC with trainer.channels_last), its optimizer and scheduler, and
+    trainer.precision's autocast and loss scaler."""
+    model = build_model(cfg.model).to(device)
+    if cfg.trainer.channels_last:  # NHWC weights; convolutions then keep their outputs NHWC too
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg.optimizer, model.parameters())
+    return model, optimizer, scheduler, Precision(cfg.trainer.precision, device)
+
+
 def train(cfg, run_dir, stop=None):
     """Train cfg.model on cfg.data for cfg.trainer.epochs, resuming from run_dir's checkpoint.
 
@@ -243,12 +253,8 @@ def train(cfg, run_dir, stop=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
-    precision = Precision(cfg.trainer.precision, device)
     train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, device, rank, world_size)
-    model = build_model(cfg.model).to(device)
-    if cfg.trainer.channels_last:  # NHWC weights; convolutions then keep their outputs NHWC too
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(cfg.optimizer, model.parameters())
+    model, optimizer, scheduler, precision = build(cfg, device)
     rows, start_epoch, partial = [], 1, None
     if checkpoint is not None:
         _restore(checkpoint, model, optimizer, scheduler, precision, run_dir / CHECKPOINT)

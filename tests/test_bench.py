@@ -30,7 +30,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     out = tmp_path / "bench" / "train_speed.json"
     bench = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_speed", "--data-root", str(tmp_path / "data"),
-         "--models", "cnn", "--quick", "--repeat", "1", "--out", str(out)],
+         "--models", "cnn", "--quick", "--repeat", "1", "--out", str(out),
+         "--sections", "train,switches", "--switches", "channels_last,fp16"],  # bf16, compile: slow on a CPU
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert bench.returncode == 0, bench.stderr
@@ -46,5 +47,10 @@ def test_quick_bench_writes_every_figure(tmp_path):
                *cnn["peak_mib"].values(), *cnn["ratios"].values()]
     assert all(value > 0 for value in figures), cnn
     assert len(report["targets"]) == 3
+
+    switches = report["switches"]["cnn"]  # fp16 is for GPUs only: not measured on this CPU
+    assert set(switches["batch_ms"]) == set(switches["speedup"]) == {"default", "channels_last"}
+    assert switches["speedup"]["default"] == 1.0 and all(v > 0 for v in switches["batch_ms"].values())
+    assert "Speed switches on cpu" in bench.stdout
     for target in report["targets"]:
         assert isinstance(target["met"], bool) and isinstance(target["value"], float), target
