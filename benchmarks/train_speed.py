@@ -61,6 +61,7 @@ from mnist.train import StopFlag, build, evaluate, nll, train_epoch
 PATHS = ("in_memory", "classic", "floor")
 SECTIONS = ("train", "switches")
 ROOT = Path(__file__).resolve().parent.parent
+RECORD = ROOT / "benchmarks" / "record.json"  # the best value of each target so far: make bench ARGS=--save-record
 DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
 PEAK_NOISE = 0.05  # identical CNN runs' peaks differ by up to 4% here: "no higher" allows 5%
 NOISY = 0.05  # other processes' share of the CPUs above which the report warns
@@ -400,9 +401,28 @@ def targets(results):
                          r["ratios"]["eval_classic_over_in_memory"], ">=", 1.5))
         rows.append((name, f"peak memory of a training run <= classic's (+{PEAK_NOISE:.0%} noise)",
                      r["ratios"]["peak_in_memory_over_classic"], "<=", 1 + PEAK_NOISE))
-    return [{"model": name, "target": what, "value": value, "limit": bound,
+    return [{"model": name, "target": what, "value": value, "limit": bound, "better": "lower" if op == "<=" else "higher",
              "met": None if value is None else (value <= bound if op == "<=" else value >= bound)}
             for name, what, value, op, bound in rows]
+
+
+def against_record(checks, record):
+    """Each target's best value so far (benchmarks/record.json), and whether this run beats it."""
+    for check in checks:
+        best = record.get(f"{check['model']}: {check['target']}", {}).get("value")
+        check["record"] = best
+        check["new_record"] = check["value"] is not None and (
+            best is None or (check["value"] < best if check["better"] == "lower" else check["value"] > best))
+
+
+def updated_record(checks, record, commit):
+    """The record with this run's new bests in it."""
+    record = dict(record)
+    for check in checks:
+        if check["new_record"]:
+            record[f"{check['model']}: {check['target']}"] = {
+                "value": round(check["value"], 3), "commit": commit, "date": time.strftime("%Y-%m-%d")}
+    return record
 
 
 def fmt(value, spec):
@@ -419,8 +439,10 @@ def print_report(report):
         print("\nTargets:")
     for check in report["targets"]:
         verdict = {True: "met", False: "NOT met", None: "unknown"}[check["met"]]
+        record = "no record yet" if check["record"] is None else f"record {check['record']:.2f}x"
+        beaten = ", beaten" if check["new_record"] and check["record"] is not None else ""
         print(f"  {verdict:<8} {check['model']:<4} {check['target']:<56} {fmt(check['value'], '.2f')}x "
-              f"(limit {check['limit']:g}x)")
+              f"(limit {check['limit']:g}x; {record}{beaten})")
 
 
 def print_training(results, settings):
@@ -487,6 +509,8 @@ def parse_args(argv):
     parser.add_argument("--switches", default=",".join(SWITCHES),
                         help="the speed switches to measure, of: %(default)s (default: all that apply)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke test: --max-batches {QUICK_BATCHES}")
+    parser.add_argument("--save-record", action="store_true",
+                        help=f"write the targets this run beats into {RECORD.relative_to(ROOT)} (on a quiet machine)")
     parser.add_argument("--peak-memory-of", choices=("in_memory", "classic"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick and args.max_batches is None:
@@ -532,11 +556,19 @@ def main(argv=None):
         "statistic": "median over rounds; ratios: median of same-round ratios",
     }
     report["targets"] = targets(report.get("models", {}))
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    against_record(report["targets"], record)
     report["environment"] = env.record(device, threads)
     print_report(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nWrote {out}")
+    if args.save_record and args.max_batches is not None:
+        print("Records are not saved from runs on part of an epoch (--quick, --max-batches).")
+    elif args.save_record and any(check["new_record"] for check in report["targets"]):
+        RECORD.write_text(json.dumps(updated_record(report["targets"], record, report["environment"]["git_commit"]),
+                                     indent=2) + "\n")
+        print(f"New records written to {RECORD.relative_to(ROOT)}: commit it.")
     return 0
 
 

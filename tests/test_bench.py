@@ -54,3 +54,17 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert "Speed switches on cpu" in bench.stdout
     for target in report["targets"]:
         assert isinstance(target["met"], bool) and isinstance(target["value"], float), target
+
+
+def test_the_record_keeps_each_targets_best_value_lower_or_higher():
+    from benchmarks.train_speed import against_record, updated_record
+
+    checks = [{"model": "mlp", "target": "a", "value": 1.05, "better": "lower"},
+              {"model": "cnn", "target": "b", "value": 2.0, "better": "higher"},
+              {"model": "cnn", "target": "c", "value": 0.5, "better": "lower"}]
+    record = {"mlp: a": {"value": 1.1}, "cnn: b": {"value": 2.8}}
+    against_record(checks, record)
+    assert [(c["record"], c["new_record"]) for c in checks] == [(1.1, True), (2.8, False), (None, True)]
+    new = updated_record(checks, record, "abc1234")
+    assert new["mlp: a"]["value"] == 1.05 and new["cnn: b"] == {"value": 2.8}
+    assert new["cnn: c"]["commit"] == "abc1234" and record["mlp: a"] == {"value": 1.1}  # the old one untouched
