@@ -37,6 +37,15 @@ Reading the table: `x in-mem` and `x floor` are a row's epoch time over the in-m
 epoch times. The in-memory row's `x floor` is what the data path adds to the model's own
 arithmetic; the classic row's `x in-mem` is the speedup over the course's pipeline. All figures,
 the targets and whether each is met also go to --out as JSON. Compare figures within one run only.
+
+Speed switches (--sections switches): each trainer.* switch that applies (bf16, fp16 on a GPU,
+channels_last for the CNN, compile) trains the in-memory path's batches in turns with the default,
+after a warm-up of 10 batches (for compile: the compilation, from an emptied cache); `speedup` is
+the default's time over the switch's, median of rounds. --device cuda measures them on a GPU.
+
+The record: benchmarks/record.json holds each target's best value so far (commit, date); the
+report shows it beside this run's, and --save-record writes the ones this run beats (whole
+epochs only; run it on a quiet machine, and commit the file).
 """
 import argparse
 import itertools
