@@ -34,7 +34,7 @@ endif
 test: $(VENV) ## run the test suite
 	$(PYTHON) -m pytest $(ARGS)
 
-bench: $(VENV) ## measure training speed against the course's pipeline and the compute floor
+bench: $(VENV) ## the performance record: training vs the course's pipeline and the compute floor, speed switches, submitting (ARGS='--help')
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)
 
 JOB ?=

@@ -31,7 +31,8 @@ def test_quick_bench_writes_every_figure(tmp_path):
     bench = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_speed", "--data-root", str(tmp_path / "data"),
          "--models", "cnn", "--quick", "--repeat", "1", "--out", str(out),
-         "--sections", "train,switches", "--switches", "channels_last,fp16"],  # bf16, compile: slow on a CPU
+         "--sections", "train,switches,submit", "--switches", "channels_last,fp16",  # bf16, compile: slow on a CPU
+         "--submit-rounds", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert bench.returncode == 0, bench.stderr
@@ -46,12 +47,16 @@ def test_quick_bench_writes_every_figure(tmp_path):
     figures = [*cnn["epoch_s"].values(), *cnn["samples_per_s"].values(), *cnn["eval_s"].values(),
                *cnn["peak_mib"].values(), *cnn["ratios"].values()]
     assert all(value > 0 for value in figures), cnn
-    assert len(report["targets"]) == 3
+    assert [t["model"] for t in report["targets"]] == ["cnn", "cnn", "cnn", "submit"]
 
     switches = report["switches"]["cnn"]  # fp16 is for GPUs only: not measured on this CPU
     assert set(switches["batch_ms"]) == set(switches["speedup"]) == {"default", "channels_last"}
     assert switches["speedup"]["default"] == 1.0 and all(v > 0 for v in switches["batch_ms"].values())
     assert "Speed switches on cpu" in bench.stdout
+
+    submit = report["submit_path"]
+    assert submit["heavy_imported"] == [] and submit["dry_run_s"] > 0 and submit["import_hydra_s"] > 0
+    assert "sweep" not in report and "On the login node:" in bench.stdout
     for target in report["targets"]:
         assert isinstance(target["met"], bool) and isinstance(target["value"], float), target
 
