@@ -53,7 +53,7 @@ import json
 import logging
 import os
 import resource
-import shutil
+import tempfile
 import statistics
 import subprocess
 import sys
@@ -217,10 +217,18 @@ def in_turns(loaders, run, turn_batches):
     seconds = dict.fromkeys(loaders, 0.0)
     for _ in range(0, len(next(iter(loaders.values()))), turn_batches):
         for path, loader in loaders.items():
+            synchronize()
             started = time.perf_counter()
             run(path, Turn(loader, batches[path], turn_batches))
+            synchronize()
             seconds[path] += time.perf_counter() - started
     return seconds
+
+
+def synchronize():
+    """Wait for the GPU's queued work, so that it counts to the turn that queued it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_epochs(cfg, train_loaders):
@@ -353,6 +361,7 @@ def measure_switches(cfg, args):
         step_model = torch.compile(model) if variant.trainer.compile else model
         started = time.perf_counter()
         one_epoch(step_model, FirstBatches(train_loader, WARM_UP_BATCHES), optimizer, precision)
+        synchronize()
         warm_up_s[switch] = time.perf_counter() - started
         runs[switch] = (step_model, optimizer, precision)
     batches = min(args.max_batches or SWITCH_BATCHES[name], SWITCH_BATCHES[name])
@@ -449,6 +458,11 @@ def updated_record(checks, record, commit):
 
 def fmt(value, spec):
     return "-" if value is None else format(value, spec)
+
+
+def noisy(report):
+    shares = [r["other_processes_cpu_share"] for r in report.get("models", {}).values()]
+    return any(share is None or share > NOISY for share in shares)
 
 
 def print_report(report):
@@ -566,14 +580,13 @@ def main(argv=None):
         device = device_of(cfgs[models[0]])
 
     out = Path(args.out)
-    compile_cache = out.parent / "compile_cache"  # torch.compile's cache: emptied, so warm-ups compile afresh
-    shutil.rmtree(compile_cache, ignore_errors=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
     report = {"settings": None}
     if "train" in args.sections:
         report["models"] = {name: measure(cfg, args) for name, cfg in cfgs.items()}
     if "switches" in args.sections:
-        report["switches"] = {name: measure_switches(cfg, args) for name, cfg in cfgs.items()}
+        with tempfile.TemporaryDirectory(prefix="bench-compile-") as cache:  # empty: warm-ups compile afresh
+            os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache, f"{cache}/triton"
+            report["switches"] = {name: measure_switches(cfg, args) for name, cfg in cfgs.items()}
     first = cfgs[models[0]]
     report["settings"] = {
         "data": first.data.name, "data_root": first.data.root, "threads": threads, "device": str(device),
@@ -596,8 +609,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nWrote {out}")
-    if args.save_record and args.max_batches is not None:
-        print("Records are not saved from runs on part of an epoch (--quick, --max-batches).")
+    if args.save_record and (args.max_batches is not None or device.type != "cpu" or noisy(report)):
+        print("Not saved as records: the record is of whole epochs (no --quick, --max-batches), on the CPU "
+              "(the targets' device), on a quiet machine.")
     elif args.save_record and any(check["new_record"] for check in report["targets"]):
         RECORD.write_text(json.dumps(updated_record(report["targets"], record, report["environment"]["git_commit"]),
                                      indent=2) + "\n")

@@ -201,6 +201,9 @@ def validate(cfg):
     if cfg.trainer.precision == "fp16" and cfg.trainer.device == "cpu":
         raise ConfigError("trainer.precision=fp16 (float16 with loss scaling) needs a GPU, but trainer.device=cpu. "
                           "On a CPU use trainer.precision=bf16.")
+    if cfg.trainer.precision == "fp16" and cfg.launcher.name == "slurm" and not cfg.resources.gpus_per_node:
+        raise ConfigError("trainer.precision=fp16 (float16 with loss scaling) needs a GPU, but the job asks Slurm for "
+                          "none (resources.gpus_per_node=0). Add resources=gpu, or use trainer.precision=bf16.")
     for key in ("trainer.channels_last", "trainer.compile"):
         _boolean(cfg, key)
 

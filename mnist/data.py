@@ -77,7 +77,7 @@ def load_split(data_cfg, train):
 def ensure_dataset(data_cfg):
     """Have the dataset on disk and whole. A local run downloads it first if data.download=true;
     a Slurm job never does (compute nodes often have no internet): it stops, naming the command."""
-    if data_cfg.download and not datafiles.in_slurm_job() and datafiles.missing_files(data_cfg.root, data_cfg.name):
+    if datafiles.will_download(data_cfg):
         download(data_cfg)
     return datafiles.prepare(data_cfg.root, data_cfg.name)
 

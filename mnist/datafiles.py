@@ -59,6 +59,11 @@ def fetch_hint(name):
     )
 
 
+def will_download(data_cfg):
+    """data.download=true, some file missing, and not inside a Slurm job (jobs never download)."""
+    return bool(data_cfg.download and not in_slurm_job() and missing_files(data_cfg.root, data_cfg.name))
+
+
 def missing_files(root, name):
     """The files that are neither unpacked nor gzipped under the raw folder: a cheap check."""
     raw = raw_folder(root, name)

@@ -16,7 +16,8 @@ class Precision:
         if name == "fp16" and device.type != "cuda":
             raise UserError(f"trainer.precision=fp16 needs a GPU, but this run trains on {device}. "
                             f"Use trainer.precision=bf16 on a CPU, or run on a GPU (resources=gpu).")
-        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        # (not torch.cuda.is_bf16_supported(): it also says yes where bfloat16 is only emulated, slowly)
+        if name == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
             raise UserError(f"trainer.precision=bf16, but {torch.cuda.get_device_name(device)} has no bfloat16. "
                             f"Use trainer.precision=fp16 on this GPU.")
         self.name = name

@@ -4,7 +4,7 @@ throughput and time left. The course's log lines are untouched: the bar steps as
 On by default only when stderr is a terminal (never in a batch job's log); trainer.progress=false
 turns it off, trainer.progress=true forces it.
 """
-import shutil
+import os
 import sys
 import time
 
@@ -43,10 +43,16 @@ class Progress:
         left = (self.total - done) / rate if rate > 0 else 0.0
         figures = (f" {done}/{self.total} {rate * self.samples_per_batch:,.0f} samples/s "
                    f"{_clock(elapsed)}<{_clock(left)}")
-        head = f"Epoch {self.epoch} "
-        width = max(10, min(40, shutil.get_terminal_size().columns - len(head) - len(figures) - 3))
+        head, columns = f"Epoch {self.epoch} ", self.columns()
+        width = max(10, min(40, columns - len(head) - len(figures) - 3))
         filled = width * done // self.total
-        return f"{head}|{'#' * filled}{'.' * (width - filled)}|{figures}"
+        return f"{head}|{'#' * filled}{'.' * (width - filled)}|{figures}"[:columns - 1]  # a wrapped line stays
+
+    def columns(self):
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, OSError, ValueError):  # not a terminal (forced on, or a test's buffer)
+            return 80
 
     def clear(self):
         if self.shown:

@@ -81,6 +81,10 @@ def own_config(cfg, run_dir, overrides):
 def _train_here(cfg, run_dir):
     """Train in this process. Ctrl-C (or USR2, which sbatch scripts forward before the time
     limit) finishes the step, writes a checkpoint and exits: 130 for Ctrl-C, 3 for USR2."""
+    from mnist import datafiles
+
+    if not datafiles.will_download(cfg.data):  # missing or bad data: said at once, not after torch loads (~2 s)
+        datafiles.prepare(cfg.data.root, cfg.data.name)
     from mnist.train import StopFlag, StopRequested, train
 
     stop, received = StopFlag(), list(EARLY_STOPS)

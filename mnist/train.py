@@ -29,7 +29,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 CHECKPOINT_KEYS = {"epoch", "model_name", "model", "optimizer", "scheduler", "rng", "metrics"}
 METRIC_COLUMNS = ["epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s"]
-USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # else torch.compile's cache goes in the run folder
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}  # torch.compile's (GPU: Triton's)
+USER_COMPILE_CACHES = {variable: os.environ.get(variable) for variable in COMPILE_CACHES}  # else in the run folder
 
 
 def open_log(run_dir, main=True):
@@ -65,11 +66,11 @@ class StopRequested(Exception):
     """Training stopped on request after writing a checkpoint; running again resumes it."""
 
 
-def stop_agreed(stop, world_size):
+def stop_agreed(stop, world_size, device):
     """Whether to stop now; in a data-parallel run every rank must stop at the same step."""
     if world_size == 1:
         return stop.requested
-    flag = torch.tensor([int(stop.requested)])
+    flag = torch.tensor([int(stop.requested)], device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -105,7 +106,7 @@ def train_epoch(model, train_loader, optimizer, epoch, log_interval, log, stop, 
                 f"({100.0 * batch_idx / batches:.0f}%)]\tLoss: {loss.item():.6f}"
             )
         progress.update(batch_idx + 1)
-        if batch_idx + 1 < batches and stop_agreed(stop, world_size):
+        if batch_idx + 1 < batches and stop_agreed(stop, world_size, train_loader.device):
             progress.close()
             return total_loss, batch_idx + 1
     progress.close()
@@ -192,9 +193,19 @@ def _state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=Non
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": precision.scaler.state_dict() if precision.scaler.is_enabled() else None,
         "rng": torch.get_rng_state(),
+        "cuda_rng": _cuda_rng_state(model),
         "metrics": rows,
         "partial": partial,  # where in the next epoch a stop left off, or None
     }
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _cuda_rng_state(model):
+    device = _device(model)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def _check_model(checkpoint, cfg, path):
@@ -220,6 +231,9 @@ def _restore(checkpoint, model, optimizer, scheduler, precision, path):
             f"in another run folder."
         ) from None
     torch.set_rng_state(checkpoint["rng"])
+    device = _device(model)
+    if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:  # dropout masks on a GPU draw from it
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
 
 
 def build(cfg, device):
@@ -250,6 +264,8 @@ def train(cfg, run_dir, stop=None):
     if checkpoint is not None:
         _check_model(checkpoint, cfg, run_dir / CHECKPOINT)
     if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's collectives run on the current device
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
@@ -265,8 +281,9 @@ def train(cfg, run_dir, stop=None):
         torch.manual_seed(cfg.trainer.seed + rank)  # each rank its own dropout masks
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = model
-    if cfg.trainer.compile:  # compiles on the first batch; the compiler's cache stays in the run folder
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = USER_COMPILE_CACHE or str(run_dir / ".compile_cache")
+    if cfg.trainer.compile:  # compiles on the first batch; the compiler's caches stay in the run folder
+        for variable, folder in COMPILE_CACHES.items():
+            os.environ[variable] = USER_COMPILE_CACHES[variable] or str(run_dir / ".compile_cache" / folder)
         step_model = torch.compile(model)
     progress = Progress(on=main and wanted(cfg.trainer.progress))
     if main:
@@ -322,5 +339,5 @@ def _train_one(cfg, epoch, step_model, model, optimizer, scheduler, precision, t
     if main:
         save_checkpoint(run_dir, _state(cfg, epoch, model, optimizer, scheduler, precision, rows))
         write_metrics(run_dir, rows)
-    if epoch < cfg.trainer.epochs and stop_agreed(stop, train_loader.world_size):
+    if epoch < cfg.trainer.epochs and stop_agreed(stop, train_loader.world_size, train_loader.device):
         raise StopRequested(run_dir)

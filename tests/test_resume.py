@@ -9,13 +9,15 @@ import torch
 
 from conftest import run, write_dataset
 
-EPOCHS = 3
+EPOCHS = 2
+N_TRAIN, BATCHES = 1024, 16
+STOP_AT = "Train Epoch: 2 [320/"  # batch 5 of 16: well inside the epoch
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "MNIST", n_train=2048, n_test=256)  # 32 batches: room to stop mid-epoch
+    write_dataset(root, "MNIST", n_train=N_TRAIN, n_test=256)
     return root
 
 
@@ -67,7 +69,7 @@ def assert_same_run(run_dir, straight):
 
 def test_a_run_killed_in_epoch_two_resumes_bit_for_bit(data, straight, tmp_path):
     run_dir = tmp_path / "run"
-    rc, killed_out, _ = signal_when("Train Epoch: 2 [640/", signal.SIGKILL, args(data, run_dir), tmp_path)
+    rc, killed_out, _ = signal_when(STOP_AT, signal.SIGKILL, args(data, run_dir), tmp_path)
     assert rc == -signal.SIGKILL
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = run(args(data, run_dir), cwd=tmp_path)
@@ -80,12 +82,12 @@ def test_a_run_killed_in_epoch_two_resumes_bit_for_bit(data, straight, tmp_path)
 
 def test_ctrl_c_mid_epoch_checkpoints_where_it_was_and_resumes_exactly(data, straight, tmp_path):
     run_dir = tmp_path / "run"
-    rc, out, err = signal_when("Train Epoch: 2 [640/", signal.SIGINT, args(data, run_dir), tmp_path)
+    rc, out, err = signal_when(STOP_AT, signal.SIGINT, args(data, run_dir), tmp_path)
     assert rc == 130, err
     assert "Interrupted" in err and f"python -m mnist.run hydra.run.dir={run_dir}" in err
     assert "Traceback" not in err and not list(run_dir.glob(".*.tmp"))
     partial = torch.load(run_dir / "checkpoint.pt", weights_only=True)["partial"]
-    assert partial["epoch"] == 2 and 10 < partial["batches"] < 32
+    assert partial["epoch"] == 2 and 5 < partial["batches"] < BATCHES
     assert len(metrics_without_timing(run_dir)) == 1  # only whole epochs are rows
 
     resumed = run(args(data, run_dir), cwd=tmp_path)
@@ -93,7 +95,8 @@ def test_ctrl_c_mid_epoch_checkpoints_where_it_was_and_resumes_exactly(data, str
     assert f"at epoch 2, batch {partial['batches']}" in resumed.stdout
     assert_same_run(run_dir, straight)
     first_resumed = course_lines(resumed.stdout)[0]
-    assert first_resumed == f"Train Epoch: 2 [{partial['batches'] * 64}/2048 ({100 * partial['batches'] / 32:.0f}%)]" \
+    assert first_resumed == f"Train Epoch: 2 [{partial['batches'] * 64}/{N_TRAIN} " \
+        f"({100 * partial['batches'] / BATCHES:.0f}%)]" \
         + first_resumed[first_resumed.index("]") + 1:]
 
 

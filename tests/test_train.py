@@ -65,26 +65,6 @@ def test_threads_follow_slurm_cpus_per_task(tiny_data, tmp_path):
     assert environment["cpu_threads"] == 1 and environment["slurm"]["SLURM_JOB_ID"] == "4242"
 
 
-def test_rerunning_into_a_run_folder_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_data, tmp_path):
-    common = [f"data.root={tiny_data}", "model=cnn", "trainer.log_interval=1"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run([*common, "trainer.epochs=2", f"hydra.run.dir={straight}"], tmp_path).returncode == 0
-    assert run([*common, "trainer.epochs=1", f"hydra.run.dir={resumed}"], tmp_path).returncode == 0
-    second = run([*common, "trainer.epochs=2", f"hydra.run.dir={resumed}"], tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert "Resuming from" in second.stdout
-
-    def without_timing(rows):
-        return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")} for row in rows]
-
-    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
-    a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(resumed / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    straight_lines = [l for l in (straight / "train.log").read_text().splitlines() if "Epoch: 2" in l]
-    assert straight_lines == [l for l in second.stdout.splitlines() if "Epoch: 2" in l]
-
-
 def test_ctrl_c_keeps_log_config_metrics_and_the_last_checkpoint(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
