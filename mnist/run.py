@@ -133,7 +133,8 @@ def _submit_one_run(overrides):
     """What hydra.main does for these overrides (compose, callbacks, the run folder with .hydra/, then
     _task), through the same Hydra calls, but composing once instead of three times: hydra.main first
     composes to read hydra.mode (which conf/ never sets, and these overrides do not), and check_keys
-    composes to explain an unknown key; here that happens only if composing failed."""
+    composes to explain an unknown key; here that happens only if composing failed. A dry run
+    (`dry_run=true`) composes and prints the script without a run folder."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path, run_and_report
     from hydra.core.global_hydra import GlobalHydra
@@ -142,8 +143,10 @@ def _submit_one_run(overrides):
 
     def run():
         try:
-            # hydra.main, finding no hydra.mode, adds this override too (it lands in .hydra/hydra.yaml)
-            hydra.run(config_name="config", task_function=_task, overrides=[*overrides, "hydra.mode=RUN"])
+            if "dry_run=true" in overrides:
+                _print_script(hydra, overrides)
+            else:  # hydra.main, finding no hydra.mode, adds this override too (it lands in .hydra/hydra.yaml)
+                hydra.run(config_name="config", task_function=_task, overrides=[*overrides, "hydra.mode=RUN"])
         except (ConfigCompositionException, OmegaConfBaseException):
             GlobalHydra.instance().clear()  # check_keys composes with a Hydra of its own
             with report_errors():
@@ -156,6 +159,22 @@ def _submit_one_run(overrides):
         run_and_report(run)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _print_script(hydra, overrides):
+    """A dry run prints the sbatch script and makes nothing: no run folder, no .hydra/ (as for sweeps)."""
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from mnist.launch.slurm import submit
+
+    cfg = hydra.compose_config("config", overrides, run_mode=RunMode.RUN)
+    HydraConfig.instance().set_config(cfg)  # resolves hydra.run.dir's ${now:...}
+    run_dir, given = cfg.hydra.run.dir, cfg.hydra.overrides.task
+    with open_dict(cfg):
+        del cfg["hydra"]
+    with report_errors():
+        submit(own_config(finalize(cfg), run_dir, given), run_dir)
 
 
 if __name__ == "__main__":

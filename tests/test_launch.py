@@ -1,5 +1,6 @@
 """The login-node side, without a cluster: resources -> sbatch options, the rendered script,
 quoting, the course's scripts, and that submitting never imports torch."""
+import os
 import subprocess
 import sys
 
@@ -164,16 +165,28 @@ mnist.run._run()  # hydra.main itself, as every command but `launcher=slurm` wit
 
 
 def test_submitting_one_run_does_what_hydra_main_does(tiny_data, tmp_path):
-    args = ["launcher=slurm", "dry_run=true", f"data.root={tiny_data}", "model=cnn", "trainer.seed=7"]
-    fast = run([*args, f"hydra.run.dir={tmp_path / 'fast'}"], cwd=tmp_path)
+    # No cluster: the submission stops at its sinfo check, after Hydra made the run folder and .hydra/.
+    args = ["launcher=slurm", f"data.root={tiny_data}", "model=cnn", "trainer.seed=7"]
+    no_slurm = {"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    fast = run([*args, f"hydra.run.dir={tmp_path / 'fast'}"], cwd=tmp_path, env=no_slurm)
     full = subprocess.run([sys.executable, "-c", FULL_HYDRA_MAIN, *args, f"hydra.run.dir={tmp_path / 'full'}"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
-    assert fast.stdout == full.stdout and fast.stdout.startswith("#!/bin/bash")
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **no_slurm})
+    assert fast.returncode == full.returncode == 2 and "sinfo" in fast.stderr, (fast.stderr, full.stderr)
+    assert fast.stderr == full.stderr
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):  # Hydra's record of the run, to the letter
         written = [(tmp_path / folder / ".hydra" / name).read_text().replace(str(tmp_path / folder), "RUN")
                    for folder in ("fast", "full")]
         assert written[0] == written[1], name
+
+
+def test_a_dry_run_prints_the_script_hydra_main_prints_and_makes_no_folder(tiny_data, tmp_path):
+    args = ["launcher=slurm", "dry_run=true", f"data.root={tiny_data}", "model=cnn", "trainer.seed=7",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    fast = run(args, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run folder, no logs/
+    full = subprocess.run([sys.executable, "-c", FULL_HYDRA_MAIN, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert fast.returncode == full.returncode == 0, (fast.stderr, full.stderr)
+    assert fast.stdout == full.stdout and fast.stdout.startswith("#!/bin/bash")
 
 
 @pytest.mark.parametrize("sweep", [
