@@ -149,3 +149,15 @@ def check_cluster(resources):
                 f"resources.gpus_per_node={gpus}, but {where} has no GPUs (sinfo lists none). "
                 f"Use resources=cpu, or pick a GPU partition with resources.partition=..."
             )
+
+
+# slurmctld checks time limits every 30 s and sends --signal's warning at the first check that
+# finds the job within (delay + 30 s) of its end: with a delay of half a 1-minute limit, the
+# signal came 0.2 s after the start (before Python could handle it: the job died of USR2).
+SLURM_CHECK_S = 30
+
+
+def signal_delay(wanted_s, limit_s):
+    """The --signal delay: as wanted, but short enough that the signal never comes before about half
+    the job's limit has passed (a quarter, for limits under two minutes)."""
+    return min(wanted_s, max(limit_s // 2 - SLURM_CHECK_S, limit_s // 4))

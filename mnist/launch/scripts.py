@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mnist.config import compose
-from mnist.launch.resources import memory, time_seconds
+from mnist.launch.resources import memory, signal_delay, time_seconds
 
 MODELS = ("mlp", "cnn")
 SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
@@ -46,7 +46,7 @@ def script(name):
     launcher = compose(["launcher=slurm"]).launcher
     limit = time_seconds(resources.time)
     return TEMPLATE.format(name=name, upper=name.upper(), time=resources.time, cpus=resources.cpus_per_task,
-                           mem=memory(resources.mem), signal=min(launcher.signal_delay_s, limit // 2),
+                           mem=memory(resources.mem), signal=signal_delay(launcher.signal_delay_s, limit),
                            requeues=launcher.max_requeues)
 
 

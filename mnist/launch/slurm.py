@@ -47,7 +47,7 @@ def parameters(cfg, name, array=False):
     setup += [str(line) for line in launcher.setup]
     # submitit's own srun --output/--error name files in its folder; ours come after and win.
     srun_args = ["--output", out, "--error", err]
-    signal_delay_s = min(int(launcher.signal_delay_s), options["time"] * 60 // 2)
+    signal_delay_s = resources.signal_delay(int(launcher.signal_delay_s), options["time"] * 60)
     params = dict(options, job_name=name, setup=setup, srun_args=srun_args, signal_delay_s=signal_delay_s)
     if array:
         params["array_parallelism"] = int(launcher.array_parallelism)
