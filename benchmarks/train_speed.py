@@ -272,7 +272,7 @@ def medians(rounds, paths):
 def ratio(rounds, path, base):
     """The median over rounds of path's time over base's in the same round: machine speed that
     drifts between rounds cancels out."""
-    return statistics.median(seconds[path] / seconds[base] for seconds in rounds)
+    return submit_speed.median_ratio([seconds[path] for seconds in rounds], [seconds[base] for seconds in rounds])
 
 
 def seconds_of(seconds):

@@ -30,8 +30,10 @@ class Progress:
         self.first, self.started, self.drawn_at = done, time.perf_counter(), 0.0
 
     def update(self, done):
+        if not self.on:
+            return
         now = time.perf_counter()
-        if not self.on or (now - self.drawn_at < REDRAW_S and done < self.total):
+        if now - self.drawn_at < REDRAW_S and done < self.total:
             return
         self.drawn_at = now
         self.stream.write("\r" + self.line(done, now - self.started) + "\x1b[K")

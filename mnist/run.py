@@ -48,12 +48,17 @@ def _leaves(node, prefix=""):
     return {prefix.rstrip("."): node}
 
 
+def _under(key, prefixes):
+    """Whether `key` is one of the dotted `prefixes` or inside one of them."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
 def own_config(cfg, run_dir, overrides):
     """A run folder that holds a checkpoint resumes with the config it was started with.
 
     Overrides of where and how it runs (launcher, resources, device, threads, log interval, progress
-    bar, precision, channels-last, compile) and
-    trainer.epochs (to train on) apply; any other override that differs from it is an error.
+    bar, precision, channels-last, compile) and trainer.epochs (to train on) apply; any other
+    override that differs from it is an error.
     """
     saved_path = Path(run_dir) / "config.yaml"
     if not (Path(run_dir) / "checkpoint.pt").exists() or not saved_path.exists():
@@ -64,8 +69,7 @@ def own_config(cfg, run_dir, overrides):
     conflicts = sorted(
         key for key in set(now) | set(before)
         if now.get(key) != before.get(key) and key != "trainer.epochs"
-        and any(key == g or key.startswith(g + ".") for g in given)
-        and not any(key == t or key.startswith(t + ".") for t in TAKEN_FROM_COMMAND)
+        and _under(key, given) and not _under(key, TAKEN_FROM_COMMAND)
     )
     if conflicts:
         shown = ", ".join(f"{k} ({now.get(k)!r}, but the run has {before.get(k)!r})" for k in conflicts)
