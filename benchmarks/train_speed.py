@@ -66,7 +66,8 @@ from torchvision import transforms
 from benchmarks import submit_speed
 from mnist import data, datafiles, env
 from mnist.config import compose, report_errors
-from mnist.train import StopFlag, build, evaluate, nll, train_epoch
+from mnist.precision import Precision
+from mnist.train import Steps, build, evaluate, nll, train_epoch
 
 PATHS = ("in_memory", "classic", "floor")
 SECTIONS = ("train", "switches", "submit", "sweep")
@@ -193,7 +194,8 @@ def loaders(cfg, path, max_batches):
 
 
 def one_epoch(model, train_loader, optimizer, precision=None):
-    train_epoch(model, train_loader, optimizer, 1, NEVER, QUIET, StopFlag(), precision=precision)
+    precision = precision or Precision("fp32", next(model.parameters()).device)
+    train_epoch(Steps(model, optimizer, precision, QUIET, log_interval=NEVER), train_loader, 1)
 
 
 TRAIN = {"in_memory": one_epoch, "classic": classic_train, "floor": one_epoch}

@@ -8,7 +8,16 @@ from mnist.config import report_errors
 from mnist.errors import UserError
 
 
+CREATED = set()  # run folders this process made: one that stays unused is removed again (mnist.run)
+
+
+def created_here(folder):
+    return os.path.abspath(folder) in CREATED
+
+
 def _can_create(folder, key):
+    if not os.path.exists(folder):
+        CREATED.add(os.path.abspath(folder))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:

@@ -12,8 +12,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
 from mnist.errors import UserError
 
 RECORDED_SLURM_VARS = (
@@ -31,6 +29,14 @@ def cpu_threads(setting="auto"):
     return len(os.sched_getaffinity(0))
 
 
+def job_id():
+    """This process's Slurm job: `123` or, for a task of an array, `120_3`; None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def distributed():
     """(rank, local rank, world size) from torch's env:// variables (set by torchrun, or by the
     Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run."""
@@ -39,6 +45,8 @@ def distributed():
 
 
 def pick_device(setting, local_rank=0):
+    import torch
+
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "trainer.device=cuda, but torch sees no GPU on this machine "
@@ -70,6 +78,8 @@ def _git_commit():
 
 def record(device, threads, world_size=1):
     """What a user needs to reproduce or debug a run: versions, commit, host, CPUs, GPU, job ids."""
+    import torch
+
     return {
         "python": sys.version.split()[0],
         "packages": {p: _version(p) for p in ("torch", "torchvision", "hydra-core", "omegaconf", "submitit", "numpy")},

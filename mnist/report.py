@@ -44,6 +44,7 @@ files; imports no torch, and matplotlib (Agg, no display needed) only to draw th
 """
 import argparse
 import csv
+import datetime
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from pathlib import Path
 
 import yaml
 
+from mnist import rundir
 from mnist.errors import UserError
 
 CSV_NAME = "report.csv"
@@ -76,7 +78,7 @@ TABLE_COLUMNS = [  # (header, key, right-aligned)
 
 def is_run_folder(path):
     path = Path(path)
-    return (path / "config.yaml").is_file() or (path / "metrics.csv").is_file() or (path / ".hydra").is_dir()
+    return (path / rundir.CONFIG).is_file() or (path / rundir.METRICS).is_file() or (path / ".hydra").is_dir()
 
 
 def _natural(path):
@@ -106,11 +108,21 @@ def find_runs(path):
 
 
 def latest_folder(base="."):
-    """The most recently changed run folder of ./outputs or sweep folder of ./multirun, or None."""
+    """The run folder of ./outputs or sweep folder of ./multirun whose runs started last, or None.
+
+    When a run started is its start record's (rundir.read_start), else its folder's modification
+    time: a report written into a folder, or a resume, does not make it the latest."""
     candidates = [p for p in Path(base, "outputs").glob("*/*") if p.is_dir()]
     candidates += [p for p in Path(base, "multirun").glob("*/*") if p.is_dir()]
-    candidates = [p for p in candidates if find_runs(p)]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+    started = {p: [_started(run) for run in find_runs(p)] for p in candidates}
+    return max((p for p in candidates if started[p]), key=lambda p: min(started[p]), default=None)
+
+
+def _started(run_dir):
+    start = rundir.read_start(run_dir)
+    if start and isinstance(start.get("started"), str):
+        return start["started"]
+    return datetime.datetime.fromtimestamp(Path(run_dir).stat().st_mtime).isoformat(timespec="seconds")
 
 
 def _load_yaml(path):
@@ -129,28 +141,11 @@ def _get(mapping, dotted, default=None):
     return mapping
 
 
-def read_metrics(run_dir):
-    """metrics.csv's rows as dicts of strings ([] when there is none yet); torn rows are dropped."""
-    try:
-        with open(Path(run_dir) / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return []
-    good = []
-    for row in rows:
-        try:
-            int(row["epoch"])
-            for key in ("train_loss", "test_loss", "accuracy", "seconds", "samples_per_s"):
-                float(row[key])
-        except (KeyError, TypeError, ValueError):
-            continue
-        good.append(row)
-    return good
-
-
 def read_overrides(run_dir):
-    """Hydra's command-line overrides of the run as {key: value}, `hydra.*` ones left out."""
-    overrides = _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
+    """The overrides of the command that first started the run as {key: value}, `hydra.*` ones left out
+    (a resume's command rewrites Hydra's .hydra/overrides.yaml, not the run's start record)."""
+    start = rundir.read_start(run_dir)
+    overrides = start["overrides"] if start else _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
     result = {}
     for item in overrides if isinstance(overrides, list) else []:
         key, _, value = str(item).partition("=")
@@ -172,8 +167,18 @@ def environment_job_id(run_dir):
 
 
 def read_run(run_dir):
-    config = _load_yaml(Path(run_dir) / "config.yaml")
-    if not isinstance(config, dict):  # not written yet (or a local run that stopped before training)
+    """What the table needs of a run folder; a damaged file is noted in "damaged", the rest still read."""
+    damaged = []
+
+    def careful(read, default):
+        try:
+            return read(run_dir)
+        except rundir.RunFolderError as e:
+            damaged.append(e)
+            return default
+
+    config = careful(rundir.read_config, None)
+    if config is None and not damaged:  # not written yet (or a local run that stopped before training)
         config = _load_yaml(Path(run_dir) / ".hydra" / "config.yaml")
     config = config if isinstance(config, dict) else {}
     epochs = _get(config, "trainer.epochs")
@@ -182,9 +187,10 @@ def read_run(run_dir):
         "model": str(_get(config, "model.name", "?")),
         "optimizer": str(_get(config, "optimizer.name", "?")),
         "epochs": epochs if isinstance(epochs, int) else None,
-        "metrics": read_metrics(run_dir),
+        "metrics": careful(rundir.read_metrics, []),
         "overrides": read_overrides(run_dir),
         "env_job_id": environment_job_id(run_dir),
+        "damaged": damaged,
     }
 
 
@@ -270,6 +276,8 @@ def _submitit_outcome(entry):
 # ---------------------------------------------------------------- the table
 
 def run_state(run):
+    if run["damaged"]:
+        return "DAMAGED (" + ", ".join(sorted({e.damaged for e in run["damaged"]})) + ")"
     done, epochs = len(run["metrics"]), run["epochs"]
     if epochs is not None and done >= epochs:
         return "COMPLETED"
@@ -501,6 +509,9 @@ def report(path, out_dir=None, log_dir=None, figures=True):
 
     print(f"{len(table)} run{'s' if len(table) != 1 else ''} in {path}\n")
     print(format_table(table))
+    for run in runs:
+        for problem in run["damaged"]:
+            print(f"\ndamaged: {problem}")
     print("\nwritten: " + ", ".join(str(p) for p in written))
     if skipped:
         print(skipped, file=sys.stderr)

@@ -5,81 +5,73 @@ trains right here (launcher=local) or submits a Slurm job (launcher=slurm).
     python -m mnist.run model=cnn optimizer=sgd trainer.epochs=10
     python -m mnist.run -m model=mlp,cnn                  a sweep, one run after another
 """
-import re
+import shutil
 import signal
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from mnist import callbacks, rundir, stopping
 from mnist.config import CONF_DIR, check_choices, check_keys, finalize, report_errors
 from mnist.errors import UserError
-
-
-REQUEUE_ME = 3  # exit status of a run stopped by USR2: slurm/*.sh then requeues the job
 
 
 def _task(cfg):
     """What Hydra runs on the composed config: train here, or submit to Slurm."""
     run_dir = HydraConfig.get().runtime.output_dir
-    with report_errors():
-        cfg = own_config(finalize(cfg), run_dir, HydraConfig.get().overrides.task)
-        if cfg.launcher.name == "local":
+    overrides = list(HydraConfig.get().overrides.task)
+    with report_errors(), _removed_if_unused(run_dir):
+        cfg = own_config(finalize(cfg), run_dir, overrides)
+        rundir.check_free(run_dir, _job_id())
+        if cfg.launcher.name == "local":  # (a finished run: train() says so, once it has read the checkpoint)
+            rundir.record_start(run_dir, overrides)
             _train_here(cfg, run_dir)
-        else:
+        elif not _finished(cfg, run_dir):
             from mnist.launch.slurm import submit
 
-            submit(cfg, run_dir)
+            submit(cfg, run_dir, overrides)
 
 
 _run = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
 
 
-# Where and how a run trains may change when it resumes; what it trains may not.
-TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval",
-                      "trainer.progress", "trainer.precision", "trainer.channels_last", "trainer.compile")
-
-
-def _leaves(node, prefix=""):
-    if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
-
-
-def _under(key, prefixes):
-    """Whether `key` is one of the dotted `prefixes` or inside one of them."""
-    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
-
-
 def own_config(cfg, run_dir, overrides):
-    """A run folder that holds a checkpoint resumes with the config it was started with.
-
-    Overrides of where and how it runs (launcher, resources, device, threads, log interval, progress
-    bar, precision, channels-last, compile) and trainer.epochs (to train on) apply; any other
-    override that differs from it is an error.
-    """
-    saved_path = Path(run_dir) / "config.yaml"
-    if not (Path(run_dir) / "checkpoint.pt").exists() or not saved_path.exists():
+    """A folder that holds a run resumes it with the config it was started with, as
+    mnist.rundir.resume_config rules: where and how it runs comes from this command."""
+    if not rundir.holds_run(run_dir):
         return cfg
-    saved = OmegaConf.load(saved_path)
-    given = {re.sub(r"^[+~]+", "", o).split("=", 1)[0] for o in overrides}
-    now, before = _leaves(OmegaConf.to_container(cfg)), _leaves(OmegaConf.to_container(saved))
-    conflicts = sorted(
-        key for key in set(now) | set(before)
-        if now.get(key) != before.get(key) and key != "trainer.epochs"
-        and _under(key, given) and not _under(key, TAKEN_FROM_COMMAND)
-    )
-    if conflicts:
-        shown = ", ".join(f"{k} ({now.get(k)!r}, but the run has {before.get(k)!r})" for k in conflicts)
-        raise UserError(
-            f"{run_dir} holds a run to resume, and it resumes with its own config ({saved_path}). These "
-            f"overrides differ from it: {shown}. Leave them out to resume, or start a new run in another folder."
-        )
-    for key in TAKEN_FROM_COMMAND + (("trainer.epochs",) if "trainer.epochs" in given else ()):
-        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
-    return saved
+    return OmegaConf.create(rundir.resume_config(run_dir, OmegaConf.to_container(cfg), overrides))
+
+
+def _finished(cfg, run_dir):
+    """A run with every epoch done has nothing left to do: say so and submit nothing."""
+    try:
+        if not rundir.holds_run(run_dir) or not rundir.checkpoint_whole(run_dir) or rundir.epochs_left(run_dir, cfg) > 0:
+            return False
+    except rundir.RunFolderError:  # damaged metrics: training rewrites them from the checkpoint
+        return False
+    print(rundir.nothing_left(run_dir, len(rundir.read_metrics(run_dir)), cfg.trainer.epochs))
+    return True
+
+
+def _job_id():
+    from mnist.env import job_id
+
+    return job_id()
+
+
+@contextmanager
+def _removed_if_unused(run_dir):
+    """A run that stops before it trains (bad data, config or request) leaves no run folder behind."""
+    try:
+        yield
+    except UserError:
+        if callbacks.created_here(run_dir) and rundir.unused(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _train_here(cfg, run_dir):
@@ -89,9 +81,9 @@ def _train_here(cfg, run_dir):
 
     if not datafiles.will_download(cfg.data):  # missing or bad data: said at once, not after torch loads (~2 s)
         datafiles.prepare(cfg.data.root, cfg.data.name)
-    from mnist.train import StopFlag, StopRequested, train
+    from mnist.train import train
 
-    stop, received = StopFlag(), list(EARLY_STOPS)
+    stop, received = stopping.StopFlag(), list(stopping.EARLY)
     stop.requested = bool(received)
 
     def request_stop(signum, frame):
@@ -101,21 +93,19 @@ def _train_here(cfg, run_dir):
         stop.requested = True
 
     signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGUSR2, request_stop)
+    signal.signal(stopping.REQUEUE_SIGNAL, request_stop)
     try:
         train(cfg, run_dir, stop)
-    except StopRequested:
-        why = "Interrupted" if received[0] == signal.SIGINT else "Stopped before the time limit"
+    except stopping.StopRequested:
+        interrupted = received[0] == signal.SIGINT
+        why = "Interrupted" if interrupted else "Stopped before the time limit"
         print(f"\n{why}. {run_dir} keeps the log, config, metrics and a checkpoint of where training was; "
               f"resume with: python -m mnist.run hydra.run.dir={run_dir}", file=sys.stderr)
-        sys.exit(130 if received[0] == signal.SIGINT else REQUEUE_ME)
-
-
-EARLY_STOPS = []  # USR2 that came before training began (Slurm's timing is coarse)
+        sys.exit(stopping.INTERRUPTED_EXIT if interrupted else stopping.REQUEUE_EXIT)
 
 
 def main(overrides=None):
-    signal.signal(signal.SIGUSR2, lambda signum, frame: EARLY_STOPS.append(signum))
+    stopping.catch_early_signals()
     if overrides is not None:
         sys.argv = [sys.argv[0], *overrides]
     args = sys.argv[1:]

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -76,6 +77,7 @@ class Setup:
         self.run_dir = tmp / "run"
         self.env = {}
         self.locked = []
+        self.processes = []
 
     def damaged_data(self):
         """A copy of the good data to damage; returns its raw folder."""
@@ -156,6 +158,24 @@ def checkpoint_of_another_model(s):  # mlp_deep's checkpoint copied into an mlp 
 
 def existing_run(s):
     s.existing_run()
+
+
+def damaged_config(s):
+    (s.existing_run() / "config.yaml").write_text("model: {name: mlp\ntrainer: [\n")
+
+
+def config_of_no_run(s):
+    (s.existing_run() / "config.yaml").write_text("- just\n- a list\n")
+
+
+HOLD = "import sys, time; from mnist import rundir\nwith rundir.lock(sys.argv[1], '4242'): print('held', flush=True); time.sleep(120)"
+
+
+def held_by_a_job(s):
+    """Another process (Slurm job 4242, say) trains into the run folder right now."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(s.existing_run())], stdout=subprocess.PIPE, text=True)
+    s.processes.append(holder)
+    assert holder.stdout.readline().strip() == "held"
 
 
 def no_sbatch(s):
@@ -251,6 +271,13 @@ CASES = [
          ["checkpoint.pt is not a readable checkpoint", "Move it away"], random_checkpoint),
     case("checkpoint-of-another-model", [], ["holds a mlp_deep model", "model=mlp", "another run folder"],
          checkpoint_of_another_model),
+    case("run-folder-config-damaged", [], ["config.yaml is damaged (line 2", ".hydra/config.yaml", "move the folder away"],
+         damaged_config),
+    case("run-folder-config-of-no-run", [], ["config.yaml is damaged", "no model, trainer and data"], config_of_no_run),
+    case("run-folder-in-use", [], ["is in use: Slurm job 4242, process", "scancel 4242", "run this again to resume",
+                                   "another folder"], held_by_a_job),
+    case("run-folder-in-use-submitting", ["launcher=slurm"], ["is in use: Slurm job 4242", "scancel 4242"],
+         held_by_a_job),
     case("checkpoint-rerun-as-another-model", ["model=cnn", "trainer.epochs=2"], ["'cnn'", "'mlp'", "another"],
          existing_run),
 
@@ -284,6 +311,9 @@ def test_bad_input_is_one_paragraph_with_the_fix_and_loses_nothing(args, expect,
     finally:
         for folder in s.locked:
             writable(folder)
+        for process in s.processes:
+            process.kill()
+            process.wait()
 
     # a non-zero exit, ours: 2
     assert result.returncode == 2, (result.returncode, result.stderr)
@@ -298,11 +328,12 @@ def test_bad_input_is_one_paragraph_with_the_fix_and_loses_nothing(args, expect,
     # no half-written file anywhere
     assert not [p for p in tmp_path.rglob(".*.tmp")], list(tmp_path.rglob(".*.tmp"))
     assert not list(good_data.rglob(".*.tmp"))
-    # nothing that existed is lost or changed; Hydra's own .hydra/ record of the latest command aside
+    # nothing that existed is lost or changed; Hydra's own .hydra/ record of the latest command and the
+    # lock's record of its latest holder aside
     after = snapshot(tmp_path, good_data)
     for path, content in before.items():
         assert path in after, f"{path} is gone"
-        if ".hydra" not in path.parts:
+        if ".hydra" not in path.parts and path.name != ".lock":
             assert after[path] == content, f"{path} changed"
     if existed:
         for name in RUN_FILES:

@@ -166,8 +166,10 @@ mnist.run._run()  # hydra.main itself, as every command but `launcher=slurm` wit
 
 
 def test_submitting_one_run_does_what_hydra_main_does(tiny_data, tmp_path):
-    # No cluster: the submission stops at its sinfo check, after Hydra made the run folder and .hydra/.
+    # No cluster: the submission stops at its sinfo check, after Hydra wrote .hydra/ into the run folder
+    # (which stays, as the user made it: a folder the command made itself would be removed again).
     args = ["launcher=slurm", f"data.root={tiny_data}", "model=cnn", "trainer.seed=7"]
+    (tmp_path / "fast").mkdir(), (tmp_path / "full").mkdir()
     no_slurm = {"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
     fast = run([*args, f"hydra.run.dir={tmp_path / 'fast'}"], cwd=tmp_path, env=no_slurm)
     full = subprocess.run([sys.executable, "-c", FULL_HYDRA_MAIN, *args, f"hydra.run.dir={tmp_path / 'full'}"],
@@ -178,6 +180,13 @@ def test_submitting_one_run_does_what_hydra_main_does(tiny_data, tmp_path):
         written = [(tmp_path / folder / ".hydra" / name).read_text().replace(str(tmp_path / folder), "RUN")
                    for folder in ("fast", "full")]
         assert written[0] == written[1], name
+
+
+def test_a_submission_that_fails_its_checks_leaves_no_run_folder(tiny_data, tmp_path):
+    result = run(["launcher=slurm", f"data.root={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                 env={"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")})
+    assert result.returncode == 2 and "sinfo" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_dry_run_prints_the_script_hydra_main_prints_and_makes_no_folder(tiny_data, tmp_path):

@@ -100,10 +100,14 @@ def _is_value(override, parsed, config_loader):
 
 
 def _prepare(cfg):
-    """Hydra's task function for each sweep run: check and resolve its config, nothing more."""
+    """Hydra's task function for each sweep run: check and resolve its config, and record the run's
+    overrides as its start (mnist.rundir); the launcher then saves the config and submits."""
+    from mnist import rundir
     from mnist.config import finalize
 
-    return finalize(cfg), HydraConfig.get().runtime.output_dir
+    cfg, run_dir = finalize(cfg), HydraConfig.get().runtime.output_dir
+    rundir.record_start(run_dir, list(HydraConfig.get().overrides.task))
+    return cfg, run_dir
 
 
 class MnistSlurmLauncher(Launcher):

@@ -28,7 +28,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self):
         from omegaconf import OmegaConf
 
-        from mnist.train import StopFlag, StopRequested, train
+        from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested
+        from mnist.train import train
 
         cfg = OmegaConf.create(self.config)
         cfg.data.download = False  # jobs never download: compute nodes often have no internet
@@ -37,11 +38,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if requeues >= self.max_requeues:
-            signal.signal(signal.SIGUSR2, self._last_warning)
+            signal.signal(REQUEUE_SIGNAL, self._last_warning)
             return train(cfg, self.run_dir)
 
-        stop, submitit_handler = StopFlag(), signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, lambda signum, frame: setattr(stop, "requested", True))
+        stop, submitit_handler = StopFlag(), signal.getsignal(REQUEUE_SIGNAL)
+        signal.signal(REQUEUE_SIGNAL, lambda signum, frame: setattr(stop, "requested", True))
         try:
             return train(cfg, self.run_dir, stop)
         except StopRequested:
@@ -50,7 +51,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 raise
             print(f"Checkpointed in {self.run_dir}; asking Slurm to requeue (requeue {requeues + 1} "
                   f"of at most {self.max_requeues})", flush=True)
-            submitit_handler(signal.SIGUSR2, None)  # submitit: checkpoint(), requeue, exit
+            submitit_handler(REQUEUE_SIGNAL, None)  # submitit: checkpoint(), requeue, exit
             raise
 
     def _last_warning(self, signum, frame):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mnist.config import compose
 from mnist.launch.resources import memory, signal_delay, time_seconds
+from mnist.stopping import REQUEUE_EXIT, REQUEUE_SIGNAL_NAME
 
 MODELS = ("mlp", "cnn")
 SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
@@ -24,19 +25,19 @@ TEMPLATE = """\
 #SBATCH --mem={mem}
 #SBATCH --output=%x_%j.out
 #SBATCH --error=%x_%j.err
-#SBATCH --signal=B:USR2@{signal}
+#SBATCH --signal=B:{usr}@{signal}
 #SBATCH --requeue
 #SBATCH --open-mode=append
 
 source .venv/bin/activate
 
-# {signal} s before the time limit Slurm sends USR2: the run checkpoints where it is and exits 3,
+# {signal} s before the time limit Slurm sends {usr}: the run checkpoints where it is and exits {requeue_exit},
 # and the job requeues itself (same id, run folder outputs/%x_%j and log) to resume, {requeues} times at most.
 python -u -m mnist.run model={name} hydra.run.dir="outputs/${{SLURM_JOB_NAME}}_${{SLURM_JOB_ID}}" "$@" &
-trap '[ "${{SLURM_RESTART_COUNT:-0}}" -lt {requeues} ] && kill -USR2 $!' USR2
+trap '[ "${{SLURM_RESTART_COUNT:-0}}" -lt {requeues} ] && kill -{usr} $!' {usr}
 wait $!; status=$?
 if [ $status -gt 128 ]; then wait $!; status=$?; fi   # the trap woke us: wait for the run to stop
-if [ $status -eq 3 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+if [ $status -eq {requeue_exit} ]; then scontrol requeue "$SLURM_JOB_ID"; fi
 exit $status
 """
 
@@ -47,7 +48,7 @@ def script(name):
     limit = time_seconds(resources.time)
     return TEMPLATE.format(name=name, upper=name.upper(), time=resources.time, cpus=resources.cpus_per_task,
                            mem=memory(resources.mem), signal=signal_delay(launcher.signal_delay_s, limit),
-                           requeues=launcher.max_requeues)
+                           requeues=launcher.max_requeues, usr=REQUEUE_SIGNAL_NAME, requeue_exit=REQUEUE_EXIT)
 
 
 def main(argv=None):

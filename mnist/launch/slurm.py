@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mnist import datafiles
+from mnist import datafiles, rundir
 from mnist.errors import UserError
 from mnist.launch import resources
 
@@ -108,11 +108,14 @@ def check(cfg, asked=None):
         asked.add(cluster)
 
 
-def prepare(cfg, run_dir):
-    """Create the run folder and save the resolved config the job will train on."""
+def prepare(cfg, run_dir, overrides=None):
+    """Create the run folder and save the resolved config the job will train on; a single run's
+    command-line overrides are its start record (a sweep's runs get theirs from the sweep launcher)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    rundir.write_config(run_dir, OmegaConf.to_container(cfg, resolve=True))
+    if overrides is not None:
+        rundir.record_start(run_dir, overrides)
     return run_dir
 
 
@@ -147,12 +150,12 @@ def _submitting():
     return guard()
 
 
-def submit(cfg, run_dir):
+def submit(cfg, run_dir, overrides=None):
     """One run, one job. Prints the job id, the run folder and the log paths; returns the job id."""
-    return submit_array([(cfg, run_dir)], single=True)
+    return submit_array([(cfg, run_dir)], single=True, overrides=overrides)
 
 
-def submit_array(runs, single=False):
+def submit_array(runs, single=False, overrides=None):
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder."""
     cfgs = [cfg for cfg, _ in runs]
     asked = set()
@@ -165,7 +168,7 @@ def submit_array(runs, single=False):
     if first.dry_run:
         sys.stdout.write(render(first, params, array_size=len(runs) if array else None))
         return None
-    run_dirs = [prepare(cfg, run_dir) for cfg, run_dir in runs]
+    run_dirs = [prepare(cfg, run_dir, overrides) for cfg, run_dir in runs]
     from mnist.launch.job import TrainJob
 
     executor = _executor(first, params)

@@ -1,0 +1,90 @@
+"""checkpoint.pt: where training is, written whole after every epoch and when a run stops early.
+
+It holds the model, optimizer, scheduler and loss scaler states, the random states, the metrics
+rows so far, the last whole epoch and, after an early stop, where in the next epoch it left off.
+"""
+import os
+
+import torch
+
+from mnist import rundir
+from mnist.errors import UserError
+
+KEYS = {"epoch", "model_name", "model", "optimizer", "scheduler", "rng", "metrics"}
+
+
+def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None):
+    """What a checkpoint holds. `epoch` is the last whole one; `partial` where the next one left off."""
+    device = next(model.parameters()).device
+    return {
+        "epoch": epoch,
+        "model_name": cfg.model.name,
+        "model": getattr(model, "module", model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": precision.scaler.state_dict() if precision.scaler.is_enabled() else None,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "metrics": rows,
+        "partial": partial,
+    }
+
+
+def save(run_dir, checkpoint):
+    """Write to a temporary file, then rename: a checkpoint on disk is always a whole one."""
+    path = rundir.checkpoint_path(run_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(run_dir, model_name):
+    """The run folder's checkpoint (on the CPU), or None; a damaged one or another model's is a UserError."""
+    path = rundir.checkpoint_path(run_dir)
+    if not path.exists():
+        return None
+    problem = None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a torch file at all
+        problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    else:
+        missing = KEYS - set(checkpoint) if isinstance(checkpoint, dict) else KEYS
+        if missing:
+            problem = f"not one of this project's checkpoints: no {', '.join(sorted(missing))}"
+    if problem:
+        raise UserError(
+            f"{path} is not a readable checkpoint ({problem}). Move it away to start this run from scratch, "
+            f"or point hydra.run.dir at another run folder."
+        )
+    if checkpoint["model_name"] != model_name:
+        raise UserError(
+            f"{path} holds a {checkpoint['model_name']} model, but this run is model={model_name}. "
+            f"Resume it with model={checkpoint['model_name']}, or start {model_name} in another run folder."
+        )
+    return checkpoint
+
+
+def restore(checkpoint, model, optimizer, scheduler, precision, run_dir):
+    """Put the checkpoint's states back into a freshly built model, optimizer, scheduler and scaler."""
+    path = rundir.checkpoint_path(run_dir)
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if precision.scaler.is_enabled() and checkpoint.get("scaler"):  # a run may switch precision on resume
+            precision.scaler.load_state_dict(checkpoint["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(
+            f"{path} does not fit this run's model or optimizer ({str(e).splitlines()[0][:200]}). "
+            f"Resume it with the config it was written with ({path.parent / rundir.CONFIG}), or start afresh "
+            f"in another run folder."
+        ) from None
+    torch.set_rng_state(checkpoint["rng"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:  # dropout masks on a GPU draw from it
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)

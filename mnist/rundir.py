@@ -1,0 +1,344 @@
+"""The run folder: the one module that knows what a run leaves behind and how to read it.
+
+    config.yaml       the resolved config the run trains on (written at submit, or when training starts)
+    run.json          when the run first started, and the overrides of that first command
+    train.log         every line the run printed
+    metrics.csv       one row per finished epoch
+    checkpoint.pt     where training is (written and read by mnist.checkpoint)
+    environment.json  versions, host, device, Slurm ids
+    .lock             held by the one process that trains into the folder (host, pid, job id)
+
+A folder holding a checkpoint and a config holds a run to resume; it resumes with its own
+config (`resume_config`). No torch and no Hydra here (PyYAML, which OmegaConf brings, and the
+standard library): the login node's launcher, `mnist.jobs` and `mnist.report` read it too.
+"""
+import contextlib
+import csv
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from mnist.errors import UserError
+
+CONFIG = "config.yaml"
+START = "run.json"
+LOG = "train.log"
+METRICS = "metrics.csv"
+CHECKPOINT = "checkpoint.pt"
+ENVIRONMENT = "environment.json"
+LOCK = ".lock"
+FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT)
+
+METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s")
+
+# Where and how a run trains may change when it resumes; what it trains may not.
+TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval",
+                      "trainer.progress", "trainer.precision", "trainer.channels_last", "trainer.compile")
+
+
+class RunFolderError(UserError):
+    """A run folder that cannot be used as it is; `damaged` names the damaged file, if that is why."""
+
+    damaged = None
+
+
+def _damaged(path, problem, fix):
+    error = RunFolderError(f"{path} is damaged ({problem}). {fix}")
+    error.damaged = Path(path).name
+    return error
+
+
+def _replace(path, write):
+    """Write through a temporary file, then rename: a file on disk is always a whole one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- config
+
+def write_config(run_dir, config):
+    """Save the resolved config (a plain dict) the run trains on."""
+    def write(tmp):
+        Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+    _replace(Path(run_dir) / CONFIG, write)
+
+
+def read_config(run_dir):
+    """The run's saved config as a plain dict; None if there is none yet."""
+    path = Path(run_dir) / CONFIG
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _damaged(path, getattr(e, "strerror", None) or type(e).__name__, _CONFIG_FIX) from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise _damaged(path, f"{where}{getattr(e, 'problem', None) or 'not YAML'}", _CONFIG_FIX) from None
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("model", "trainer", "data")):
+        raise _damaged(path, "not a run's config: no model, trainer and data sections", _CONFIG_FIX)
+    return config
+
+
+_CONFIG_FIX = ("It is the config the run resumes with: put it back as it was (Hydra's record of the first "
+               "start is .hydra/config.yaml beside it), or move the folder away and start the run afresh.")
+
+
+# ---------------------------------------------------------------- metrics
+
+def write_metrics(run_dir, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _replace(Path(run_dir) / METRICS, write)
+
+
+def read_metrics(run_dir):
+    """metrics.csv's rows, numbers parsed ([] when there is none yet); RunFolderError if damaged."""
+    path = Path(run_dir) / METRICS
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                return []
+            if tuple(reader.fieldnames) != METRIC_COLUMNS:
+                raise _damaged(path, f"its header is {','.join(reader.fieldnames)}", _METRICS_FIX)
+            lines = list(reader)
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise _damaged(path, getattr(e, "strerror", None) or str(e), _METRICS_FIX) from None
+    rows = []
+    for number, line in enumerate(lines, start=2):
+        try:
+            rows.append({key: int(line[key]) if key == "epoch" else float(line[key]) for key in METRIC_COLUMNS})
+        except (TypeError, ValueError):
+            raise _damaged(path, f"line {number} is not a row of numbers", _METRICS_FIX) from None
+    return rows
+
+
+_METRICS_FIX = ("A run rewrites it from its checkpoint when it resumes: resume it with "
+                "`python -m mnist.run hydra.run.dir=<this folder>`, or put the file back as it was.")
+
+
+# ---------------------------------------------------------------- the run, its start and its resume
+
+def checkpoint_path(run_dir):
+    return Path(run_dir) / CHECKPOINT
+
+
+def holds_run(run_dir):
+    """Whether the folder holds a run to resume: a checkpoint and the config it was made with."""
+    return checkpoint_path(run_dir).is_file() and (Path(run_dir) / CONFIG).is_file()
+
+
+def checkpoint_whole(run_dir):
+    """Whether checkpoint.pt is at least a whole file (torch saves a zip archive); torch itself reads it."""
+    return zipfile.is_zipfile(checkpoint_path(run_dir))
+
+
+def record_start(run_dir, overrides):
+    """Remember when the run first started and that command's overrides; a resume keeps them."""
+    path = Path(run_dir) / START
+    if path.exists():
+        return
+    record = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "overrides": list(overrides)}
+    with contextlib.suppress(FileExistsError):  # two starts at once: the first one's record stays
+        with open(path, "x") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_start(run_dir):
+    """{started, overrides} of the run's first start, or None (not started, or from an older version)."""
+    try:
+        record = json.loads((Path(run_dir) / START).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("overrides"), list):
+        return None
+    return record
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _under(key, prefixes):
+    """Whether `key` is one of the dotted `prefixes` or inside one of them."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _select(config, dotted):
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def _put(config, dotted, value):
+    *parents, last = dotted.split(".")
+    for part in parents:
+        config = config.setdefault(part, {})
+    config[last] = value
+
+
+def given_keys(overrides):
+    """The keys a command's overrides set: `+a.b=1` and `~a` give a.b and a."""
+    return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
+
+
+def resume_config(run_dir, config, overrides):
+    """The config a run resumes with: its saved one, with this command's where-and-how applied.
+
+    Where and how it runs (TAKEN_FROM_COMMAND) always comes from this command, and
+    trainer.epochs when it is given (to train on). Any other given override that differs from
+    the saved config is refused, naming the keys. Both configs are plain dicts.
+    """
+    saved = read_config(run_dir)
+    given = given_keys(overrides)
+    now, before = _leaves(config), _leaves(saved)
+    conflicts = sorted(
+        key for key in set(now) | set(before)
+        if now.get(key) != before.get(key) and key != "trainer.epochs"
+        and _under(key, given) and not _under(key, TAKEN_FROM_COMMAND)
+    )
+    if conflicts:
+        shown = ", ".join(f"{k} ({now.get(k)!r}, but the run has {before.get(k)!r})" for k in conflicts)
+        raise RunFolderError(
+            f"{run_dir} holds a run to resume, and it resumes with its own config ({Path(run_dir) / CONFIG}). These "
+            f"overrides differ from it: {shown}. Leave them out to resume, or start a new run in another folder."
+        )
+    for key in TAKEN_FROM_COMMAND + (("trainer.epochs",) if "trainer.epochs" in given else ()):
+        _put(saved, key, _select(config, key))
+    return saved
+
+
+def epochs_left(run_dir, config):
+    """Epochs a resumed run still has to train: config's trainer.epochs less the finished ones."""
+    return config["trainer"]["epochs"] - len(read_metrics(run_dir))
+
+
+def nothing_left(run_dir, epochs_done, epochs):
+    return (f"Nothing left to do: {run_dir} has all {epochs_done} epochs of trainer.epochs={epochs} done. To "
+            f"train on, raise it, e.g. `python -m mnist.run hydra.run.dir={run_dir} trainer.epochs={epochs_done + 3}`.")
+
+
+# ---------------------------------------------------------------- the lock
+
+PREVIOUS_ATTEMPT_WAIT_S = 120  # a requeued job's new attempt waits this long for its old one to let go
+
+
+def _describe(holder):
+    job = f"Slurm job {holder['job_id']}, " if holder.get("job_id") else ""
+    return f"{job}process {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+
+
+def _read_holder(lock_file):
+    lock_file.seek(0)
+    try:
+        holder = json.loads(lock_file.read() or "{}")
+    except ValueError:
+        holder = {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _try_lock(lock_file):
+    """True if taken; False if another process holds it."""
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without locks
+            return True
+        raise
+    return True
+
+
+def _in_use(run_dir, holder):
+    return RunFolderError(
+        f"{run_dir} is in use: {_describe(holder)}, is training into it. Two runs in one folder would mix "
+        f"their logs, metrics and checkpoints, so this one stops here. Wait for that run to end, or stop it "
+        f"({'scancel ' + str(holder['job_id']) if holder.get('job_id') else 'kill ' + str(holder.get('pid', 'PID'))}"
+        f"), then run this again to resume; or start a new run in another folder."
+    )
+
+
+@contextlib.contextmanager
+def lock(run_dir, job_id=None):
+    """Hold the run folder for the process training into it, or raise RunFolderError naming the holder.
+
+    The lock is an flock on `.lock`: it dies with its process, so a killed run's folder is free
+    at once. A requeued job's new attempt (the same job id) waits for its old attempt to exit.
+    """
+    path = Path(run_dir) / LOCK
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+") as lock_file:
+        deadline = time.monotonic() + PREVIOUS_ATTEMPT_WAIT_S
+        while not _try_lock(lock_file):
+            holder = _read_holder(lock_file)
+            if job_id is None or str(holder.get("job_id")) != str(job_id) or time.monotonic() > deadline:
+                raise _in_use(run_dir, holder)
+            time.sleep(1)
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id,
+                                    "since": datetime.datetime.now().isoformat(timespec="seconds")}))
+        lock_file.flush()
+        yield
+
+
+def check_free(run_dir, job_id=None):
+    """Raise RunFolderError if another process trains into the folder now (it takes the lock and lets go)."""
+    if not (Path(run_dir) / LOCK).exists():
+        return
+    with open(Path(run_dir) / LOCK, "r+") as lock_file:
+        if _try_lock(lock_file):
+            return  # closing the file lets go
+        holder = _read_holder(lock_file)
+        if job_id is None or str(holder.get("job_id")) != str(job_id):
+            raise _in_use(run_dir, holder)
+
+
+def holder(run_dir):
+    """Who trains into the folder now ({host, pid, job_id, since}), or None."""
+    try:
+        check_free(run_dir)
+    except RunFolderError:
+        with open(Path(run_dir) / LOCK) as lock_file:
+            return _read_holder(lock_file)
+    except OSError:
+        return None
+    return None
+
+
+def unused(run_dir):
+    """Whether the folder holds nothing a run trained or saved (the records of its start, Hydra's .hydra/ and an
+    empty log aside)."""
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError:
+        return False
+    return all(e.name in (".hydra", LOCK, START) or (e.name == LOG and e.stat().st_size == 0) for e in entries)
