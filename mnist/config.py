@@ -5,13 +5,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from mnist import registry
 from mnist.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "optimizer", "data", "resources", "launcher")
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "leaky_relu", "elu")
-OUTPUTS = ("log_softmax", "softmax")
-ARCHS = ("mlp", "cnn")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -183,8 +181,6 @@ def _boolean(cfg, key):
 
 def validate(cfg):
     """Check every value a run depends on; raise ConfigError naming the bad value and the fix."""
-    from omegaconf import OmegaConf
-
     _positive(cfg, "trainer.epochs", int, "Set e.g. trainer.epochs=3.")
     _positive(cfg, "trainer.log_interval", int, "Set e.g. trainer.log_interval=10.")
     if not isinstance(cfg.trainer.seed, int) or isinstance(cfg.trainer.seed, bool):
@@ -216,9 +212,24 @@ def validate(cfg):
     for key in ("data.shuffle", "data.download"):
         _boolean(cfg, key)
 
-    _one_of(cfg, "model.arch", ARCHS, "Pick a model with model=<name> (see conf/model/).")
-    _one_of(cfg, "model.output", OUTPUTS, f"Set e.g. model.output={OUTPUTS[0]}.")
-    if cfg.model.arch == "mlp":
+    _check_model(cfg)
+    _check_optimizer(cfg)
+
+
+def _check_model(cfg):
+    arch = cfg.model.arch
+    if arch not in registry.ARCHS:
+        raise ConfigError(
+            f"model.arch={arch!r} is no architecture this project builds. Choose one of: "
+            f"{', '.join(registry.ARCHS)}, or pick a model with model=<name> (see conf/model/)."
+        )
+    outputs = registry.ARCHS[arch]
+    if cfg.model.output not in outputs:
+        raise ConfigError(
+            f"model.output={cfg.model.output!r} is not one of: {', '.join(outputs)} (what model.arch={arch} "
+            f"can give). Set e.g. model.output={outputs[0]}."
+        )
+    if arch == "mlp":
         hidden, activations = list(cfg.model.hidden), list(cfg.model.activations)
         if len(hidden) != len(activations):
             raise ConfigError(
@@ -228,25 +239,58 @@ def validate(cfg):
         for i, size in enumerate(hidden):
             _positive(cfg, f"model.hidden.{i}", int, "Hidden layer sizes are positive integers.")
         for name in activations:
-            if name not in ACTIVATIONS:
+            if name not in registry.ACTIVATIONS:
                 raise ConfigError(
                     f"model.activations names '{name}', which is no activation this MLP has. Choose from: "
-                    f"{', '.join(ACTIVATIONS)}, e.g. model.activations=[{', '.join(['relu'] * len(hidden))}]."
+                    f"{', '.join(registry.ACTIVATIONS)}, e.g. model.activations=[{', '.join(['relu'] * len(hidden))}]."
                 )
 
-    optimizer = OmegaConf.to_container(cfg.optimizer)
-    _one_of(cfg, "optimizer.name", choices("optimizer"), "Choose it with optimizer=<name>.")
-    _positive(cfg, "optimizer.lr", (int, float), f"Set e.g. optimizer.lr={_default_lr(cfg.optimizer.name)}.")
-    scheduler = optimizer.get("scheduler")
-    if scheduler is not None:
-        _positive(cfg, "optimizer.scheduler.step_size", int, "Set e.g. optimizer.scheduler.step_size=1.")
-        _positive(cfg, "optimizer.scheduler.gamma", (int, float), "Set e.g. optimizer.scheduler.gamma=0.7.")
+
+def _check_optimizer(cfg):
+    from omegaconf import OmegaConf
+
+    name = cfg.optimizer.name
+    if name not in registry.OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name={name!r} is no optimizer this project builds. Choose one of: "
+            f"{', '.join(registry.OPTIMIZERS)} (the `name:` in conf/optimizer/<file>.yaml, or "
+            f"optimizer.name=<name>), or add it to OPTIMIZERS in mnist/registry.py."
+        )
+    _positive(cfg, "optimizer.lr", (int, float), f"Set e.g. optimizer.lr={_default_lr(name)}.")
+    scheduler = OmegaConf.to_container(cfg.optimizer).get("scheduler")
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, dict):
+        raise ConfigError(f"optimizer.scheduler={scheduler!r} is neither null nor a scheduler's settings. "
+                          f"Set optimizer.scheduler=null, or e.g. {_scheduler_example(registry.DEFAULT_SCHEDULER)}.")
+    scheduler_name = scheduler.pop("name", registry.DEFAULT_SCHEDULER)
+    if scheduler_name not in registry.SCHEDULERS:
+        raise ConfigError(
+            f"optimizer.scheduler.name={scheduler_name!r} is no scheduler this project builds. Choose one of: "
+            f"{', '.join(registry.SCHEDULERS)}, or set optimizer.scheduler=null."
+        )
+    _, options = registry.SCHEDULERS[scheduler_name]
+    unknown = sorted(set(scheduler) - set(options))
+    if unknown:
+        raise ConfigError(
+            f"optimizer.scheduler has {', '.join(unknown)}, which {scheduler_name} does not take. "
+            f"Give it only {', '.join(options)}, e.g. {_scheduler_example(scheduler_name)}."
+        )
+    for option, example in options.items():
+        kind = int if isinstance(example, int) else (int, float)
+        _positive(cfg, f"optimizer.scheduler.{option}", kind, f"Set e.g. optimizer.scheduler.{option}={example}.")
+
+
+def _scheduler_example(name):
+    _, options = registry.SCHEDULERS[name]
+    return f"optimizer.scheduler={{{', '.join(f'{k}: {v}' for k, v in options.items())}}}"
 
 
 def _default_lr(name):
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml").lr
+    path = CONF_DIR / "optimizer" / f"{name}.yaml"
+    return OmegaConf.load(path).lr if path.exists() else 0.01
 
 
 @contextmanager

@@ -4,14 +4,13 @@ import sys
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "leaky_relu": lambda: nn.LeakyReLU(0.01),
-    "elu": nn.ELU,
-}
-OUTPUTS = {"log_softmax": F.log_softmax, "softmax": F.softmax}
+from mnist import registry
+
+
+def activation(name):
+    """A new layer of the activation mnist/registry.py calls `name`."""
+    torch_class, arguments = registry.ACTIVATIONS[name]
+    return getattr(nn, torch_class)(**arguments)
 
 
 class MLP(nn.Module):
@@ -24,15 +23,16 @@ class MLP(nn.Module):
         super().__init__()
         layers = [nn.Flatten()]
         width = 28 * 28
-        for size, activation in zip(hidden, activations):
-            layers += [nn.Linear(width, size), ACTIVATIONS[activation]()]
+        for size, name in zip(hidden, activations):
+            layers += [nn.Linear(width, size), activation(name)]
             width = size
         layers.append(nn.Linear(width, 10))
         self.layers = nn.Sequential(*layers)
         self.output = output
+        self.output_function = getattr(F, registry.OUTPUTS[output])
 
     def forward(self, x):
-        return OUTPUTS[self.output](self.layers(x), dim=1)
+        return self.output_function(self.layers(x), dim=1)
 
 
 if __name__ == "__main__":  # python -m mnist.mlp [overrides]: the course's `python mlp.py`

@@ -1,30 +1,37 @@
-"""Build the model and the optimizer a config names."""
+"""Build the model and the optimizer a config names, from the choices in mnist/registry.py."""
 import torch
 
+from mnist import registry
 from mnist.cnn import CNN
 from mnist.mlp import MLP
 
-OPTIMIZERS = {
-    "adadelta": torch.optim.Adadelta,
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-    "adagrad": torch.optim.Adagrad,
-}
+
+def _mlp(model_cfg):
+    return MLP(list(model_cfg.hidden), list(model_cfg.activations), model_cfg.output)
+
+
+def _cnn(model_cfg):
+    return CNN()
+
+
+BUILDERS = {"mlp": _mlp, "cnn": _cnn}  # one per registry.ARCHS entry
 
 
 def build_model(model_cfg):
-    if model_cfg.arch == "cnn":
-        return CNN()
-    return MLP(list(model_cfg.hidden), list(model_cfg.activations), model_cfg.output)
+    return BUILDERS[model_cfg.arch](model_cfg)
 
 
 def build_optimizer(optimizer_cfg, parameters):
     """The optimizer with every key of conf/optimizer/<name>.yaml but `name` and `scheduler`."""
     options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "scheduler")}
-    optimizer = OPTIMIZERS[optimizer_cfg.name](parameters, **options)
-    scheduler = None
-    if optimizer_cfg.scheduler is not None:
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, **optimizer_cfg.scheduler)
-    return optimizer, scheduler
+    optimizer = getattr(torch.optim, registry.OPTIMIZERS[optimizer_cfg.name])(parameters, **options)
+    return optimizer, build_scheduler(optimizer_cfg.scheduler, optimizer)
+
+
+def build_scheduler(scheduler_cfg, optimizer):
+    """None for `scheduler: null`; else the scheduler `name` picks (registry.DEFAULT_SCHEDULER without one)."""
+    if scheduler_cfg is None:
+        return None
+    options = dict(scheduler_cfg)
+    torch_class, _ = registry.SCHEDULERS[options.pop("name", registry.DEFAULT_SCHEDULER)]
+    return getattr(torch.optim.lr_scheduler, torch_class)(optimizer, **options)

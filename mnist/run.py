@@ -129,40 +129,39 @@ def _submit_one_run(overrides):
     composes to read hydra.mode (which conf/ never sets, and these overrides do not), and check_keys
     composes to explain an unknown key; here that happens only if composing failed. A dry run
     (`dry_run=true`) composes and prints the script without a run folder."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path, run_and_report
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import OmegaConfBaseException
+
+    from mnist import private_apis
 
     def run():
         try:
             if "dry_run=true" in overrides:
                 _print_script(hydra, overrides)
             else:  # hydra.main, finding no hydra.mode, adds this override too (it lands in .hydra/hydra.yaml)
-                hydra.run(config_name="config", task_function=_task, overrides=[*overrides, "hydra.mode=RUN"])
+                private_apis.run_job(hydra, "config", [*overrides, "hydra.mode=RUN"], _task)
         except (ConfigCompositionException, OmegaConfBaseException):
             GlobalHydra.instance().clear()  # check_keys composes with a Hydra of its own
             with report_errors():
                 check_keys(overrides)  # an unknown key: our paragraph instead of Hydra's
             raise
 
-    hydra = run_and_report(lambda: Hydra.create_main_hydra2(
-        task_name="run", config_search_path=create_config_search_path(str(CONF_DIR))))
+    hydra = private_apis.run_and_report(lambda: private_apis.create_hydra(str(CONF_DIR), task_name="run"))
     try:
-        run_and_report(run)
+        private_apis.run_and_report(run)
     finally:
         GlobalHydra.instance().clear()
 
 
 def _print_script(hydra, overrides):
     """A dry run prints the sbatch script and makes nothing: no run folder, no .hydra/ (as for sweeps)."""
-    from hydra.types import RunMode
     from omegaconf import open_dict
 
+    from mnist import private_apis
     from mnist.launch.slurm import submit
 
-    cfg = hydra.compose_config("config", overrides, run_mode=RunMode.RUN)
+    cfg = private_apis.compose_run_config(hydra, "config", overrides)
     HydraConfig.instance().set_config(cfg)  # resolves hydra.run.dir's ${now:...}
     run_dir, given = cfg.hydra.run.dir, cfg.hydra.overrides.task
     with open_dict(cfg):

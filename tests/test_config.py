@@ -65,3 +65,42 @@ def test_unknown_group_options_list_the_choices(override):
     assert f"Unknown {group}" in str(error.value)
     for option in choices(group):
         assert option in str(error.value)
+
+
+# -- names the config may use come from mnist/registry.py, checked on the login node -------------
+
+@pytest.mark.parametrize("overrides, named, choices_named", [
+    (["model.arch=resnet"], "model.arch='resnet'", "mlp, cnn"),
+    (["model=cnn", "model.output=softmax"], "model.output='softmax'", "model.output=log_softmax"),
+    (["model.activations=[gelu]"], "'gelu'", "relu, sigmoid, tanh, leaky_relu, elu"),
+    (["optimizer.name=lion"], "optimizer.name='lion'", "adadelta, sgd, adam"),
+    (["+optimizer.scheduler.name=cosine"], "optimizer.scheduler.name='cosine'", "step_lr"),
+    (["+optimizer.scheduler.last_epoch=3"], "last_epoch", "step_size, gamma"),
+    (["optimizer.scheduler.gamma=0"], "optimizer.scheduler.gamma=0", "optimizer.scheduler.gamma=0.7"),
+    (["optimizer.scheduler=5"], "optimizer.scheduler=5", "optimizer.scheduler=null"),
+])
+def test_names_the_code_cannot_build_are_refused_with_the_choices(overrides, named, choices_named):
+    with pytest.raises(ConfigError) as error:
+        compose(overrides)
+    message = str(error.value)
+    assert named in message and choices_named in message, message
+    assert "\n" not in message
+
+
+def test_a_new_optimizer_file_naming_an_unbuildable_optimizer_is_refused_before_submitting(monkeypatch, tmp_path):
+    import shutil
+
+    import mnist.config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(mnist.config.CONF_DIR, conf)
+    (conf / "optimizer" / "lion.yaml").write_text("name: lion\nlr: 0.0001\nscheduler: null\n")
+    monkeypatch.setattr(mnist.config, "CONF_DIR", conf)
+    with pytest.raises(ConfigError) as error:
+        compose(["optimizer=lion", "launcher=slurm"])
+    assert "optimizer.name='lion'" in str(error.value) and "mnist/registry.py" in str(error.value)
+
+
+def test_the_scheduler_may_be_named_or_left_out():
+    assert compose(["+optimizer.scheduler.name=step_lr"]).optimizer.scheduler.name == "step_lr"
+    assert compose(["optimizer.scheduler=null"]).optimizer.scheduler is None

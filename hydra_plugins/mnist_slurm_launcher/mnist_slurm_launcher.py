@@ -17,8 +17,6 @@ import copy
 import logging
 from dataclasses import dataclass
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
-from hydra._internal.core_plugins import basic_sweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -27,7 +25,10 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.plugins.launcher import Launcher
 from omegaconf import OmegaConf, open_dict
 
+from mnist import private_apis
+
 log = logging.getLogger(__name__)
+BasicSweeper, BasicSweeperConf = private_apis.basic_sweeper_classes()
 
 
 @dataclass
@@ -36,7 +37,7 @@ class MnistSlurmLauncherConf:
 
 
 @dataclass
-class MnistSlurmSweeperConf(basic_sweeper.BasicSweeperConf):
+class MnistSlurmSweeperConf(BasicSweeperConf):
     _target_: str = "hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher.MnistSlurmSweeper"
 
 
@@ -46,7 +47,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="mnist_slurm", node=Mni
                              provider="mnist-slurm")
 
 
-class MnistSlurmSweeper(basic_sweeper.BasicSweeper):
+class MnistSlurmSweeper(BasicSweeper):
     """Hydra's basic sweeper (the same `a,b`, `range()`, `hydra.sweeper.params`, batches), for the
     launcher below, which composes every run of a batch before it acts on any."""
 
@@ -77,12 +78,12 @@ def compose_runs(config_loader, master, job_overrides):
         if rest not in bases:
             bases[rest] = config_loader.load_sweep_config(master, list(rest))
         cfg = copy.deepcopy(bases[rest])
-        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        private_apis.apply_value_overrides(values, cfg)
         task = [o for o in parsed if not o.is_hydra_override()]
         cfg.hydra.overrides.task = [o.input_line for o in task]
         dirname = cfg.hydra.job.config.override_dirname
-        cfg.hydra.job.override_dirname = get_overrides_dirname(
-            overrides=task, exclude_keys=list(dirname.exclude_keys), item_sep=dirname.item_sep, kv_sep=dirname.kv_sep)
+        cfg.hydra.job.override_dirname = private_apis.override_dirname(
+            task, list(dirname.exclude_keys), dirname.item_sep, dirname.kv_sep)
         OmegaConf.copy_cache(from_config=master, to_config=cfg)
         runs.append(cfg)
     return runs
@@ -94,7 +95,7 @@ def _is_value(override, parsed, config_loader):
     key = override.key_or_group
     plain = (override.type == OverrideType.CHANGE and override.package is None and "." in key
              and not key.startswith("hydra.") and not isinstance(override.value(), dict)
-             and not config_loader.repository.group_exists(key))
+             and not private_apis.is_config_group(config_loader, key))
     others = [o.key_or_group for o in parsed if o is not override]
     return plain and not any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in others)
 

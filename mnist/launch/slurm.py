@@ -80,12 +80,9 @@ def submitit_folder(cfg):
 
 def render(cfg, params, array_size=None):
     """The sbatch script submitit would write for these parameters, byte for byte."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from mnist import private_apis
 
-    folder = submitit_folder(cfg)
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
-    extra = {"map_count": array_size} if array_size else {}
-    return _make_sbatch_string(command=command, folder=folder, **params, **extra)
+    return private_apis.sbatch_script(submitit_folder(cfg), params, array_size)
 
 
 def check(cfg, asked=None):

@@ -1,0 +1,86 @@
+"""Every call this project makes into Hydra's and submitit's private code, as thin named functions.
+
+Hydra's `hydra._internal` and submitit's underscore names may change in any release, so they are
+used only here; tests/test_private_apis.py checks that each still does what we rely on, and
+setup.cfg caps hydra-core and submitit at the versions those tests passed with.
+
+Imports are inside the functions: the login node's submit path imports this module, must stay
+fast and never imports torch.
+"""
+import shlex
+import sys
+
+# -- Hydra: what hydra.main does, one step at a time (mnist/run.py's fast submit path) ------------
+
+
+def create_hydra(config_dir, task_name):
+    """The Hydra object hydra.main creates for conf/ (search path with plugins), made the global one."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+
+    return Hydra.create_main_hydra2(task_name=task_name, config_search_path=create_config_search_path(config_dir))
+
+
+def run_and_report(function):
+    """function(), with an exception reported as hydra.main reports it: its message, exit status 1."""
+    from hydra._internal.utils import run_and_report as hydras_run_and_report
+
+    return hydras_run_and_report(function)
+
+
+def run_job(hydra, config_name, overrides, task_function):
+    """hydra.main's run mode: compose, callbacks, the run folder with .hydra/, task_function(cfg)."""
+    return hydra.run(config_name=config_name, task_function=task_function, overrides=overrides)
+
+
+def compose_run_config(hydra, config_name, overrides):
+    """The config, hydra node included, that run_job would give the task; makes no folder."""
+    from hydra.types import RunMode
+
+    return hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
+
+
+# -- Hydra: a sweep's runs (hydra_plugins/mnist_slurm_launcher) ---------------------------------
+
+
+def apply_value_overrides(overrides, cfg):
+    """Apply parsed `a.b.c=value` overrides to a composed config in place, as Hydra's composition does."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
+
+
+def override_dirname(overrides, exclude_keys, item_sep, kv_sep):
+    """hydra.job.override_dirname for these parsed overrides."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+
+    return get_overrides_dirname(overrides=overrides, exclude_keys=exclude_keys, item_sep=item_sep, kv_sep=kv_sep)
+
+
+def is_config_group(config_loader, name):
+    """Whether `name` is a config group (conf/model/, hydra/launcher), not a key of the config."""
+    return config_loader.repository.group_exists(name)
+
+
+def basic_sweeper_classes():
+    """Hydra's basic sweeper (`a,b`, `range()`, hydra.sweeper.params) and its config, to subclass."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
+
+    return BasicSweeper, BasicSweeperConf
+
+
+# -- submitit: the sbatch script, for dry_run=true (mnist/launch/slurm.py) -----------------------
+
+
+def submitit_command(folder):
+    """The command submitit's SlurmExecutor runs in its sbatch script: unpickle and run the job."""
+    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
+
+
+def sbatch_script(folder, parameters, array_size=None):
+    """The sbatch script a SlurmExecutor(folder) with these parameters submits, byte for byte
+    (array_size: for a job array of that many tasks, as `executor.batch()` submits it)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    extra = {"map_count": array_size} if array_size else {}
+    return _make_sbatch_string(command=submitit_command(folder), folder=folder, **parameters, **extra)
