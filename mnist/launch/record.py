@@ -150,7 +150,9 @@ def states(entries):
     queued, problem = _squeue(",".join(arrays))
     if problem:
         return States({}, problem)
-    accounted = _sacct(",".join(arrays))
+    # squeue -r lists every pending job and task. sacct's PENDING for one it does not list is out of
+    # date: a task cancelled before it started stays in sacct's folded "N_[1-3%1] PENDING" for a while.
+    accounted = {job: state for job, state in _sacct(",".join(arrays)).items() if state.state != "PENDING"}
     found = {}
     for entry in entries:
         job_id = entry["job_id"]
