@@ -152,3 +152,22 @@ def test_tail_prints_its_header_on_stdout_before_the_log(tmp_path, no_slurm):
     piped = subprocess.run(f"{sys.executable} -m mnist.jobs --logs {logs} tail -n 2 | cat", shell=True, cwd=tmp_path,
                            capture_output=True, text=True, env={**os.environ, **no_slurm}, timeout=60)
     assert piped.stdout == f"==> {logs / 'mlp_41.out'} <==\nline 28\nline 29\n", piped.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("ids", [["11"], ["11", "12", "13"]])
+def test_jobs_slurm_does_not_know_are_read_from_their_results_not_called_unreachable(slurm_env, tmp_path, ids):
+    """Ids this cluster never had (its ids start far higher), as after sacct's and squeue's memory ends."""
+    from submitit.core.utils import cloudpickle_dump
+
+    logs = tmp_path / "logs"
+    outcomes = {"11": ("success", [{"epoch": 1, "accuracy": 0.9}]), "12": ("error", "Traceback ...")}
+    entries = [entry(job, tmp_path / "run" / job, logs) for job in ids]
+    for job, outcome in outcomes.items():
+        (logs / "submitit" / job).mkdir(parents=True)
+        cloudpickle_dump(outcome, logs / "submitit" / job / f"{job}_0_result.pkl")
+    record.append(logs, entries)
+    result = jobs(["--logs", logs], tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    expected = {"11": "COMPLETED", "12": "FAILED", "13": "UNKNOWN"}  # 13: no result, no log
+    assert listed(result.stdout) == {job: expected[job] for job in ids}

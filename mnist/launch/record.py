@@ -168,7 +168,8 @@ def _squeue(job_list):
     if conf and not Path(conf).is_file():  # squeue would retry for a minute before saying so
         return {}, f"SLURM_CONF={conf} is not a file"
     out, error = _call(["squeue", "-r", "-h", "-j", job_list, "-o", "%i|%T|%M|%N"])
-    # A list of only forgotten ids answers "Invalid job id specified": known, just not queued.
+    # One id squeue has forgotten (or never knew) fails with "Invalid job id specified"; several such
+    # ids list nothing. Either way Slurm answered.
     if error and "Invalid job id" not in error:
         if "configuration" in error and not conf and not Path("/etc/slurm/slurm.conf").exists():
             error += " (SLURM_CONF is not set and there is no /etc/slurm/slurm.conf)"
