@@ -87,7 +87,8 @@ def cancel(log_dir, job_id):
     entry = record.find(log_dir, job_id)
     known = record.states([entry])
     if known.unreachable:
-        raise UserError(f"Cannot cancel {job_id}: Slurm cannot be reached ({known.unreachable}).")
+        raise UserError(f"Cannot cancel {job_id}: Slurm cannot be reached ({known.unreachable}). Check that `sinfo` "
+                        f"answers (SLURM_CONF, the controller), then cancel again.")
     before = known.by_job.get(entry["job_id"])
     whole_array = job_id != entry["job_id"]
     if before and before.state in record.ENDED and not whole_array:
