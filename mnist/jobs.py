@@ -1,73 +1,23 @@
 """The runs this project submitted, like the course's `sq` but for them: job id, name, state,
 elapsed time, node, last log line, run folder. Also tail a job's log and cancel a job.
 
-    python -m mnist.jobs                 list (from logs/jobs.jsonl + one squeue and one sacct call)
+    python -m mnist.jobs                 list (from logs/jobs.jsonl + one squeue -r and one sacct call)
     python -m mnist.jobs tail [JOB] [-n 20] [-f]      the job's %x_%j.out (default: the latest job)
     python -m mnist.jobs cancel JOB      scancel it; its log and last checkpoint stay
 
 Works without Slurm accounting too: a job squeue no longer knows is then read from the
-result submitit left in its folder (COMPLETED or FAILED), else shown as ENDED.
+result submitit left in its folder (COMPLETED or FAILED), else shown as ENDED (UNKNOWN without
+a log). When Slurm cannot be reached at all, it says why and shows every state as ?.
+The record and the states come from mnist.launch.record.
 """
 import argparse
-import json
-import pickle
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from mnist.errors import UserError
-from mnist.launch.slurm import JOBS_RECORD
-
-JOB_ID = re.compile(r"\d+(_\d+)?")
-
-
-def read_record(log_dir):
-    path = Path(log_dir) / JOBS_RECORD
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _query(command):
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def slurm_states(job_ids):
-    """{job id: (state, elapsed, node)} from one squeue call and one sacct call for all jobs."""
-    states = {}
-    mains = sorted({j.split("_")[0] for j in job_ids})
-    if not mains:
-        return states
-    listing = ",".join(mains)
-    # sacct first, squeue second: squeue is live and wins for jobs still queued or running.
-    accounted = _query(["sacct", "-n", "-P", "-X", "-j", listing, "-o", "JobID,State,Elapsed,NodeList"])
-    for line in (accounted or "").splitlines():
-        job, state, elapsed, node = line.split("|")[:4]
-        states[job] = (state.split()[0], elapsed, node)
-    queued = _query(["squeue", "-h", "-j", listing, "-o", "%i|%T|%M|%N"])
-    for line in (queued or "").splitlines():
-        job, state, elapsed, node = line.split("|")[:4]
-        states[job] = (state, elapsed, node)
-    return states
-
-
-def result_state(entry):
-    """Without accounting: submitit's result file says whether a finished job succeeded."""
-    result = Path(entry.get("submitit_folder", "")) / f"{entry['job_id']}_0_result.pkl"
-    if not result.exists():
-        return None
-    try:
-        with open(result, "rb") as f:
-            outcome = pickle.load(f)[0]
-    except Exception:
-        return None
-    return "COMPLETED" if outcome == "success" else "FAILED"
+from mnist.launch import record
 
 
 def last_line(path):
@@ -83,20 +33,24 @@ def last_line(path):
 
 
 def rows(log_dir):
-    entries = read_record(log_dir)
-    states = slurm_states([e["job_id"] for e in entries])
+    entries = record.read(log_dir)
+    known = record.states(entries)
+    if known.unreachable:
+        print(f"Cannot reach Slurm, so job states are shown as ?: {known.unreachable}.", file=sys.stderr)
     for entry in entries:
-        state, elapsed, node = states.get(entry["job_id"], (None, "", ""))
-        if state is None:
-            state = result_state(entry) or ("ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN")
+        state, elapsed, node = known.by_job.get(entry["job_id"], ("", "", ""))
+        if known.unreachable:
+            state = "?"
+        elif not state:  # neither Slurm nor a result file knows it
+            state = "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
         yield {**entry, "state": state, "elapsed": elapsed or "-", "node": node or "-",
-               "last_line": last_line(entry["stdout"])}
+               "last_line": last_line(entry["stdout"]).replace("\t", " ")}
 
 
 def list_jobs(log_dir):
     table = list(rows(log_dir))
     if not table:
-        print(f"No jobs submitted from here yet ({Path(log_dir) / JOBS_RECORD} is empty). "
+        print(f"No jobs submitted from here yet ({record.path(log_dir)} is empty). "
               f"Submit one with: python -m mnist.run launcher=slurm")
         return
     header = ("JOB", "NAME", "STATE", "ELAPSED", "NODE", "LAST LOG LINE", "RUN FOLDER")
@@ -107,23 +61,10 @@ def list_jobs(log_dir):
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
 
 
-def find(log_dir, job_id):
-    entries = read_record(log_dir)
-    if not entries:
-        raise UserError(f"No jobs recorded in {Path(log_dir) / JOBS_RECORD}. Submit one with launcher=slurm first.")
-    if job_id is None:
-        return entries[-1]
-    for entry in reversed(entries):
-        if entry["job_id"] == job_id or entry["job_id"].split("_")[0] == job_id:
-            return entry
-    known = ", ".join(e["job_id"] for e in entries[-10:])
-    raise UserError(f"Job {job_id} was not submitted from here. Recent jobs: {known}.")
-
-
 def tail(log_dir, job_id, lines, follow):
-    entry = find(log_dir, job_id)
+    entry = record.find(log_dir, job_id)
     path = Path(entry["stdout"])
-    print(f"==> {path} <==", file=sys.stderr)
+    print(f"==> {path} <==", flush=True)  # on stdout: `make logs | less` keeps it
     if not path.exists():
         print(f"(no log yet: job {entry['job_id']} has not started)", file=sys.stderr)
         if not follow:
@@ -141,13 +82,29 @@ def tail(log_dir, job_id, lines, follow):
 
 
 def cancel(log_dir, job_id):
-    if not JOB_ID.fullmatch(job_id):
+    if not record.JOB_ID.fullmatch(job_id):
         raise UserError(f"'{job_id}' is not a Slurm job id (like 123456 or 123456_3).")
-    entry = find(log_dir, job_id)
+    entry = record.find(log_dir, job_id)
+    known = record.states([entry])
+    if known.unreachable:
+        raise UserError(f"Cannot cancel {job_id}: Slurm cannot be reached ({known.unreachable}). Check that `sinfo` "
+                        f"answers (SLURM_CONF, the controller), then cancel again.")
+    before = known.by_job.get(entry["job_id"])
+    whole_array = job_id != entry["job_id"]
+    if before and before.state in record.ENDED and not whole_array:
+        print(f"Job {job_id} had already ended ({before.state}): nothing to cancel.")
+        return
     out = subprocess.run(["scancel", job_id], capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"scancel {job_id} failed: {out.stderr.strip()}")
-    print(f"Cancelled {job_id}. Its log ({entry['stdout']}) and run folder ({entry['run_dir']}) stay.")
+    if whole_array:
+        print(f"Cancelled job array {job_id}, all its tasks. The logs of the tasks that started and the run "
+              f"folders ({Path(entry['run_dir']).parent}) stay.")
+    elif before and before.state == "PENDING" and not Path(entry["stdout"]).exists():
+        print(f"Cancelled {job_id} while it was pending: it never started, so it has no log. "
+              f"Its run folder ({entry['run_dir']}) holds only its config.")
+    else:
+        print(f"Cancelled {job_id}. Its log ({entry['stdout']}) and run folder ({entry['run_dir']}) stay.")
 
 
 def main(argv=None):

@@ -30,10 +30,11 @@ Writes `report.csv`, `report_loss.png` (train and test loss per epoch) and `repo
 STATE, by the first rule that applies:
 
 1. every epoch of `trainer.epochs` has its row in metrics.csv: COMPLETED;
-2. the run has a job id and Slurm knows it (one `sacct` and one `squeue` call for all jobs, through
-   `mnist.jobs.slurm_states`): Slurm's state, e.g. PENDING, RUNNING, FAILED, TIMEOUT, CANCELLED,
-   REQUEUED; where accounting is off, a finished job's outcome from the result submitit left
-   (COMPLETED or FAILED, as `python -m mnist.jobs` does);
+2. the run has a job id and Slurm knows it (one `squeue -r` and one `sacct` call for all jobs, through
+   `mnist.launch.record`, as `python -m mnist.jobs` does): Slurm's state, e.g. PENDING, RUNNING,
+   FAILED, TIMEOUT, CANCELLED, REQUEUED; where accounting is off, a finished job's outcome from the
+   result submitit left (COMPLETED or FAILED). When Slurm cannot be reached, it says so once and
+   this rule is skipped;
 3. otherwise: `not started` without any finished epoch, else `incomplete (epoch k of n)`. A local
    run that is still training and one that died or was interrupted look alike on disk, so neither
    is guessed; `python -m mnist.run hydra.run.dir=<run folder>` resumes the latter.
@@ -56,6 +57,7 @@ import yaml
 
 from mnist import rundir
 from mnist.errors import UserError
+from mnist.launch import record
 
 CSV_NAME = "report.csv"
 LOSS_PNG = "report_loss.png"
@@ -196,45 +198,12 @@ def read_run(run_dir):
 
 # ---------------------------------------------------------------- Slurm
 
-def _in_array_listing(task, listing):
-    """Whether task "7" is in squeue/sacct's pending-array listing "[2-5,7%8]"."""
-    match = re.fullmatch(r"\[([\d,\-]+)(?:%\d+)?\]", listing)
-    if not match:
-        return False
-    for part in match.group(1).split(","):
-        low, _, high = part.partition("-")
-        if low.isdigit() and int(low) <= int(task) <= int(high or low):
-            return True
-    return False
-
-
-def state_of(job_id, states):
-    """Slurm's (state, elapsed, node) for a job id, a task of an array included, or None."""
-    if job_id in states:
-        return states[job_id]
-    main, _, task = job_id.partition("_")
-    if task.isdigit():
-        for known, value in states.items():
-            array, _, listing = known.partition("_")
-            if array == main and _in_array_listing(task, listing):
-                return value
-    return None
-
-
 def job_ids(runs, log_dir):
     """{run folder: job id} from the launcher's record (latest submission wins), else environment.json."""
     entries = {}
     if log_dir is not None:
-        from mnist.jobs import read_record
-
-        try:
-            records = read_record(log_dir)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{Path(log_dir) / 'jobs.jsonl'} could not be read ({e}). Point --logs at the "
-                            f"launcher's log folder (launcher.log_dir), or leave it out.") from None
-        for entry in records:
-            if entry.get("run_dir") and entry.get("job_id"):
-                entries[Path(entry["run_dir"]).resolve()] = entry
+        for entry in record.read(log_dir):
+            entries[Path(entry["run_dir"]).resolve()] = entry
     found = {}
     for run in runs:
         entry = entries.get(run["run_dir"].resolve())
@@ -248,29 +217,15 @@ def job_ids(runs, log_dir):
 def slurm_lookup(runs, log_dir):
     """Set each run's job_id and slurm_state; asks Slurm once, and only when some run has a job."""
     ids = job_ids(runs, log_dir)
-    states = {}
-    if ids:
-        from mnist.jobs import slurm_states
-
-        states = slurm_states(sorted(set(ids.values())))
+    jobs = [run["job_entry"] or {"job_id": ids[run["run_dir"]]} for run in runs if run["run_dir"] in ids]
+    known = record.states(jobs)
+    if known.unreachable:
+        print(f"Cannot reach Slurm, so states are read from the run folders only: {known.unreachable}.",
+              file=sys.stderr)
     for run in runs:
         run["job_id"] = ids.get(run["run_dir"])
-        known = state_of(run["job_id"], states) if run["job_id"] else None
-        state = known[0] if known else None
-        if state is None and run["job_entry"] is not None:
-            state = _submitit_outcome(run["job_entry"])
-        run["slurm_state"] = state
-
-
-def _submitit_outcome(entry):
-    try:
-        from mnist.jobs import result_state
-    except ImportError:
-        return None
-    try:
-        return result_state(entry)
-    except Exception:  # a record from another version of the launcher: no outcome, no failure
-        return None
+        state = known.by_job.get(run["job_id"])
+        run["slurm_state"] = state.state if state else None
 
 
 # ---------------------------------------------------------------- the table

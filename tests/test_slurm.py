@@ -122,6 +122,40 @@ def test_a_sweep_is_one_job_array_with_a_folder_and_log_per_task(slurm_env, tiny
     assert "#SBATCH --array=0-1%1" in script.read_text()
 
 
+def test_a_sweep_waiting_its_turn_shows_pending_tasks_and_cancel_says_one_never_started(slurm_env, tiny_data,
+                                                                                         tmp_path):
+    result = run(["-m", "launcher=slurm", "trainer.seed=1,2,3", f"data.root={tiny_data}", "trainer.epochs=1000",
+                  f"launcher.log_dir={tmp_path / 'logs'}", "resources.mem=2G", "launcher.array_parallelism=1",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    job_id = submitted_id(result)
+    try:
+        listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs")
+        assert listing.returncode == 0 and listing.stderr == "", listing.stderr
+        assert re.search(rf"^{job_id}_0\s+mlp\s+(PENDING|RUNNING)\s", listing.stdout, re.M), listing.stdout
+        for task in (1, 2):
+            assert re.search(rf"^{job_id}_{task}\s+mlp\s+PENDING\s", listing.stdout, re.M), listing.stdout
+
+        cancelled = run(["--logs", str(tmp_path / "logs"), "cancel", f"{job_id}_2"], tmp_path, module="mnist.jobs")
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cancelled.stdout == (f"Cancelled {job_id}_2 while it was pending: it never started, so it has no log. "
+                                    f"Its run folder ({tmp_path / 'sweep' / '2'}) holds only its config.\n")
+        listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
+        assert re.search(rf"^{job_id}_1\s+mlp\s+PENDING\s", listing, re.M), listing
+        assert not re.search(rf"^{job_id}_2\s+mlp\s+PENDING\s", listing, re.M), listing
+    finally:
+        whole = run(["--logs", str(tmp_path / "logs"), "cancel", job_id], tmp_path, module="mnist.jobs")
+    assert whole.returncode == 0 and f"Cancelled job array {job_id}" in whole.stdout, whole.stderr
+    deadline = time.time() + 60  # sacct keeps never-started tasks folded (N_[1%1]): watch as the user does
+    while time.time() < deadline:
+        listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
+        if all(re.search(rf"^{job_id}_{task}\s+mlp\s+CANCELLED\s", listing, re.M) for task in (0, 1)):
+            break
+        time.sleep(2)
+    for task in (0, 1):
+        assert re.search(rf"^{job_id}_{task}\s+mlp\s+CANCELLED\s", listing, re.M), listing
+    assert "None assigned" not in listing
+
+
 def test_a_gpu_request_is_granted(slurm_env, tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     job_id = submitted_id(submit(["resources=gpu", "resources.cpus_per_task=1", "resources.mem=2G",

@@ -6,7 +6,6 @@ bytes submitit writes), submits, records the job for `python -m mnist.jobs`, and
 It never imports torch and knows nothing about models beyond their name.
 """
 import datetime
-import json
 import os
 import shlex
 import sys
@@ -16,9 +15,7 @@ from omegaconf import OmegaConf
 
 from mnist import datafiles, rundir
 from mnist.errors import UserError
-from mnist.launch import resources
-
-JOBS_RECORD = "jobs.jsonl"
+from mnist.launch import record, resources
 
 
 class SubmitError(UserError):
@@ -194,14 +191,15 @@ def _log_files(cfg, name, job_id, array):
 
 def _record(cfg, name, jobs, runs, array):
     now = datetime.datetime.now().isoformat(timespec="seconds")
-    with open(Path(cfg.launcher.log_dir) / JOBS_RECORD, "a") as f:
-        for job, (run_cfg, run_dir) in zip(jobs, runs):
-            out, err = _log_files(cfg, name, job.job_id, array)
-            f.write(json.dumps({
-                "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
-                "stdout": out, "stderr": err, "submitted": now,
-                "submitit_folder": str(job.paths.folder),
-            }) + "\n")
+    entries = []
+    for job, (run_cfg, run_dir) in zip(jobs, runs):
+        out, err = _log_files(cfg, name, job.job_id, array)
+        entries.append({
+            "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
+            "stdout": out, "stderr": err, "submitted": now,
+            "submitit_folder": str(job.paths.folder),
+        })
+    record.append(cfg.launcher.log_dir, entries)
 
 
 def _announce(cfg, name, jobs, run_dirs, array):

@@ -1,0 +1,259 @@
+"""The launcher's record of the jobs it submitted (`<launcher.log_dir>/jobs.jsonl`) and their states.
+
+One JSON object a line, one line a job (each task of an array is one):
+job_id, name, model, run_dir, stdout, stderr, submitted, submitit_folder.
+`python -m mnist.jobs` and `python -m mnist.report` read it only through this module.
+
+Submissions append under an exclusive lock, each in one write, so submissions made at the same
+time never interleave; readers take a shared lock, so they never see half a submission.
+
+States: one `squeue -r` call (the live state, each pending array task listed on its own) and
+one `sacct` call (jobs squeue has forgotten) for all jobs, whatever their number; squeue wins.
+Without accounting (sacct fails) a finished job's outcome is read from the result file
+submitit left. When Slurm cannot be reached at all, no state is guessed: `States.unreachable`
+says why. Standard library only: the login node's commands import no torch through here.
+"""
+import fcntl
+import json
+import os
+import pickletools
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from mnist.errors import UserError
+
+FILE_NAME = "jobs.jsonl"
+FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder")
+REQUIRED = ("job_id", "run_dir", "stdout")
+JOB_ID = re.compile(r"\d+(_\d+)?")
+ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE"}
+SLURM_TIMEOUT_S = 30
+_warned = set()
+
+
+def path(log_dir):
+    return Path(log_dir) / FILE_NAME
+
+
+# ---------------------------------------------------------------- writing and reading
+
+def append(log_dir, entries):
+    """Add one submission's entries (dicts of FIELDS) as lines, all in one locked write."""
+    file = path(log_dir)
+    data = "".join(json.dumps(entry) + "\n" for entry in entries).encode()
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _ends_mid_line(fd):  # a line cut short by a crash: ours start on a line of their own
+                data = b"\n" + data
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)  # releases the lock
+    except OSError as e:
+        ids = ", ".join(entry["job_id"] for entry in entries)
+        raise UserError(f"Job {ids} was submitted, but {file} could not be written ({e.strerror or e}), so "
+                        f"python -m mnist.jobs will not list it. Make {file.parent} writable, or set "
+                        f"launcher.log_dir to a writable folder for the next submission.") from None
+
+
+def _ends_mid_line(fd):
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def read(log_dir):
+    """The recorded entries, oldest first. A damaged line is skipped with one warning naming it."""
+    file = path(log_dir)
+    try:
+        with open(file, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UserError(f"{file} could not be read ({e.strerror or e}). Point --logs at the launcher's log "
+                        f"folder (launcher.log_dir, default logs).") from None
+    entries, damaged = [], []
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if line.strip():
+            entry = _parse(line)
+            if entry is None:
+                damaged.append(number)
+            else:
+                entries.append(entry)
+    if damaged:
+        _warn_damaged(file, damaged)
+    return entries
+
+
+def _parse(line):
+    try:
+        entry = json.loads(line.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(key), str) and entry[key] for key in REQUIRED):
+        return None
+    if not JOB_ID.fullmatch(entry["job_id"]):
+        return None
+    return {**dict.fromkeys(FIELDS, ""), **entry}
+
+
+def _warn_damaged(file, numbers):
+    key = (str(file), tuple(numbers))
+    if key in _warned:  # a command may read the record twice; it warns once
+        return
+    _warned.add(key)
+    which = f"line {numbers[0]}" if len(numbers) == 1 else "lines " + ", ".join(map(str, numbers))
+    print(f"warning: {file}, {which}: not a whole job record (damaged or half-written), skipped.",
+          file=sys.stderr)
+
+
+def find(log_dir, job_id=None):
+    """The entry of a job or array task; an array's id gives its latest task; None: the latest job."""
+    entries = read(log_dir)
+    if not entries:
+        raise UserError(f"No jobs recorded in {path(log_dir)}. Submit one with launcher=slurm first.")
+    if job_id is None:
+        return entries[-1]
+    for entry in reversed(entries):
+        if job_id in (entry["job_id"], entry["job_id"].split("_")[0]):
+            return entry
+    known = ", ".join(entry["job_id"] for entry in entries[-10:])
+    raise UserError(f"Job {job_id} was not submitted from here ({path(log_dir)}). Recent jobs: {known}.")
+
+
+# ---------------------------------------------------------------- states
+
+class JobState(NamedTuple):
+    state: str  # Slurm's (PENDING, RUNNING, CANCELLED, ...), or COMPLETED/FAILED from submitit's result
+    elapsed: str = ""
+    node: str = ""
+
+
+class States(NamedTuple):
+    by_job: dict  # {job id: JobState}; a job nothing knows about is left out
+    unreachable: str = ""  # why Slurm could not be asked; "" when it answered
+
+
+def states(entries):
+    """The JobState of each entry (a dict with job_id, and submitit_folder for the result file)."""
+    entries = [entry for entry in entries if JOB_ID.fullmatch(str(entry.get("job_id", "")))]
+    if not entries:
+        return States({})
+    arrays = sorted({entry["job_id"].split("_")[0] for entry in entries}, key=int)
+    queued, problem = _squeue(",".join(arrays))
+    if problem:
+        return States({}, problem)
+    # squeue -r lists every pending job and task. sacct's PENDING for one it does not list is out of
+    # date: a task cancelled before it started stays in sacct's folded "N_[1-3%1] PENDING" for a while.
+    accounted = {job: state for job, state in _sacct(",".join(arrays)).items() if state.state != "PENDING"}
+    found = {}
+    for entry in entries:
+        job_id = entry["job_id"]
+        state = _lookup(job_id, queued) or _lookup(job_id, accounted) or _submitit_outcome(entry)
+        if state:
+            found[job_id] = state
+    return States(found)
+
+
+def _squeue(job_list):
+    """The jobs the controller knows, and "" or why it could not be asked."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # squeue would retry for a minute before saying so
+        return {}, f"SLURM_CONF={conf} is not a file"
+    out, error = _call(["squeue", "-r", "-h", "-j", job_list, "-o", "%i|%T|%M|%N"])
+    # One id squeue has forgotten (or never knew) fails with "Invalid job id specified"; several such
+    # ids list nothing. Either way Slurm answered.
+    if error and "Invalid job id" not in error:
+        if "configuration" in error and not conf and not Path("/etc/slurm/slurm.conf").exists():
+            error += " (SLURM_CONF is not set and there is no /etc/slurm/slurm.conf)"
+        return {}, error
+    return _listing(out), ""
+
+
+def _sacct(job_list):
+    """The jobs accounting knows; nothing where accounting is off (sacct fails)."""
+    out, _ = _call(["sacct", "-n", "-P", "-X", "-j", job_list, "-o", "JobID,State,Elapsed,NodeList"])
+    return _listing(out)
+
+
+def _call(command):
+    """(stdout, "") or ("", what went wrong)."""
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except FileNotFoundError:
+        return "", f"{command[0]} is not installed here (not on PATH)"
+    except OSError as e:
+        return "", f"{command[0]} could not be run ({e.strerror or e})"
+    except subprocess.TimeoutExpired:
+        return "", f"{command[0]} gave no answer within {SLURM_TIMEOUT_S} s"
+    if out.returncode != 0:
+        said = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+        return "", said[-1] if said else f"{command[0]} failed (exit status {out.returncode})"
+    return out.stdout, ""
+
+
+def _listing(text):
+    """{job id: JobState} from `id|state|elapsed|node` lines; pending array tasks may be folded (N_[1-3%1])."""
+    found = {}
+    for line in text.splitlines():
+        fields = line.split("|")
+        if len(fields) >= 4 and fields[1].strip():
+            job_id, state, elapsed, node = (field.strip() for field in fields[:4])
+            node = "" if node == "None assigned" else node  # sacct's node of a job that never started
+            found[job_id] = JobState(state.split()[0], elapsed, node)  # "CANCELLED by 0": CANCELLED
+    return found
+
+
+def _lookup(job_id, listing):
+    if job_id in listing:
+        return listing[job_id]
+    array, _, task = job_id.partition("_")
+    if task:
+        for listed, state in listing.items():
+            listed_array, _, tasks = listed.partition("_")
+            if listed_array == array and _in_folded(task, tasks):
+                return state
+    return None
+
+
+def _in_folded(task, tasks):
+    """Whether task "7" is in a folded listing's "[2-5,7%8]"."""
+    match = re.fullmatch(r"\[([\d,\-]+)(?:%\d+)?\]", tasks)
+    if not match:
+        return False
+    for part in match.group(1).split(","):
+        low, _, high = part.partition("-")
+        if low.isdigit() and int(low) <= int(task) <= int(high or low):
+            return True
+    return False
+
+
+def _submitit_outcome(entry):
+    """A finished job's outcome, COMPLETED or FAILED, from the result file submitit left."""
+    folder = entry.get("submitit_folder")
+    if not folder:
+        return None
+    outcome = _first_string(Path(folder) / f"{entry['job_id']}_0_result.pkl")
+    if outcome is None:
+        return None
+    return JobState("COMPLETED" if outcome == "success" else "FAILED")
+
+
+def _first_string(pickle_file):
+    """submitit's result is ("success" or "error", ...): its first string, read without unpickling
+    (which would import whatever the result holds, torch included)."""
+    try:
+        with open(pickle_file, "rb") as f:
+            for _, argument, _ in pickletools.genops(f):
+                if isinstance(argument, str):
+                    return argument
+    except (OSError, ValueError, EOFError):
+        pass
+    return None

@@ -1,0 +1,173 @@
+"""The launcher's job record (logs/jobs.jsonl, mnist.launch.record) as the commands that read it show it:
+submissions made at the same time, a damaged record, and a Slurm that cannot be reached."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run
+from mnist.launch import record
+
+WRITERS, SUBMISSIONS, TASKS = 8, 40, 20
+
+
+def entry(job_id, run_dir, log_dir, name="mlp"):
+    """A record entry as the launcher writes it."""
+    return {"job_id": job_id, "name": name, "model": name, "run_dir": str(run_dir),
+            "stdout": str(Path(log_dir) / f"{name}_{job_id}.out"), "stderr": str(Path(log_dir) / f"{name}_{job_id}.err"),
+            "submitted": "2026-11-25T14:03:07", "submitit_folder": str(Path(log_dir) / "submitit" / job_id)}
+
+
+@pytest.fixture
+def no_slurm(tmp_path):
+    """SLURM_CONF naming no file: every Slurm command would fail (after retrying for a minute)."""
+    return {"SLURM_CONF": str(tmp_path / "no-such-cluster.conf")}
+
+
+def jobs(args, cwd, env=None):
+    return run([str(a) for a in args], cwd=cwd, env=env, timeout=60, module="mnist.jobs")
+
+
+def listed(stdout):
+    """The jobs table as {JOB: STATE}."""
+    return {line.split()[0]: line.split()[2] for line in stdout.splitlines()[1:] if line.strip()}
+
+
+def test_eight_submissions_at_once_leave_every_line_whole_and_none_lost(tmp_path, capsys):
+    """Each writer makes SUBMISSIONS submissions of a TASKS-task array, each over 8 KiB (more than one
+    buffered write), while this process keeps reading the record as `python -m mnist.jobs` does."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    writer = (
+        "import sys\n"
+        "from mnist.launch import record\n"
+        "w, logs = int(sys.argv[1]), sys.argv[2]\n"
+        f"for s in range({SUBMISSIONS}):\n"
+        f"    record.append(logs, [{{'job_id': f'{{w}}{{s:03d}}_{{t}}', 'name': 'mlp', 'model': 'mlp',\n"
+        "        'run_dir': 'x' * 400, 'stdout': f'{w} {s} {t}', 'stderr': '', 'submitted': '',\n"
+        f"        'submitit_folder': ''}} for t in range({TASKS})])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    writers = [subprocess.Popen([sys.executable, "-c", writer, str(w + 1), str(logs)], env=env, stderr=subprocess.PIPE,
+                                text=True) for w in range(WRITERS)]
+    reads = 0
+    while any(w.poll() is None for w in writers):
+        record.read(logs)  # as `python -m mnist.jobs` would, meanwhile: never half a submission
+        reads += 1
+    for w in writers:
+        assert w.wait() == 0, w.stderr.read()
+    assert reads > 0 and capsys.readouterr().err == ""
+
+    lines = (logs / "jobs.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]  # every line whole
+    assert len(entries) == WRITERS * SUBMISSIONS * TASKS  # none lost
+    assert len({e["job_id"] for e in entries}) == len(entries)
+    for start in range(0, len(entries), TASKS):  # each submission's lines together, in order
+        submission = entries[start:start + TASKS]
+        writer_and_submission = {e["stdout"].rsplit(" ", 1)[0] for e in submission}
+        assert len(writer_and_submission) == 1, submission
+        assert [e["stdout"].rsplit(" ", 1)[1] for e in submission] == [str(t) for t in range(TASKS)]
+
+
+@pytest.mark.parametrize("damage, line", [("garbage in the middle", 2), ("half-written last line", 4)])
+def test_a_damaged_line_is_skipped_with_one_warning_and_the_other_jobs_are_listed(tmp_path, no_slurm, damage, line):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    good = [entry(str(job), tmp_path / "run" / str(job), logs) for job in (101, 102, 103)]
+    lines = [json.dumps(e) for e in good]
+    if damage == "garbage in the middle":
+        lines.insert(1, "}{ not json \x00")
+        text = "\n".join(lines) + "\n"
+    else:
+        text = "\n".join(lines) + "\n" + json.dumps(entry("104", tmp_path / "run" / "104", logs))[:60]
+    (logs / "jobs.jsonl").write_text(text)
+
+    result = jobs(["--logs", logs], tmp_path, env=no_slurm)
+    assert result.returncode == 0, result.stderr
+    assert list(listed(result.stdout)) == ["101", "102", "103"]
+    warnings = [w for w in result.stderr.splitlines() if w.startswith("warning:")]
+    assert warnings == [f"warning: {logs / 'jobs.jsonl'}, line {line}: not a whole job record "
+                        f"(damaged or half-written), skipped."], result.stderr
+    assert "Traceback" not in result.stderr
+
+    tail = jobs(["--logs", logs, "tail", "102"], tmp_path, env=no_slurm)
+    assert tail.returncode == 0 and tail.stdout.startswith(f"==> {logs / 'mlp_102.out'} <==")
+    assert tail.stderr.count("warning:") == 1
+
+
+def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, no_slurm):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    runs = []
+    for n in range(2):
+        run_dir = tmp_path / "sweep" / str(n)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("model: {name: mlp}\noptimizer: {name: sgd}\ntrainer: {epochs: 2}\n")
+        runs.append(run_dir)
+    (logs / "jobs.jsonl").write_text(json.dumps(entry("7_0", runs[0], logs)) + "\nnot json\n"
+                                     + json.dumps(entry("7_1", runs[1], logs)) + "\n")
+    result = run(["sweep", "--logs", "logs", "--no-figures"], tmp_path, env=no_slurm, module="mnist.report")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^0 .*not started\s+0/2 .*7_0$", result.stdout, re.M), result.stdout
+    assert re.search(r"^1 .*not started\s+0/2 .*7_1$", result.stdout, re.M), result.stdout
+    assert result.stderr.count(f"warning: {Path('logs') / 'jobs.jsonl'}, line 2:") == 1, result.stderr
+    assert result.stderr.count("Cannot reach Slurm") == 1 and "no-such-cluster.conf" in result.stderr
+
+
+def test_a_submission_after_a_half_written_line_starts_a_line_of_its_own(tmp_path, capsys):
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(entry("1", tmp_path, tmp_path)) + "\n{\"job_id\": \"2\", \"na")
+    record.append(tmp_path, [entry("3", tmp_path, tmp_path)])
+    assert [e["job_id"] for e in record.read(tmp_path)] == ["1", "3"]
+    assert "line 2:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["SLURM_CONF names no file", "no squeue installed"])
+def test_without_a_reachable_slurm_the_jobs_are_listed_with_state_unknown_and_the_reason(tmp_path, no_slurm, how):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    record.append(logs, [entry("31", tmp_path / "run31", logs), entry("32_0", tmp_path / "run32", logs)])
+    (logs / "mlp_31.out").write_text("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.302585\n")
+    if how == "SLURM_CONF names no file":
+        env, reason = no_slurm, f"SLURM_CONF={no_slurm['SLURM_CONF']} is not a file"
+    else:
+        empty = tmp_path / "bin"
+        empty.mkdir()
+        env, reason = {"PATH": str(empty), "SLURM_CONF": ""}, "squeue is not installed here (not on PATH)"
+    result = jobs(["--logs", logs], tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"Cannot reach Slurm, so job states are shown as ?: {reason}.\n"
+    assert listed(result.stdout) == {"31": "?", "32_0": "?"}
+    assert "[0/60000 (0%)] Loss: 2.302585" in result.stdout and "\t" not in result.stdout
+
+
+def test_tail_prints_its_header_on_stdout_before_the_log(tmp_path, no_slurm):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    record.append(logs, [entry("41", tmp_path / "run", logs)])
+    (logs / "mlp_41.out").write_text("".join(f"line {i}\n" for i in range(30)))
+    piped = subprocess.run(f"{sys.executable} -m mnist.jobs --logs {logs} tail -n 2 | cat", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, env={**os.environ, **no_slurm}, timeout=60)
+    assert piped.stdout == f"==> {logs / 'mlp_41.out'} <==\nline 28\nline 29\n", piped.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("ids", [["11"], ["11", "12", "13"]])
+def test_jobs_slurm_does_not_know_are_read_from_their_results_not_called_unreachable(slurm_env, tmp_path, ids):
+    """Ids this cluster never had (its ids start far higher), as after sacct's and squeue's memory ends."""
+    from submitit.core.utils import cloudpickle_dump
+
+    logs = tmp_path / "logs"
+    outcomes = {"11": ("success", [{"epoch": 1, "accuracy": 0.9}]), "12": ("error", "Traceback ...")}
+    entries = [entry(job, tmp_path / "run" / job, logs) for job in ids]
+    for job, outcome in outcomes.items():
+        (logs / "submitit" / job).mkdir(parents=True)
+        cloudpickle_dump(outcome, logs / "submitit" / job / f"{job}_0_result.pkl")
+    record.append(logs, entries)
+    result = jobs(["--logs", logs], tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    expected = {"11": "COMPLETED", "12": "FAILED", "13": "UNKNOWN"}  # 13: no result, no log
+    assert listed(result.stdout) == {job: expected[job] for job in ids}
