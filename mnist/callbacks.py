@@ -33,5 +33,7 @@ class CheckRunFolder(Callback):
             _can_create(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs):
+        if config.get("dry_run"):  # a dry run creates no folder
+            return
         with report_errors():
             _can_create(config.hydra.sweep.dir, "hydra.sweep.dir")

@@ -209,8 +209,10 @@ def validate(cfg):
     _positive(cfg, "data.std", (int, float), "Set e.g. data.std=0.3081.")
     if not isinstance(cfg.data.mean, (int, float)) or isinstance(cfg.data.mean, bool):
         raise ConfigError(f"data.mean={cfg.data.mean!r} is not a number. Set e.g. data.mean=0.1307.")
-    for key in ("data.shuffle", "data.download"):
-        _boolean(cfg, key)
+    _boolean(cfg, "data.shuffle")
+    if not (cfg.data.download == "auto" or isinstance(cfg.data.download, bool)):
+        raise ConfigError(f"data.download={cfg.data.download!r} is not auto, true or false. Set data.download=auto "
+                          f"(a run here downloads what is missing; a Slurm job never does) or data.download=false.")
 
     _check_model(cfg)
     _check_optimizer(cfg)

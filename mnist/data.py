@@ -75,9 +75,12 @@ def load_split(data_cfg, train):
 
 
 def ensure_dataset(data_cfg):
-    """Have the dataset on disk and whole. A local run downloads it first if data.download=true;
-    a Slurm job never does (compute nodes often have no internet): it stops, naming the command."""
+    """Have the dataset on disk and whole. A local run downloads what is missing first (data.download=auto,
+    the default); a Slurm job never does (compute nodes often have no internet): it stops, naming the command."""
     if datafiles.will_download(data_cfg):
+        where = datafiles.raw_folder(data_cfg.root, data_cfg.name)
+        print(f"The {data_cfg.name} dataset is not in {where}: downloading it first "
+              f"(data.download=false turns this off).", file=sys.stderr, flush=True)
         download(data_cfg)
     return datafiles.prepare(data_cfg.root, data_cfg.name)
 
@@ -106,11 +109,8 @@ def download(data_cfg):
         except (RuntimeError, OSError) as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # what, and the last cause
-            raise DataError(
-                f"Downloading {name} into {root} failed ({reason}). On a machine "
-                f"without internet, copy the four IDX files from elsewhere: "
-                f"`python -m mnist.data copy SOURCE_DIR data={name}`."
-            ) from None
+            raise DataError(f"Downloading {name} into {root} failed ({reason}). "
+                            f"{datafiles.fetch_hint(name, offer_download=False)}.") from None
         return datafiles.install(stage, root, name, origin=datafiles.raw_folder(root, name))
 
 

@@ -7,7 +7,7 @@ classes read what this module prepares.
 Many readers at once (array tasks, local runs) need no lock: every file is written under a
 temporary name and renamed into place. Writers (`download`, `copy`) hold `<root>/.<Folder>.lock`,
 stage the files beside the dataset, check them, move them in, and record their sha256 sums in
-`<raw>/SHA256SUMS`, which `verify` compares against.
+`<raw>/SHA256SUMS`, which `verify` compares against. A writer that fails removes its lock file.
 """
 import errno
 import fcntl
@@ -44,24 +44,27 @@ def in_slurm_job():
     return "SLURM_JOB_ID" in os.environ
 
 
-def fetch_hint(name):
+def fetch_hint(name, offer_download=True):
     if in_slurm_job():  # a compute node: jobs never download
         return (
             f"Jobs never download: on the login node, fetch it with `python -m mnist.data download data={name}` "
             f"(or `make data DATA={name}`), or copy the four IDX files (gzipped or not) with "
             f"`python -m mnist.data copy SOURCE_DIR data={name}`, into the same data.root, then submit again"
         )
-    return (
+    hint = (
         f"Fetch it on a machine with internet with `python -m mnist.data download data={name}` "
         f"(or `make data DATA={name}`), or copy the four IDX files (gzipped or not) there with "
         f"`python -m mnist.data copy SOURCE_DIR data={name}`, or point data.root (or $MNIST_DATA) "
-        f"at the folder that holds {FOLDERS[name]}/raw/, or set data.download=true"
+        f"at the folder that holds {FOLDERS[name]}/raw/"
     )
+    return hint + ", or let a run here download it (data.download=auto)" if offer_download else hint
 
 
 def will_download(data_cfg):
-    """data.download=true, some file missing, and not inside a Slurm job (jobs never download)."""
-    return bool(data_cfg.download and not in_slurm_job() and missing_files(data_cfg.root, data_cfg.name))
+    """Whether a run fetches the dataset first: data.download=auto (or true), some file missing,
+    and not inside a Slurm job (jobs never download: compute nodes often have no internet)."""
+    wanted = data_cfg.download == "auto" or data_cfg.download is True
+    return bool(wanted and not in_slurm_job() and missing_files(data_cfg.root, data_cfg.name))
 
 
 def missing_files(root, name):
@@ -186,23 +189,43 @@ def writing(root, name):
     Staging folders that a killed writer left behind are removed, since no one else is writing.
     """
     root = Path(root)
+    lock = root / f".{FOLDERS[name]}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / f".{FOLDERS[name]}.lock", "w")
+        handle = _locked(lock)
     except OSError as e:
         raise DataError(
             f"Cannot write to the data folder {root}: {e.strerror}. Point data.root (or $MNIST_DATA) "
             f"at a folder you can write, e.g. data.root=$HOME/data."
         ) from None
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         for old in root.glob(f".{FOLDERS[name]}.staging-*"):
             shutil.rmtree(old, ignore_errors=True)
         stage = root / f".{FOLDERS[name]}.staging-{os.getpid()}"
         try:
             yield stage
+        except BaseException:
+            lock.unlink(missing_ok=True)  # a failed writer leaves nothing behind (still holding it: see _locked)
+            raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _locked(lock):
+    """An open handle on the file `lock`, holding its exclusive flock.
+
+    A failed writer removes the lock file while holding it; a writer that was waiting on that file
+    then holds a lock no newcomer sees, so it lets go and locks the file now at that path instead.
+    """
+    while True:
+        handle = open(lock, "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(lock)):
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
 
 
 def done(root, name):

@@ -12,6 +12,11 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 
+# sbatch runs this in the folder it was called from, which must be the repository root.
+if [ ! -f mnist/run.py ]; then
+    echo "error: run \`sbatch slurm/mlp.sh\` from the repository root (your mnist-slurm clone, the folder that holds mnist/ and .venv/), not from $PWD: cd there first." >&2
+    exit 2
+fi
 source .venv/bin/activate
 
 # 90 s before the time limit Slurm sends USR2: the run checkpoints where it is and exits 3,

@@ -229,6 +229,8 @@ CASES = [
     case("config-hidden-activations-mismatch", ["model.hidden=[128,64]"],
          ["model.hidden=[128, 64] has 2 layers", "names 1", "one activation per hidden layer"]),
     case("config-shuffle-not-bool", ["data.shuffle=maybe"], ["data.shuffle='maybe'", "data.shuffle=true"]),
+    case("config-download-not-auto-or-bool", ["data.download=sometimes"],
+         ["data.download='sometimes' is not auto, true or false", "data.download=auto", "data.download=false"]),
     case("config-bad-output", ["model.output=relu"], ["model.output='relu'", "model.output=log_softmax"]),
     case("config-bad-value-into-existing-run", ["trainer.epochs=-1"], ["trainer.epochs=-1", "trainer.epochs=3"],
          existing_run),
@@ -251,8 +253,8 @@ CASES = [
          ["Unknown key `resources.extra.mail-type`", "`+resources.extra.mail-type=END`"]),
 
     # data
-    case("data-missing", [], ["The mnist dataset is not in", "missing train-images-idx3-ubyte",
-                              "python -m mnist.data download data=mnist"], no_data),
+    case("data-missing", ["data.download=false"], ["The mnist dataset is not in", "missing train-images-idx3-ubyte",
+                                                   "python -m mnist.data download data=mnist"], no_data),
     case("data-missing-before-submitting", SLURM_DRY, ["The mnist dataset is not in",
                                                        "python -m mnist.data download data=mnist"], no_data),
     case("data-truncated-images", [], ["train-images-idx3-ubyte is 1000 bytes", "truncated", "Delete the bad file",

@@ -62,13 +62,13 @@ def test_gzipped_files_placed_by_hand_are_unpacked_and_checked(tmp_path):
 
 
 def test_missing_dataset_names_the_command_that_fetches_it(tmp_path, monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # outside a job, data.download=true is a way out
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # outside a job, data.download=auto is a way out
     with pytest.raises(DataError) as error:
-        ensure_dataset(compose([f"data.root={tmp_path}"]).data)
+        ensure_dataset(compose([f"data.root={tmp_path}", "data.download=false"]).data)
     message = str(error.value)
     assert str(tmp_path / "MNIST" / "raw") in message
     assert "python -m mnist.data download data=mnist" in message
-    assert "data.download=true" in message
+    assert "data.download=auto" in message
 
 
 def replace_with_gzip(path, content):

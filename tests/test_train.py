@@ -121,7 +121,7 @@ def test_bad_input_is_one_paragraph_without_traceback(tiny_data, tmp_path):
         (["trainer.epochs=0"], "trainer.epochs=0"),
         (["data.batch_size=-1"], "data.batch_size=-1"),
         ([f"data.root={tiny_data}", "trainer.device=cuda"], "trainer.device=cuda"),
-        ([f"data.root={tmp_path / 'empty'}"], "python -m mnist.data download data=mnist"),
+        ([f"data.root={tmp_path / 'empty'}", "data.download=false"], "python -m mnist.data download data=mnist"),
     ]
     for args, expected in cases:
         result = run([*args, f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path)

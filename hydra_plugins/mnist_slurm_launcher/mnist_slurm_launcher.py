@@ -54,6 +54,21 @@ class MnistSlurmSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch):
         pass  # MnistSlurmLauncher.launch composes each run of the batch first, in this process
 
+    def sweep(self, arguments):
+        """A dry run writes nothing: Hydra's sweep, less its record of the sweep (multirun.yaml in the
+        sweep folder, which it would create for it)."""
+        if not self.config.get("dry_run"):
+            return super().sweep(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)),
+                                              self.max_batch_size)
+        returns, initial_job_idx = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            returns.append(self.launcher.launch(batch, initial_job_idx=initial_job_idx))
+            initial_job_idx += len(batch)
+        return returns
+
 
 def compose_runs(config_loader, master, job_overrides):
     """Each run's config, exactly as Hydra's `load_sweep_config(master, overrides)` composes it, but

@@ -29,6 +29,11 @@ TEMPLATE = """\
 #SBATCH --requeue
 #SBATCH --open-mode=append
 
+# sbatch runs this in the folder it was called from, which must be the repository root.
+if [ ! -f mnist/run.py ]; then
+    echo "error: run \\`sbatch slurm/{name}.sh\\` from the repository root (your mnist-slurm clone, the folder that holds mnist/ and .venv/), not from $PWD: cd there first." >&2
+    exit 2
+fi
 source .venv/bin/activate
 
 # {signal} s before the time limit Slurm sends {usr}: the run checkpoints where it is and exits {requeue_exit},

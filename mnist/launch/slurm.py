@@ -48,9 +48,10 @@ def parameters(cfg, name, array=False):
     params = dict(options, job_name=name, setup=setup, srun_args=srun_args, signal_delay_s=signal_delay_s)
     if array:
         params["array_parallelism"] = int(launcher.array_parallelism)
-    extra = resources.extra_options(cfg.resources)
-    if extra:
-        params["additional_parameters"] = extra
+    # The batch script's own output (the setup lines, srun's and Slurm's messages) goes to the same files,
+    # not to submitit's folder: sbatch --output/--error too. Both are opened for appending (submitit asks
+    # for --open-mode=append, which srun inherits), so a requeued job adds to them.
+    params["additional_parameters"] = {"output": out, "error": err, **resources.extra_options(cfg.resources)}
     return params
 
 
