@@ -210,7 +210,6 @@ def test_a_sweep_composes_each_run_as_hydra_does(sweep):
     """compose_runs composes conf/ once per set of group choices; each run's config, hydra node
     included, must equal what Hydra's load_sweep_config composes for it."""
     from hydra import initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
@@ -218,7 +217,9 @@ def test_a_sweep_composes_each_run_as_hydra_does(sweep):
 
     from hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher import compose_runs
     from mnist.config import CONF_DIR
+    from mnist.private_apis import basic_sweeper_classes
 
+    BasicSweeper, _ = basic_sweeper_classes()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().hydra.config_loader
         master = loader.load_configuration("config", ["hydra.mode=MULTIRUN", *sweep], RunMode.MULTIRUN)
