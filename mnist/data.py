@@ -22,19 +22,20 @@ TORCHVISION = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 class InMemoryLoader:
     """Yields normalised (images, labels) batches from uint8 tensors; a seeded shuffle per epoch.
 
-    With `rank`/`world_size` each process of a data-parallel run sees its own shard.
+    `normalize` is (mean, std); with `shard` = (rank, world size) each process of a data-parallel
+    run sees its own part.
     """
 
-    def __init__(self, images, labels, batch_size, shuffle=False, seed=0, mean=0.0, std=1.0,
-                 device="cpu", rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, shuffle=False, seed=0, normalize=(0.0, 1.0), device="cpu",
+                 shard=(0, 1)):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.mean, self.std = mean, std
+        self.mean, self.std = normalize
         self.device = device
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = shard
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -88,9 +89,9 @@ def ensure_dataset(data_cfg):
 def loaders(data_cfg, seed, device, rank=0, world_size=1):
     """The training loader (this rank's shard) and the test loader (the whole test set)."""
     ensure_dataset(data_cfg)
-    common = dict(mean=data_cfg.mean, std=data_cfg.std, device=device)
+    common = dict(normalize=(data_cfg.mean, data_cfg.std), device=device)
     train_loader = InMemoryLoader(*load_split(data_cfg, train=True), data_cfg.batch_size, shuffle=data_cfg.shuffle,
-                                  seed=seed, rank=rank, world_size=world_size, **common)
+                                  seed=seed, shard=(rank, world_size), **common)
     test_loader = InMemoryLoader(*load_split(data_cfg, train=False), data_cfg.test_batch_size, **common)
     return train_loader, test_loader
 

@@ -126,7 +126,7 @@ def test_unwritable_data_root_is_named(tmp_path):
 def test_loader_batches_cover_the_split_once_normalised():
     images = torch.arange(10 * 784, dtype=torch.int64).remainder(256).to(torch.uint8).view(10, 28, 28)
     labels = torch.arange(10)
-    loader = InMemoryLoader(images, labels, batch_size=4, shuffle=True, seed=1, mean=0.5, std=0.25)
+    loader = InMemoryLoader(images, labels, batch_size=4, shuffle=True, seed=1, normalize=(0.5, 0.25))
     batches = list(loader)
     assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     seen = torch.cat([y for _, y in batches])
@@ -147,14 +147,14 @@ def test_shuffle_is_seeded_per_epoch_and_unshuffled_order_is_kept():
 
 def test_ranks_take_equal_steps_even_when_the_split_does_not_divide():
     images, labels = torch.zeros(11, 28, 28, dtype=torch.uint8), torch.arange(11)
-    ranks = [InMemoryLoader(images, labels, 2, True, 1, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [InMemoryLoader(images, labels, 2, True, 1, shard=(r, 2)) for r in (0, 1)]
     assert [len(loader) for loader in ranks] == [3, 3]
     assert [sum(len(y) for _, y in loader) for loader in ranks] == [5, 5]
 
 
 def test_ranks_read_disjoint_shards():
     images, labels = torch.zeros(10, 28, 28, dtype=torch.uint8), torch.arange(10)
-    shards = [torch.cat([y for _, y in InMemoryLoader(images, labels, 3, True, 1, rank=r, world_size=2)])
+    shards = [torch.cat([y for _, y in InMemoryLoader(images, labels, 3, True, 1, shard=(r, 2))])
               for r in (0, 1)]
     assert sorted(shards[0].tolist() + shards[1].tolist()) == list(range(10))
 
