@@ -3,8 +3,6 @@
 It holds the model, optimizer, scheduler and loss scaler states, the random states, the metrics
 rows so far, the last whole epoch and, after an early stop, where in the next epoch it left off.
 """
-import os
-
 import torch
 
 from mnist import rundir
@@ -31,14 +29,7 @@ def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None
 
 
 def save(run_dir, checkpoint):
-    """Write to a temporary file, then rename: a checkpoint on disk is always a whole one."""
-    path = rundir.checkpoint_path(run_dir)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rundir.write_whole(rundir.checkpoint_path(run_dir), lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load(run_dir, model_name):

@@ -330,16 +330,6 @@ def format_table(table):
 
 # ---------------------------------------------------------------- files
 
-def _replace_into(path, write):
-    """Write through a temporary file, then rename: a report on disk is always a whole one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_csv(table, path):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -348,7 +338,7 @@ def write_csv(table, path):
             writer.writerows({**row, "best_epoch": "" if row["best_epoch"] == "-" else row["best_epoch"],
                               "job_id": "" if row["job_id"] == "-" else row["job_id"]} for row in table)
 
-    _replace_into(path, write)
+    rundir.write_whole(path, write)
 
 
 def write_figures(table, out_dir, title):
@@ -386,7 +376,7 @@ def write_figures(table, out_dir, title):
         figure.legend(handles, names, loc="outside right upper", ncols=legend_columns, fontsize=8)
         figure.suptitle(title, fontsize=9)
         FigureCanvasAgg(figure)
-        _replace_into(out_dir / name, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        rundir.write_whole(out_dir / name, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
     legend_columns = 1 if len(table) <= 20 else 2
     legend_width = legend_columns * (0.5 + 0.056 * max(len(label(row)) for row in table))

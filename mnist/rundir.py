@@ -56,8 +56,8 @@ def _damaged(path, problem, fix):
     return error
 
 
-def _replace(path, write):
-    """Write through a temporary file, then rename: a file on disk is always a whole one."""
+def write_whole(path, write):
+    """`write(tmp)` a temporary file, then rename it to `path`: a file on disk is always a whole one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -74,7 +74,7 @@ def write_config(run_dir, config):
     def write(tmp):
         Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
-    _replace(Path(run_dir) / CONFIG, write)
+    write_whole(Path(run_dir) / CONFIG, write)
 
 
 def read_config(run_dir):
@@ -110,7 +110,7 @@ def write_metrics(run_dir, rows):
             writer.writeheader()
             writer.writerows(rows)
 
-    _replace(Path(run_dir) / METRICS, write)
+    write_whole(Path(run_dir) / METRICS, write)
 
 
 def read_metrics(run_dir):
