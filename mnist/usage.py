@@ -6,7 +6,8 @@ requeue or a resubmission is a new one) and each rank: its peak resident memory 
 user+system CPU seconds, its wall time since the process started, the CPUs it was given and, on a
 GPU, `torch.cuda.max_memory_allocated` against the device's memory. A thread samples every
 SAMPLE_S and writes when the peak has grown or every WRITE_EVERY_S, so a job killed for its memory
-leaves the figures of its last moments; the end (completed, stopped, error) is written on the way out.
+leaves the figures of its last moments (Slurm's SIGTERM before a kill also writes them, end
+"terminated"); the end (completed, stopped, error) is written on the way out.
 
     with usage.recording(run_dir):
         train(cfg, run_dir, stop)
@@ -17,6 +18,7 @@ import contextlib
 import datetime
 import os
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -26,7 +28,7 @@ from mnist import rundir
 from mnist.errors import UserError
 from mnist.stopping import StopRequested
 
-SAMPLE_S = 0.1
+SAMPLE_S = 0.02  # reading /proc/self/status takes ~30 us
 WRITE_EVERY_S = 5.0
 GROWTH = 1.02  # a peak 2% above the last written one is written at once
 
@@ -100,6 +102,7 @@ class Recorder:
         self.written_peak, self.written_at = 0, 0.0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="usage", daemon=True)
+        self.previous = None  # the SIGTERM handler before ours
 
     def figures(self):
         gpu_peak, gpu_total = gpu_memory()
@@ -121,10 +124,23 @@ class Recorder:
     def start(self):
         self.write(end=None)
         self.thread.start()
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._terminated)
+
+    def _terminated(self, signum, frame):
+        """Slurm's SIGTERM before it kills a job (memory, time limit, scancel): the figures of this moment."""
+        self.write(end="terminated")
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:  # the default: end as SIGTERM ends a process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self, end, error=None):
         self.done.set()
         self.thread.join()
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
         details = {"end": end}
         if error is not None:
             details.update(error=_last_line(error), user_error=isinstance(error, UserError))
