@@ -198,7 +198,9 @@ def cause(job, err_tail):
     resubmit = resubmit_command(job)
     if state == "PENDING":
         reason = job["reason"]
-        return (f"pending: {reason}" + (f" ({WAITING[reason]})" if reason in WAITING else "")) if reason else "", ""
+        if not reason:
+            return "pending (not yet looked at by Slurm's scheduler)", ""
+        return f"pending: {reason}" + (f" ({WAITING[reason]})" if reason in WAITING else ""), ""
     if state in record.LIVE or state in ("COMPLETED", "?", ""):
         return "", ""
     if job["memory_kill"] or state == "OUT_OF_MEMORY":
