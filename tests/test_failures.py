@@ -4,6 +4,8 @@ Small data, 1-CPU jobs; 2G where a job must not be killed."""
 import csv
 import json
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -172,3 +174,17 @@ def test_without_accounting_the_views_still_say_what_happened(slurm_env_no_accou
     assert "> 300M asked" in dead["CAUSE"]
     details = jobs(["show", killed], tmp_path, logs).stdout
     assert "resources.mem=" in details and f"run folder:  {tmp_path / 'killed'}" in details
+
+
+def test_the_login_node_commands_import_no_torch(slurm_env, finished):
+    job, tmp = finished
+    logs = str(tmp / "logs")
+    code = ("import sys\nfrom mnist import jobs, report\n"
+            f"for args in (['--logs', {logs!r}], ['--logs', {logs!r}, '--watch', '0.2'], ['--logs', {logs!r}, 'show', "
+            f"{job!r}], ['--logs', {logs!r}, 'resubmit', {job!r}, 'dry_run=true']):\n"
+            "    jobs.main(args)\n"
+            f"report.main([{str(tmp / 'run')!r}, '--logs', {logs!r}])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "every job listed has ended" in result.stdout and "Nothing to rerun" in result.stdout

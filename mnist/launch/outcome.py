@@ -13,6 +13,7 @@
 Reads only small files (JSON, the ends of the logs); imports no torch.
 """
 import datetime
+import functools
 import math
 import re
 import statistics
@@ -21,7 +22,8 @@ from pathlib import Path
 from mnist import rundir
 from mnist.launch import record
 
-TAIL_BYTES = 16384
+TAIL_BYTES = 16384  # of an .err: a traceback's end
+OUT_TAIL_BYTES = 4096  # of a log: its last lines
 MEMORY_KILL = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
 OOM_EVENT = re.compile(r"oom[-_ ]kill", re.IGNORECASE)
 STEPD_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))?")
@@ -58,7 +60,7 @@ def describe(entries, known, log_dir="logs"):
 
 def _job(entry, known, attempts, log_dir):
     slurm = known.by_job.get(entry["job_id"])
-    out_tail = _tail(entry["stdout"])
+    out_tail = _tail(entry["stdout"], OUT_TAIL_BYTES)
     job = {**entry, "slurm": slurm, "attempts": attempts, "out_tail": out_tail, "last_line": _last_line(out_tail),
            "node": (slurm.node if slurm else "") or _hosts(attempts), "exit_code": slurm.exit_code if slurm else "",
            "reason": slurm.reason if slurm else "", "log_dir": str(log_dir)}
@@ -107,7 +109,7 @@ def figures(slurm, attempts, memory_kill, entry):
     own = _own_figures(attempts)
     slurm = slurm or record.JobState("")
     elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
-    cpus = slurm.cpus or own["cpus"]
+    cpus = slurm.cpus or own["cpus"] or entry.get("cpus") or None
     if own["cpu_s"] is not None and own["reserved_s"]:
         cpu_s, pct = own["cpu_s"], 100 * own["cpu_s"] / own["reserved_s"]
     else:
@@ -172,15 +174,20 @@ def _config(entry):
     return entry["_config"]
 
 
+def _asked(entry, key):
+    """What the job asked for: from the record (the launcher writes it), else the run's config (slower: YAML)."""
+    return entry.get(key) or (_config(entry).get("resources") or {}).get(key)
+
+
 def _asked_mem(entry):
-    return record.memory_bytes((_config(entry).get("resources") or {}).get("mem", ""), "M")
+    return record.memory_bytes(_asked(entry, "mem") or "", "M")
 
 
 def _asked_time(entry):
     from mnist.launch import resources  # standard library only
 
     try:
-        return resources.time_seconds((_config(entry).get("resources") or {}).get("time"))
+        return resources.time_seconds(_asked(entry, "time"))
     except resources.ResourceError:
         return None
 
@@ -242,8 +249,13 @@ def _error(job, err_tail, resubmit):
     return ("ended without a result (no accounting here to say why)" if job["state"] == "ENDED" else ""), ""
 
 
+@functools.lru_cache(maxsize=None)
+def _default_logs(log_dir):
+    return log_dir in ("logs", str(Path("logs").resolve()))
+
+
 def resubmit_command(job):
-    logs = "" if job["log_dir"] in ("logs", str(Path("logs").resolve())) else f" --logs {job['log_dir']}"
+    logs = "" if _default_logs(job["log_dir"]) else f" --logs {job['log_dir']}"
     return f"python -m mnist.jobs{logs} resubmit {job['job_id']}"
 
 

@@ -1,8 +1,9 @@
 """The launcher's record of the jobs it submitted (`<launcher.log_dir>/jobs.jsonl`) and their states.
 
 One JSON object a line, one line a job (each task of an array is one):
-job_id, name, model, run_dir, stdout, stderr, submitted, submitit_folder, and, for a resubmission
-(`python -m mnist.jobs resubmit`), previous: the job id it reruns.
+job_id, name, model, run_dir, stdout, stderr, submitted, submitit_folder, what it asks for (mem, time as
+resources.mem and resources.time say it, cpus in all), and, for a resubmission (`python -m mnist.jobs
+resubmit`), previous: the job id it reruns. Older records lack the last four.
 `python -m mnist.jobs` and `python -m mnist.report` read it only through this module.
 
 Submissions append under an exclusive lock, each in one write, so submissions made at the same
@@ -28,7 +29,8 @@ from typing import NamedTuple
 from mnist.errors import UserError
 
 FILE_NAME = "jobs.jsonl"
-FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder", "previous")
+FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder", "previous", "mem",
+          "time", "cpus")
 REQUIRED = ("job_id", "run_dir", "stdout")
 JOB_ID = re.compile(r"\d+(_\d+)?")
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -271,7 +273,8 @@ def parse_sacct(text):
         found[job_id] = JobState(
             state.split()[0], _clock(seconds), "" if node == "None assigned" else node,  # "CANCELLED by 0": CANCELLED
             "" if reason == "None" else reason, None, seconds, 60 * _int(limit) if _int(limit) is not None else None,
-            _time(submit), _time(start), _time(end), exit_code, allocated.get("cpu"), allocated.get("mem"),
+            _time(submit), _time(start) if node != "None assigned" else "", _time(end), exit_code, allocated.get("cpu"),
+            allocated.get("mem"),
             allocated.get("node"), duration_s(total_cpu), source="sacct")
     return {job: state._replace(max_rss=steps.get(job)) for job, state in found.items()}
 

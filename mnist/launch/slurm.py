@@ -201,8 +201,15 @@ def _record(cfg, name, jobs, runs, array, previous=None):
             "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
             "stdout": out, "stderr": err, "submitted": now,
             "submitit_folder": str(job.paths.folder), **({"previous": before} if before else {}),
+            **_asked(run_cfg.resources),
         })
     record.append(cfg.launcher.log_dir, entries)
+
+
+def _asked(res):
+    """What the job asks for, in the record: the status table then needs no run's config to show it."""
+    return {"mem": resources.memory(res.mem), "time": str(res.time),
+            "cpus": int(res.cpus_per_task) * int(res.tasks_per_node) * int(res.nodes)}
 
 
 def _announce(cfg, name, jobs, run_dirs, array):
