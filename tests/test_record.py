@@ -113,8 +113,8 @@ def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, 
                                      + json.dumps(entry("7_1", runs[1], logs)) + "\n")
     result = run(["sweep", "--logs", "logs", "--no-figures"], tmp_path, env=no_slurm, module="mnist.report")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^0 .*not started\s+0/2 .*7_0$", result.stdout, re.M), result.stdout
-    assert re.search(r"^1 .*not started\s+0/2 .*7_1$", result.stdout, re.M), result.stdout
+    assert re.search(r"^0 .*not started\s+0/2 .*\s7_0\s", result.stdout, re.M), result.stdout
+    assert re.search(r"^1 .*not started\s+0/2 .*\s7_1\s", result.stdout, re.M), result.stdout
     assert result.stderr.count(f"warning: {Path('logs') / 'jobs.jsonl'}, line 2:") == 1, result.stderr
     assert result.stderr.count("Cannot reach Slurm") == 1 and "no-such-cluster.conf" in result.stderr
 
