@@ -268,6 +268,8 @@ def progress(job):
     if not lines:
         return saved if job["attempts"] else ""
     epoch, seen, total, _ = (int(x) for x in lines[-1])
+    if done > epoch:  # a later submission of the run folder has trained on since
+        saved = ""
     config = _config(job)
     batch_size = (config.get("data") or {}).get("batch_size") or 64
     resources = config.get("resources") or {}
