@@ -38,7 +38,7 @@ bench: $(VENV) ## the performance record: training vs the course's pipeline and 
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)
 
 JOB ?=
-.PHONY: submit dry-run status logs cancel report slurm-scripts
+.PHONY: submit dry-run status watch show resubmit logs cancel report slurm-scripts
 submit: $(VENV) ## submit MODEL on DATA to Slurm (login node): make submit MODEL=cnn ARGS='resources=gpu'
 	$(PYTHON) -m mnist.run model=$(MODEL) data=$(DATA) launcher=slurm $(ARGS)
 
@@ -50,6 +50,15 @@ status: $(VENV) ## the jobs submitted from here: state, elapsed, node, last log 
 
 logs: $(VENV) ## the end of a job's log: make logs JOB=123456 (default: the latest job)
 	@$(PYTHON) -m mnist.jobs tail $(JOB)
+
+watch: $(VENV) ## the status table, redrawn every 5 s until every job has ended
+	@$(PYTHON) -m mnist.jobs --watch
+
+show: $(VENV) ## one job in full (state, cause and fix, usage, run folder, history): make show JOB=123456
+	@$(PYTHON) -m mnist.jobs show $(JOB)
+
+resubmit: $(VENV) ## rerun what did not complete, as one array: make resubmit JOB=<job, array or sweep folder> ARGS='--more'
+	@$(PYTHON) -m mnist.jobs resubmit $(JOB) $(ARGS)
 
 cancel: $(VENV) ## cancel a job: make cancel JOB=123456
 	@$(PYTHON) -m mnist.jobs cancel $(JOB)

@@ -1,14 +1,19 @@
-"""The runs this project submitted, like the course's `sq` but for them: job id, name, state,
-elapsed time, node, last log line, run folder. Also tail a job's log and cancel a job.
+"""The runs this project submitted, like the course's `sq` but for them, with why each ended and what
+it used (like `seff`). Also show one job in full, tail its log, cancel it, rerun what did not finish.
 
-    python -m mnist.jobs                 list (from logs/jobs.jsonl + one squeue -r and one sacct call)
+    python -m mnist.jobs [--watch [S]]   list: job, state, requeues, time used/limit, CPU %, memory peak/asked,
+                                         node, cause, last log line, run folder (from logs/jobs.jsonl + one
+                                         squeue -r and one sacct call); --watch refreshes until all have ended
+    python -m mnist.jobs show JOB        one job or task (an array id: each of its tasks) in full
     python -m mnist.jobs tail [JOB] [-n 20] [-f]      the job's %x_%j.out (default: the latest job)
     python -m mnist.jobs cancel JOB      scancel it; its log and last checkpoint stay
+    python -m mnist.jobs resubmit TARGET [overrides] [--more]   rerun, as one array, what did not complete
 
-Works without Slurm accounting too: a job squeue no longer knows is then read from the
-result submitit left in its folder (COMPLETED or FAILED), else shown as ENDED (UNKNOWN without
-a log). When Slurm cannot be reached at all, it says why and shows every state as ?.
-The record and the states come from mnist.launch.record.
+Works without Slurm accounting too: a job squeue no longer knows is then read from the result
+submitit left in its folder, the run's usage.json and slurmstepd's last words in its .err, else
+shown as ENDED (UNKNOWN without a log). When Slurm cannot be reached at all, it says why and shows
+every state as ?. The record and the states come from mnist.launch.record, causes and figures
+from mnist.launch.outcome. Imports no torch.
 """
 import argparse
 import subprocess
@@ -17,48 +22,147 @@ import time
 from pathlib import Path
 
 from mnist.errors import UserError
-from mnist.launch import record
+from mnist.launch import outcome, record
+
+HEADER = ("JOB", "NAME", "STATE", "REQUEUED", "TIME", "CPU", "MEM", "NODE", "CAUSE", "LAST LOG LINE", "RUN FOLDER")
+CAUSE_WIDTH, LINE_WIDTH = 80, 50
+WATCH_S = 5.0
 
 
-def last_line(path):
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [l.strip() for l in f.read().decode(errors="replace").splitlines() if l.strip()]
-    except OSError:
-        return ""
-    ours = [l for l in lines if not l.startswith("submitit ")]  # the run's lines, not submitit's
-    return (ours or lines or [""])[-1]
-
-
-def rows(log_dir):
-    entries = record.read(log_dir)
+def describe(log_dir, entries=None):
+    """The jobs of the record (or these entries), described by mnist.launch.outcome; says once when Slurm
+    cannot be reached."""
+    entries = record.read(log_dir) if entries is None else entries
     known = record.states(entries)
     if known.unreachable:
         print(f"Cannot reach Slurm, so job states are shown as ?: {known.unreachable}.", file=sys.stderr)
-    for entry in entries:
-        state, elapsed, node = known.by_job.get(entry["job_id"], ("", "", ""))
-        if known.unreachable:
-            state = "?"
-        elif not state:  # neither Slurm nor a result file knows it
-            state = "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
-        yield {**entry, "state": state, "elapsed": elapsed or "-", "node": node or "-",
-               "last_line": last_line(entry["stdout"]).replace("\t", " ")}
+    return outcome.describe(entries, known, log_dir)
 
 
-def list_jobs(log_dir):
-    table = list(rows(log_dir))
-    if not table:
-        print(f"No jobs submitted from here yet ({record.path(log_dir)} is empty). "
-              f"Submit one with: python -m mnist.run launcher=slurm")
-        return
-    header = ("JOB", "NAME", "STATE", "ELAPSED", "NODE", "LAST LOG LINE", "RUN FOLDER")
-    lines = [(r["job_id"], r["name"], r["state"], r["elapsed"], r["node"], r["last_line"][:50], r["run_dir"])
-             for r in table]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    for line in (header, *lines):
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+def _cut(text, width):
+    text = text or "-"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def table(jobs):
+    """The status table's lines, and one summary line per array of two or more tasks."""
+    lines = []
+    for job in jobs:
+        cells = outcome.shown(job)
+        lines.append((job["job_id"], job["name"] or "-", job["state"], f"{job['requeues']}x" if job["requeues"] else "-",
+                      cells["time"], cells["cpu"], cells["mem"], job["node"] or "-", _cut(job["cause"], CAUSE_WIDTH),
+                      _cut(job["last_line"], LINE_WIDTH), job["run_dir"]))
+    widths = [max(len(str(x)) for x in column) for column in zip(HEADER, *lines)]
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (HEADER, *lines)]
+    arrays = {}
+    for job in jobs:
+        if "_" in job["job_id"]:
+            arrays.setdefault(job["job_id"].split("_")[0], []).append(job)
+    summaries = [f"array {array}: {outcome.summary(tasks)}" for array, tasks in arrays.items() if len(tasks) > 1]
+    return out + ([""] + summaries if summaries else [])
+
+
+def list_jobs(log_dir, watch=None):
+    if watch is None:
+        return _print_table(log_dir)
+    clear = sys.stdout.isatty()
+    while True:
+        text, live = _table_text(log_dir)
+        if clear:
+            sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn in place
+        print(text + f"\n\n{time.strftime('%H:%M:%S')}, " + (f"{live} not ended; every {watch:g} s, Ctrl-C to stop"
+                                                          if live else "every job listed has ended"), flush=True)
+        if not live:
+            return
+        time.sleep(watch)
+
+
+def _print_table(log_dir):
+    text, _ = _table_text(log_dir)
+    print(text)
+
+
+def _table_text(log_dir):
+    jobs = describe(log_dir)
+    if not jobs:
+        return (f"No jobs submitted from here yet ({record.path(log_dir)} is empty). "
+                f"Submit one with: python -m mnist.run launcher=slurm"), 0
+    live = sum(job["state"] in record.LIVE or job["state"] == "?" for job in jobs)
+    return "\n".join(table(jobs)), live
+
+
+def show(log_dir, job_id):
+    """Every field of one job or task (an array id: each of its tasks), its cause, usage, run folder and the
+    history of its run folder's submissions."""
+    if not record.JOB_ID.fullmatch(job_id):
+        raise UserError(f"'{job_id}' is not a Slurm job id (like 123456 or 123456_3). List them with: python -m mnist.jobs")
+    entries = record.read(log_dir)
+    chosen = [e for e in entries if e["job_id"] == job_id] or [e for e in entries if e["job_id"].split("_")[0] == job_id]
+    if not chosen:
+        record.find(log_dir, job_id)  # says which jobs there are
+    runs = {e["run_dir"] for e in chosen}
+    history = [e for e in entries if e["run_dir"] in runs]
+    jobs = {job["job_id"]: job for job in describe(log_dir, history)}
+    print("\n\n".join(_details(jobs[e["job_id"]], [jobs[h["job_id"]] for h in history if h["run_dir"] == e["run_dir"]])
+                      for e in chosen))
+
+
+def _details(job, history):
+    cells, slurm = outcome.shown(job), job["slurm"] or record.JobState("")
+    state = job["state"] + (f", {job['reason']}" if job["reason"] else "") + (
+        f", exit code {job['exit_code']}" if job["exit_code"] not in ("", "0:0") else "")
+    lines = [f"Job {job['job_id']} ({job['name']})",
+             ("state", state + (f", requeued {job['requeues']}x" if job["requeues"] else "")),
+             ("cause", job["cause"] or "-"), ("fix", job["fix"] or "-"),
+             ("node", job["node"] or "-"),
+             ("submitted", f"{slurm.submit or job.get('submitted') or '-'}; started {slurm.start or '-'}; "
+                           f"ended {slurm.end or '-'}; waited {cells['wait']}"),
+             ("time", f"{cells['time']} (used/limit)"),
+             ("CPU", _cpu_line(job)), ("memory", _memory_line(job)), ("GPU", _gpu_line(job)),
+             ("run folder", job["run_dir"]), ("log", job["stdout"]), ("errors", job["stderr"] or "-"),
+             ("last line", job["last_line"] or "-")]
+    for attempt in job["attempts"]:
+        lines.append((f"attempt {attempt.get('restart', 0)}", _attempt_line(attempt)))
+    lines.append(("submissions", " -> ".join(f"{h['job_id']} {h['state']}" for h in history)
+                  + f"  (of {Path(job['run_dir']).name})"))
+    return "\n".join(line if isinstance(line, str) else f"  {line[0] + ':':<12} {line[1]}" for line in lines)
+
+
+def _cpu_line(job):
+    if job["cpu_s"] is None:
+        return f"{job['cpus'] or '?'} allocated" if job["cpus"] else "-"
+    pct = f"{job['cpu_pct']:.0f}%" if job["cpu_pct"] is not None else "?"
+    return f"{job['cpu_s']:.1f} CPU s on {job['cpus'] or '?'} CPUs: efficiency {pct} (CPU s / (elapsed x CPUs))"
+
+
+def _memory_line(job):
+    if not job["mem_peak"] and not job["mem_asked"]:
+        return "-"
+    slurm, kill = job["slurm"], job["memory_kill"]
+    sources = [f"own record {outcome.human_bytes(job['mem_peak_own'])}" if job["mem_peak_own"] else "",
+               f"Slurm MaxRSS {outcome.human_bytes(slurm.max_rss)}" if slurm and slurm.max_rss else "",
+               f"killed at {outcome.human_bytes(kill[0])}" if kill else ""]
+    sources = ", ".join(s for s in sources if s)
+    return (f"peak {outcome.human_bytes(job['mem_peak'])} of {outcome.human_bytes(job['mem_asked'])} asked"
+            + (f" ({sources})" if sources else ""))
+
+
+def _gpu_line(job):
+    if not job["gpu_peak"]:
+        return "-"
+    return f"peak {outcome.human_bytes(job['gpu_peak'])} allocated of the device's {outcome.human_bytes(job['gpu_total'])}"
+
+
+def _attempt_line(attempt):
+    ranks = [r for r in attempt["ranks"].values() if isinstance(r, dict)]
+    hosts = ",".join(sorted({str(r.get("host")) for r in ranks}))
+    wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
+    cpu = sum(r.get("cpu_s") or 0 for r in ranks)
+    peak = sum(r.get("peak_rss") or 0 for r in ranks)
+    end = attempt.get("end") or "no end written (killed, or still running)"
+    error = f": {attempt['error']}" if attempt.get("error") else ""
+    return (f"started {attempt.get('started')} on {hosts}, {len(ranks)} rank{'s' if len(ranks) != 1 else ''}, "
+            f"{wall:.1f} s, {cpu:.1f} CPU s, peak {outcome.human_bytes(peak)}; {end}{error}")
 
 
 def tail(log_dir, job_id, lines, follow):
@@ -112,22 +216,42 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m mnist.jobs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--logs", default="logs", help="the launcher's log folder (launcher.log_dir)")
+    parser.add_argument("--watch", nargs="?", type=float, const=WATCH_S, metavar="S",
+                        help=f"redraw the table every S seconds (default {WATCH_S:g}) until every job has ended")
     commands = parser.add_subparsers(dest="command")
+    show_parser = commands.add_parser("show", help="one job or task in full: state, cause, usage, run folder, history")
+    show_parser.add_argument("job")
     tail_parser = commands.add_parser("tail", help="print the end of a job's log")
     tail_parser.add_argument("job", nargs="?", help="job id (default: the latest)")
     tail_parser.add_argument("-n", type=int, default=20, help="lines (default 20)")
     tail_parser.add_argument("-f", "--follow", action="store_true", help="keep printing as it grows")
     cancel_parser = commands.add_parser("cancel", help="cancel a job (scancel)")
     cancel_parser.add_argument("job")
+    again = commands.add_parser("resubmit", help="rerun, as one job array, the runs of a job, an array or a sweep "
+                                                 "folder that did not complete; each resumes in its own folder")
+    again.add_argument("target", help="job id, array id, or a sweep's multirun/<date>/<time> folder")
+    again.add_argument("overrides", nargs=argparse.REMAINDER,
+                       help="where and how, e.g. resources.mem=8G; dry_run=true prints the script")
+    again.add_argument("--more", action="store_true", help="twice the memory for runs killed for memory, twice "
+                                                           "the time for runs that timed out")
     args = parser.parse_args(argv)
     with report_errors():
         try:
-            if args.command == "tail":
+            if args.watch is not None and args.watch <= 0:
+                raise UserError(f"--watch {args.watch:g}: give the seconds between refreshes, e.g. --watch 5.")
+            if args.command == "show":
+                show(args.logs, args.job)
+            elif args.command == "tail":
                 tail(args.logs, args.job, args.n, args.follow)
             elif args.command == "cancel":
                 cancel(args.logs, args.job)
+            elif args.command == "resubmit":
+                from mnist.launch.resubmit import resubmit
+
+                overrides = [o for o in args.overrides if o != "--more"]  # --more may come among the overrides
+                resubmit(args.logs, args.target, overrides, args.more or len(overrides) < len(args.overrides))
             else:
-                list_jobs(args.logs)
+                list_jobs(args.logs, args.watch)
         except KeyboardInterrupt:
             pass
     return 0

@@ -7,10 +7,16 @@ PATH is a run folder (`outputs/<date>/<time>`) or any folder above run folders: 
 (`multirun/<date>/<time>`, or `hydra.sweep.dir`), a day, all of `outputs/`. A run folder is one
 holding `config.yaml`, `metrics.csv` or Hydra's `.hydra/`; they are found up to four levels down.
 
-Writes `report.csv`, `report_loss.png` (train and test loss per epoch) and `report_accuracy.png`
-(test accuracy per epoch) into PATH, or into `--out DIR`, and prints the table:
+Writes `report.csv`, `report_loss.png` (the training loss of each logged batch, from the course's
+lines in train.log, and the test loss per epoch) and `report_accuracy.png` (test accuracy per epoch,
+and the final accuracy of each configuration, one row each, a dot per seed) into PATH, or into
+`--out DIR`, and prints the table:
 
     RUN  MODEL  OPTIMIZER  OVERRIDES  STATE  EPOCHS  ACC %  TEST LOSS  BEST EPOCH  S/EPOCH  SAMPLES/S  JOB
+    TIME  CPU  MEM  CAUSE
+
+In the figures, runs that differ only in `trainer.seed` are one configuration: one line, the mean of
+its runs, with a min-max band, labelled with its number of seeds; epochs are whole numbers.
 
 - EPOCHS: the epochs finished (rows of metrics.csv) / trainer.epochs.
 - ACC % and TEST LOSS are those of the last finished epoch (report.csv: the values of metrics.csv,
@@ -23,6 +29,11 @@ Writes `report.csv`, `report_loss.png` (train and test loss per epoch) and `repo
   with no differing override are labelled model/optimizer, and labels that would be the same get
   the run's folder added (`optimizer=sgd [2]`). A single run is labelled by its model/optimizer
   and its OVERRIDES are all of its own (`hydra.*` left out).
+- TIME (used/limit), CPU (CPU seconds / (elapsed x CPUs)), MEM (peak/asked) and CAUSE (why an
+  unsuccessful job ended, with the fix in report.csv) are those `python -m mnist.jobs` shows, from the
+  run's own usage.json first and Slurm's accounting second; a sweep gets one more line, min/median/max
+  of each and the CPU-hours used against those held. report.csv's `jobs` lists every job that ran the
+  run folder (a resubmitted run has several), oldest first.
 - JOB is the Slurm job id: from `<logs>/jobs.jsonl` (the launcher's record, `--logs`, default
   `./logs` if it exists; the latest submission of that run folder wins), else from the run's
   `environment.json` (any job that started it, `sbatch slurm/*.sh` included).
@@ -48,7 +59,6 @@ import csv
 import datetime
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -57,7 +67,7 @@ import yaml
 
 from mnist import rundir
 from mnist.errors import UserError
-from mnist.launch import record
+from mnist.launch import outcome, record
 
 CSV_NAME = "report.csv"
 LOSS_PNG = "report_loss.png"
@@ -66,13 +76,15 @@ MAX_DEPTH = 4  # multirun/<date>/<time>/<n> is three levels below multirun/
 CSV_COLUMNS = [
     "run", "run_dir", "model", "optimizer", "overrides", "label", "state", "epochs_done", "epochs", "accuracy",
     "test_loss", "train_loss", "best_epoch", "best_accuracy", "seconds_per_epoch", "samples_per_s",
-    "job_id", "slurm_state",
+    "job_id", "slurm_state", "cause", "fix", "time_used_s", "time_limit_s", "wait_s", "cpus", "cpu_s", "cpu_percent",
+    "mem_peak_bytes", "mem_asked_bytes", "gpu_peak_bytes", "gpu_total_bytes", "jobs",
 ]
 TABLE_COLUMNS = [  # (header, key, right-aligned)
     ("RUN", "run", False), ("MODEL", "model", False), ("OPTIMIZER", "optimizer", False),
     ("OVERRIDES", "overrides", False), ("STATE", "state", False), ("EPOCHS", "epochs_shown", True),
     ("ACC %", "accuracy_shown", True), ("TEST LOSS", "test_loss_shown", True), ("BEST EPOCH", "best_epoch", True),
     ("S/EPOCH", "seconds_shown", True), ("SAMPLES/S", "samples_shown", True), ("JOB", "job_id", False),
+    ("TIME", "time_shown", True), ("CPU", "cpu_shown", True), ("MEM", "mem_shown", True), ("CAUSE", "cause_shown", False),
 ]
 
 
@@ -193,21 +205,47 @@ def read_run(run_dir):
         "overrides": read_overrides(run_dir),
         "env_job_id": environment_job_id(run_dir),
         "damaged": damaged,
+        "seed": _get(config, "trainer.seed"),
+        "batch_losses": batch_losses(run_dir),
     }
+
+
+TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \(\d+%\)\]\s+Loss: ([-\d.eE+naif]+)$", re.M)
+
+
+def batch_losses(run_dir):
+    """[(epoch position, loss)] from the course's `Train Epoch: E [n/N (p%)]  Loss: x` lines of train.log, the
+    position being E - 1 + n/N; a resumed run's repeated positions keep their latest loss."""
+    try:
+        text = (Path(run_dir) / rundir.LOG).read_text(errors="replace")
+    except OSError:
+        return []
+    losses = {}
+    for epoch, seen, total, loss in TRAIN_LINE.findall(text):
+        try:
+            losses[int(epoch) - 1 + int(seen) / max(int(total), 1)] = float(loss)
+        except ValueError:
+            continue
+    return sorted(losses.items())
 
 
 # ---------------------------------------------------------------- Slurm
 
 def job_ids(runs, log_dir):
-    """{run folder: job id} from the launcher's record (latest submission wins), else environment.json."""
-    entries = {}
+    """{run folder: job id} from the launcher's record (latest submission wins), else environment.json.
+    Each run also gets its record entries in order ("history"): a resubmitted run has several."""
+    entries, history = {}, {}
     if log_dir is not None:
         for entry in record.read(log_dir):
-            entries[Path(entry["run_dir"]).resolve()] = entry
+            key = Path(entry["run_dir"]).resolve()
+            entries[key] = entry
+            history.setdefault(key, []).append(entry["job_id"])
     found = {}
     for run in runs:
-        entry = entries.get(run["run_dir"].resolve())
+        key = run["run_dir"].resolve()
+        entry = entries.get(key)
         run["job_entry"] = entry
+        run["history"] = history.get(key, [])
         job = entry["job_id"] if entry else run["env_job_id"]
         if job:
             found[run["run_dir"]] = str(job)
@@ -215,17 +253,29 @@ def job_ids(runs, log_dir):
 
 
 def slurm_lookup(runs, log_dir):
-    """Set each run's job_id and slurm_state; asks Slurm once, and only when some run has a job."""
+    """Set each run's job_id, slurm_state and job (mnist.launch.outcome's description: cause, usage);
+    asks Slurm once, and only when some run has a job. A run without a job gets its usage.json's figures."""
     ids = job_ids(runs, log_dir)
-    jobs = [run["job_entry"] or {"job_id": ids[run["run_dir"]]} for run in runs if run["run_dir"] in ids]
-    known = record.states(jobs)
+    with_job = [run for run in runs if run["run_dir"] in ids]
+    entries = [run["job_entry"] or _bare_entry(run, ids[run["run_dir"]]) for run in with_job]
+    known = record.states(entries)
     if known.unreachable:
         print(f"Cannot reach Slurm, so states are read from the run folders only: {known.unreachable}.",
               file=sys.stderr)
+    described = outcome.describe(entries, known, log_dir or "logs")
+    for run, job in zip(with_job, described):
+        run["job"] = job
+        run["slurm_state"] = None if known.unreachable or job["state"] in ("UNKNOWN", "ENDED") else job["state"]
+    alone = [run for run in runs if run["run_dir"] not in ids]
+    for run, job in zip(alone, outcome.describe([_bare_entry(run, None) for run in alone], record.States({}))):
+        run["job"] = {**job, "state": "", "cause": "", "fix": ""}  # a local run: its figures only
     for run in runs:
         run["job_id"] = ids.get(run["run_dir"])
-        state = known.by_job.get(run["job_id"])
-        run["slurm_state"] = state.state if state else None
+
+
+def _bare_entry(run, job_id):
+    return {**dict.fromkeys(record.FIELDS, ""), "job_id": job_id, "run_dir": str(run["run_dir"]),
+            "stdout": str(run["run_dir"] / rundir.LOG)}
 
 
 # ---------------------------------------------------------------- the table
@@ -256,6 +306,12 @@ def labels(runs, base):
     plain = [label or f"{run['model']}/{run['optimizer']}" for run, label in zip(runs, shown)]
     result = [f"{label} [{name}]" if plain.count(label) > 1 else label for label, name in zip(plain, names)]
     return result, [s or "-" for s in shown]
+
+
+def _config_key(run):
+    """What a run trains, less its seed: runs that differ only in trainer.seed are one configuration."""
+    return (run["model"], run["optimizer"],
+            tuple(sorted((k, v) for k, v in run["overrides"].items() if k != "trainer.seed")))
 
 
 def _pairs(overrides):
@@ -312,8 +368,28 @@ def summarize(runs, base):
             "seconds_shown": f"{seconds:.2f}" if seconds is not None else "-",
             "samples_shown": f"{samples:.0f}" if samples is not None else "-",
             "metrics": rows,
+            "config_key": _config_key(run),
+            "seed": run.get("seed"),
+            "batch_losses": run.get("batch_losses", []),
+            **_usage_columns(run.get("job")),
+            "jobs": " ".join(run.get("history") or []),
         })
     return table
+
+
+def _usage_columns(job):
+    """The report's cause and usage columns from a run's job description (mnist.launch.outcome)."""
+    if not job:
+        return {"cause": "", "fix": "", "time_shown": "-", "cpu_shown": "-", "mem_shown": "-", "cause_shown": "-"}
+    cells = outcome.shown(job)
+    number = lambda v, digits=1: "" if v is None else round(v, digits)  # noqa: E731
+    return {"cause": job["cause"], "fix": job["fix"], "time_used_s": number(job["time_used_s"]),
+            "time_limit_s": number(job["time_limit_s"]), "wait_s": number(job["wait_s"]), "cpus": job["cpus"] or "",
+            "cpu_s": number(job["cpu_s"]), "cpu_percent": number(job["cpu_pct"]),
+            "mem_peak_bytes": job["mem_peak"] or "", "mem_asked_bytes": job["mem_asked"] or "",
+            "gpu_peak_bytes": job["gpu_peak"] or "", "gpu_total_bytes": job["gpu_total"] or "",
+            "time_shown": cells["time"], "cpu_shown": cells["cpu"], "mem_shown": cells["mem"],
+            "cause_shown": (job["cause"][:57] + "...") if len(job["cause"]) > 60 else job["cause"] or "-", "job": job}
 
 
 def format_table(table):
@@ -341,55 +417,131 @@ def write_csv(table, path):
     rundir.write_whole(path, write)
 
 
-def write_figures(table, out_dir, title):
-    """report_loss.png (train and test loss) and report_accuracy.png, one line per run, through Agg."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def configurations(table):
+    """The runs grouped into configurations (runs that differ only in trainer.seed are one), in table order:
+    [{label, runs, seeds, epochs: {key: (epochs, mean, low, high)}, batches: (positions, mean, low, high),
+    final: [accuracy of each completed run]}]. The figures draw exactly this."""
+    groups = {}
+    for row in table:
+        groups.setdefault(row["config_key"], []).append(row)
+    names = _config_labels(list(groups))
+    found = []
+    for key, rows in groups.items():
+        seeds = {row["seed"] for row in rows}
+        count = f"{len(rows)} seeds" if len(seeds) == len(rows) else f"{len(rows)} runs"
+        found.append({
+            "label": names[key] + (f" ({count})" if len(rows) > 1 else ""),
+            "runs": [row["run"] for row in rows],
+            "seeds": len(seeds),
+            "epochs": {k: _spread([{int(r["epoch"]): float(r[k]) for r in row["metrics"]} for row in rows])
+                       for k in ("train_loss", "test_loss", "accuracy")},
+            "batches": _spread([dict(row["batch_losses"]) for row in rows]),
+            "final": [float(row["metrics"][-1]["accuracy"]) for row in rows if row["state"] == "COMPLETED"],
+        })
+    return found
+
+
+def _config_labels(keys):
+    """Each configuration's label: the overrides (seed aside) that differ between them, else model/optimizer."""
+    overrides = [dict(key[2]) for key in keys]
+    names = sorted({k for o in overrides for k in o})
+    differing = [k for k in names if len({o.get(k) for o in overrides}) > 1]
+    labels = {}
+    for key, o in zip(keys, overrides):
+        label = " ".join(f"{k}={o[k]}" for k in differing if k in o)
+        labels[key] = label or f"{key[0]}/{key[1]}"
+    return labels
+
+
+def _spread(series):
+    """(xs, mean, low, high) over the runs' {x: value}, at every x some run has."""
+    xs = sorted({x for one in series for x in one})
+    values = [[one[x] for one in series if x in one] for x in xs]
+    return (xs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def figures(table, title):
+    """The two figures as matplotlib Figures (Agg): report_loss (train loss per logged batch; test loss per epoch)
+    and report_accuracy (test accuracy per epoch; final accuracy per configuration, a dot per seed).
+    Each configuration is one line, the mean of its runs, with a min-max band when it has several."""
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    plotted = [row for row in table if row["metrics"]]
-
-    def label(row):
-        return row["label"] if row["state"] == "COMPLETED" else f"{row['label']} ({row['state']})"
-
-    def draw(axes, key, ylabel, scale=1.0, top=None):
-        for i, row in enumerate(plotted):  # ten colours, then the next line style
-            epochs = [int(r["epoch"]) for r in row["metrics"]]
-            axes.plot(epochs, [scale * float(r[key]) for r in row["metrics"]], marker="o", markersize=3,
-                      linestyle=("-", "--", ":", "-.")[i // 10 % 4], label=label(row))
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(ylabel)
-        axes.grid(True, alpha=0.3)
-        axes.xaxis.get_major_locator().set_params(integer=True)
-        if top is not None and plotted:
-            low, high = axes.get_ylim()
-            axes.set_ylim(low, min(high, top))
-        if not plotted:
-            axes.text(0.5, 0.5, "no finished epoch yet", ha="center", va="center", transform=axes.transAxes)
-
-    def save(figure, name):
+    configs = configurations(table)
+    legend_width = 0.5 + 0.056 * max(len(c["label"]) for c in configs)
+    loss = Figure(figsize=(11 + legend_width, 4.5), layout="constrained")
+    batch_axes, test_axes = loss.subplots(1, 2)
+    for i, config in enumerate(configs):
+        _draw(batch_axes, config["batches"], config, i)
+        _draw(test_axes, config["epochs"]["test_loss"], config, i)
+    _style(batch_axes, "train loss (each logged batch)", configs, per_batch=True)
+    _style(test_axes, "test loss", configs)
+    accuracy = Figure(figsize=(11 + legend_width, max(4.5, 1 + 0.35 * len(configs))), layout="constrained")
+    epoch_axes, final_axes = accuracy.subplots(1, 2)
+    for i, config in enumerate(configs):
+        _draw(epoch_axes, config["epochs"]["accuracy"], config, i, scale=100.0)
+    _style(epoch_axes, "test accuracy (%)", configs)
+    _finals(final_axes, configs)
+    if epoch_axes.lines:  # no room above 100%
+        epoch_axes.set_ylim(epoch_axes.get_ylim()[0], min(epoch_axes.get_ylim()[1], 100.5))
+        final_axes.set_xlim(final_axes.get_xlim()[0], min(final_axes.get_xlim()[1], 100.5))
+    for figure in (loss, accuracy):
         handles, names = figure.axes[0].get_legend_handles_labels()
-        for row in table:  # runs without a finished epoch: named in the legend, with no line
-            if not row["metrics"]:
-                handles.append(Line2D([], [], linestyle="none"))
-                names.append(label(row))
-        figure.legend(handles, names, loc="outside right upper", ncols=legend_columns, fontsize=8)
+        if handles:
+            figure.legend(handles, names, loc="outside right upper", fontsize=8)
         figure.suptitle(title, fontsize=9)
+    return {LOSS_PNG: loss, ACCURACY_PNG: accuracy}
+
+
+def _draw(axes, spread, config, i, scale=1.0):
+    xs, mean, low, high = spread
+    if not xs:
+        return
+    colour, style = f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]
+    axes.plot(xs, [scale * v for v in mean], color=colour, linestyle=style, label=config["label"],
+              marker="o" if len(xs) < 30 else None, markersize=3)
+    if len(config["runs"]) > 1:
+        axes.fill_between(xs, [scale * v for v in low], [scale * v for v in high], color=colour, alpha=0.2, linewidth=0)
+
+
+def _style(axes, ylabel, configs, per_batch=False):
+    from matplotlib.ticker import MaxNLocator
+
+    last = max((max(c["epochs"]["accuracy"][0], default=0) for c in configs), default=0)
+    last = max(last, math.ceil(max((max(c["batches"][0], default=0) for c in configs), default=0)))
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if per_batch:
+        axes.set_xlim(0, max(last, 1))
+    elif last:
+        axes.set_xlim(0.75, last + 0.25)
+    if not axes.lines:
+        axes.text(0.5, 0.5, "no logged batch yet" if per_batch else "no finished epoch yet", ha="center",
+                  va="center", transform=axes.transAxes)
+
+
+def _finals(axes, configs):
+    """One row per configuration, a dot per completed run's final accuracy, a bar at their mean."""
+    for row, config in enumerate(configs):
+        values = [100 * v for v in config["final"]]
+        axes.plot(values, [row] * len(values), "o", color=f"C{row % 10}", alpha=0.7, markersize=5)
+        if values:
+            axes.plot([sum(values) / len(values)], [row], "|", color="black", markersize=14)
+    axes.set_yticks(range(len(configs)), [c["label"] for c in configs], fontsize=8)
+    axes.set_ylim(-0.5, len(configs) - 0.5)
+    axes.invert_yaxis()
+    axes.set_xlabel("final test accuracy (%), completed runs: a dot each, | their mean")
+    axes.grid(True, axis="x", alpha=0.3)
+
+
+def write_figures(table, out_dir, title):
+    """report_loss.png and report_accuracy.png (see figures), each written whole (through a temporary file)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for name, figure in figures(table, title).items():
         FigureCanvasAgg(figure)
-        rundir.write_whole(out_dir / name, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-
-    legend_columns = 1 if len(table) <= 20 else 2
-    legend_width = legend_columns * (0.5 + 0.056 * max(len(label(row)) for row in table))
-    height = max(4.5, 0.5 + 0.17 * math.ceil(len(table) / legend_columns))
-    loss = Figure(figsize=(10 + legend_width, height), layout="constrained")
-    train_axes, test_axes = loss.subplots(1, 2)
-    draw(train_axes, "train_loss", "train loss")
-    draw(test_axes, "test_loss", "test loss")
-    save(loss, LOSS_PNG)
-
-    accuracy = Figure(figsize=(6 + legend_width, height), layout="constrained")
-    draw(accuracy.subplots(), "accuracy", "test accuracy (%)", scale=100.0, top=100.5)
-    save(accuracy, ACCURACY_PNG)
+        rundir.write_whole(out_dir / name, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=100))
 
 
 # ---------------------------------------------------------------- the command
@@ -454,6 +606,9 @@ def report(path, out_dir=None, log_dir=None, figures=True):
 
     print(f"{len(table)} run{'s' if len(table) != 1 else ''} in {path}\n")
     print(format_table(table))
+    jobs = [row["job"] for row in table if row.get("job") and (row["job"]["attempts"] or row["job"]["slurm"])]
+    if len(jobs) > 1:
+        print(f"\nusage: {outcome.summary(jobs)}")
     for run in runs:
         for problem in run["damaged"]:
             print(f"\ndamaged: {problem}")

@@ -113,8 +113,8 @@ def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, 
                                      + json.dumps(entry("7_1", runs[1], logs)) + "\n")
     result = run(["sweep", "--logs", "logs", "--no-figures"], tmp_path, env=no_slurm, module="mnist.report")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^0 .*not started\s+0/2 .*7_0$", result.stdout, re.M), result.stdout
-    assert re.search(r"^1 .*not started\s+0/2 .*7_1$", result.stdout, re.M), result.stdout
+    assert re.search(r"^0 .*not started\s+0/2 .*\s7_0\s", result.stdout, re.M), result.stdout
+    assert re.search(r"^1 .*not started\s+0/2 .*\s7_1\s", result.stdout, re.M), result.stdout
     assert result.stderr.count(f"warning: {Path('logs') / 'jobs.jsonl'}, line 2:") == 1, result.stderr
     assert result.stderr.count("Cannot reach Slurm") == 1 and "no-such-cluster.conf" in result.stderr
 
@@ -172,3 +172,27 @@ def test_jobs_slurm_does_not_know_are_read_from_their_results_not_called_unreach
     assert result.returncode == 0 and result.stderr == "", result.stderr
     expected = {"11": "COMPLETED", "12": "FAILED", "13": "UNKNOWN"}  # 13: no result, no log
     assert listed(result.stdout) == {job: expected[job] for job in ids}
+
+
+def test_sacct_and_squeue_lines_give_states_reasons_requeues_and_usage():
+    """Lines as this project's cluster prints them: a job line, then its steps, whose MaxRSS (times the
+    step's tasks) is the job's peak; squeue -r -O with each field ended by |."""
+    sacct = record.parse_sacct(
+        "7|FAILED|9:0|12|00:06.100|||5|2026-11-25T14:03:07|2026-11-25T14:03:09|2026-11-25T14:03:21|"
+        "billing=1,cpu=1,mem=400M,node=1|vm|None\n"
+        "7.batch|FAILED|9:0|12|00:00.020|3000K|1||2026-11-25T14:03:09|2026-11-25T14:03:09|2026-11-25T14:03:21|"
+        "cpu=1,mem=400M,node=1|vm|\n"
+        "7.0|OUT_OF_MEMORY|0:9|12|00:06.080|403330K|2||2026-11-25T14:03:09|2026-11-25T14:03:09|"
+        "2026-11-25T14:03:21|cpu=1,mem=400M,node=1|vm|\n"
+        "8_[1-3%1]|PENDING|0:0|0|00:00:00|||5|2026-11-25T14:03:07|Unknown|Unknown||None assigned|JobArrayTaskLimit\n")
+    job = sacct["7"]
+    assert (job.state, job.exit_code, job.elapsed_s, job.limit_s, job.cpus, job.mem) == ("FAILED", "9:0", 12, 300, 1,
+                                                                                      400 << 20)
+    assert job.cpu_s == pytest.approx(6.1) and job.max_rss == 2 * 403330 * 1024
+    assert (sacct["8_[1-3%1]"].node, sacct["8_[1-3%1]"].reason, sacct["8_[1-3%1]"].start) == ("", "JobArrayTaskLimit", "")
+    squeue = record.parse_squeue(
+        "9_1|PENDING|0:00||JobArrayTaskLimit|0|5:00|2026-11-25T14:03:07|N/A|cpu=1,mem=2G,node=1,billing=1|\n"
+        "9_0|RUNNING|1:02|vm|None|2|5:00|2026-11-25T14:03:07|2026-11-25T14:03:08|cpu=1,mem=2G,node=1,billing=1|\n")
+    assert (squeue["9_1"].state, squeue["9_1"].reason, squeue["9_1"].start) == ("PENDING", "JobArrayTaskLimit", "")
+    assert (squeue["9_0"].restarts, squeue["9_0"].elapsed_s, squeue["9_0"].limit_s, squeue["9_0"].mem) == (
+        2, 62, 300, 2 << 30)

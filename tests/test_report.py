@@ -195,3 +195,75 @@ def test_no_run_folder_is_one_paragraph_and_exit_status_2(tmp_path, what):
 def test_the_module_is_documented_in_its_help():
     result = run(["--help"], cwd=ROOT, module="mnist.report")
     assert result.returncode == 0 and "--out" in result.stdout and "--logs" in result.stdout
+
+
+def fake_run(folder, optimizer, seed, epochs, rng):
+    """A finished run folder as a run leaves it (config, start record, metrics, the course's log lines), made
+    without training: the figures' data can then be checked against known numbers."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"model: {{name: mlp}}\noptimizer: {{name: {optimizer}}}\n"
+                                        f"trainer: {{epochs: {epochs}, seed: {seed}}}\ndata: {{name: mnist}}\n")
+    (folder / "run.json").write_text(json.dumps({"started": f"2026-11-25T10:00:0{seed}",
+                                                 "overrides": [f"optimizer={optimizer}", f"trainer.seed={seed}"]}))
+    rows, log = [], []
+    for epoch in range(1, epochs + 1):
+        for seen in (0, 256, 512, 768):
+            log.append(f"Train Epoch: {epoch} [{seen}/1024 ({seen * 100 // 1024}%)]\tLoss: {rng.uniform(0.1, 2):.6f}")
+        rows.append(f"{epoch},{rng.uniform(0.1, 1):.6f},{rng.uniform(0.1, 1):.6f},{rng.uniform(0.5, 1):.6f},1.0,1000.0")
+    (folder / "train.log").write_text("\n".join(log) + "\n")
+    (folder / "metrics.csv").write_text("epoch,train_loss,test_loss,accuracy,seconds,samples_per_s\n"
+                                        + "\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def seed_sweep(tmp_path):
+    import random
+
+    rng = random.Random(3)
+    sweep = tmp_path / "seeds"
+    runs = {("sgd", s): sweep / str(i) for i, s in enumerate((1, 2, 3))}
+    runs.update({("adadelta", s): sweep / str(3 + i) for i, s in enumerate((1, 2))})
+    for (optimizer, seed), folder in runs.items():
+        fake_run(folder, optimizer, seed, 1, rng)
+    return sweep, runs
+
+
+def test_runs_differing_only_in_seed_are_one_line_with_a_band_and_a_dot_per_seed(seed_sweep, no_slurm, monkeypatch):
+    from matplotlib.collections import PolyCollection
+
+    from mnist import report as reporting
+
+    sweep, runs = seed_sweep
+    for key, value in no_slurm.items():
+        monkeypatch.setenv(key, value)
+    table = reporting.report(sweep, figures=False)
+    drawn = reporting.figures(table, "t")
+    loss, accuracy = drawn["report_loss.png"], drawn["report_accuracy.png"]
+    batch_axes, test_axes = loss.axes[:2]
+    epoch_axes, final_axes = accuracy.axes[:2]
+    labels = ["optimizer=sgd (3 seeds)", "optimizer=adadelta (2 seeds)"]
+    for axes in (batch_axes, test_axes, epoch_axes):
+        assert [line.get_label() for line in axes.lines] == labels  # one line per configuration...
+        assert len([c for c in axes.collections if isinstance(c, PolyCollection)]) == 2  # ...each with its band
+
+    for line, optimizer, seeds in zip(batch_axes.lines, ("sgd", "adadelta"), ((1, 2, 3), (1, 2))):
+        logged = [reporting.batch_losses(runs[optimizer, s]) for s in seeds]
+        assert list(line.get_xdata()) == [0.0, 0.25, 0.5, 0.75]  # the logged batches of epoch 1
+        assert list(line.get_ydata()) == pytest.approx([sum(l[i][1] for l in logged) / len(seeds) for i in range(4)])
+    for line, band, optimizer, seeds in zip(test_axes.lines, test_axes.collections, ("sgd", "adadelta"),
+                                            ((1, 2, 3), (1, 2))):
+        losses = [float(metrics(runs[optimizer, s])[0]["test_loss"]) for s in seeds]
+        assert list(line.get_ydata()) == pytest.approx([sum(losses) / len(losses)])
+        corners = band.get_paths()[0].vertices[:, 1]
+        assert (corners.min(), corners.max()) == pytest.approx((min(losses), max(losses)))
+
+    dots = [line for line in final_axes.lines if line.get_marker() == "o"]
+    assert len(dots) == 2 and [len(d.get_xdata()) for d in dots] == [3, 2]  # a row per configuration, a dot per seed
+    for dot, optimizer, seeds in zip(dots, ("sgd", "adadelta"), ((1, 2, 3), (1, 2))):
+        assert list(dot.get_xdata()) == pytest.approx([100 * float(metrics(runs[optimizer, s])[-1]["accuracy"])
+                                                       for s in seeds])
+    assert [t.get_text() for t in final_axes.get_yticklabels()] == labels
+    for axes in (test_axes, epoch_axes, batch_axes):  # 1-epoch runs: whole epochs only
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -134,6 +134,15 @@ def test_a_sweep_waiting_its_turn_shows_pending_tasks_and_cancel_says_one_never_
         assert re.search(rf"^{job_id}_0\s+mlp\s+(PENDING|RUNNING)\s", listing.stdout, re.M), listing.stdout
         for task in (1, 2):
             assert re.search(rf"^{job_id}_{task}\s+mlp\s+PENDING\s", listing.stdout, re.M), listing.stdout
+        deadline = time.time() + 30  # with Slurm's reason, once its scheduler has looked at them (every 2 s here)
+        while True:
+            waiting = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
+            reasons = [re.search(rf"^{job_id}_{task}\s+mlp\s+PENDING\s.*\spending: (\w+) \(", waiting, re.M)
+                       for task in (1, 2)]
+            if all(reasons) or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert all(r and r.group(1) in ("JobArrayTaskLimit", "Resources") for r in reasons), waiting
 
         cancelled = run(["--logs", str(tmp_path / "logs"), "cancel", f"{job_id}_2"], tmp_path, module="mnist.jobs")
         assert cancelled.returncode == 0, cancelled.stderr

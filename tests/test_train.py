@@ -10,7 +10,7 @@ import time
 import torch
 import yaml
 
-from conftest import ROOT, run
+from conftest import run
 
 TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: \d+\.\d{6}$")
 TEST_LINE = re.compile(r"^Test set: Average loss: \d+\.\d{4}, Accuracy: (\d+)/(\d+) \((\d+)%\)$")

@@ -1,14 +1,17 @@
 """The launcher's record of the jobs it submitted (`<launcher.log_dir>/jobs.jsonl`) and their states.
 
 One JSON object a line, one line a job (each task of an array is one):
-job_id, name, model, run_dir, stdout, stderr, submitted, submitit_folder.
+job_id, name, model, run_dir, stdout, stderr, submitted, submitit_folder, what it asks for (mem, time as
+resources.mem and resources.time say it, cpus in all), and, for a resubmission (`python -m mnist.jobs
+resubmit`), previous: the job id it reruns. Older records lack the last four.
 `python -m mnist.jobs` and `python -m mnist.report` read it only through this module.
 
 Submissions append under an exclusive lock, each in one write, so submissions made at the same
 time never interleave; readers take a shared lock, so they never see half a submission.
 
-States: one `squeue -r` call (the live state, each pending array task listed on its own) and
-one `sacct` call (jobs squeue has forgotten) for all jobs, whatever their number; squeue wins.
+States: one `squeue -r` call (the live state, each pending array task listed on its own, with its
+reason, requeues, time limit and allocation) and one `sacct` call (jobs squeue has forgotten, with
+their exit code, CPU time and the steps' MaxRSS) for all jobs, whatever their number; squeue wins.
 Without accounting (sacct fails) a finished job's outcome is read from the result file
 submitit left. When Slurm cannot be reached at all, no state is guessed: `States.unreachable`
 says why. Standard library only: the login node's commands import no torch through here.
@@ -26,9 +29,12 @@ from typing import NamedTuple
 from mnist.errors import UserError
 
 FILE_NAME = "jobs.jsonl"
-FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder")
+FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder", "previous", "mem",
+          "time", "cpus")
 REQUIRED = ("job_id", "run_dir", "stdout")
 JOB_ID = re.compile(r"\d+(_\d+)?")
+LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+        "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
 SLURM_TIMEOUT_S = 30
@@ -131,14 +137,36 @@ def find(log_dir, job_id=None):
 # ---------------------------------------------------------------- states
 
 class JobState(NamedTuple):
+    """What Slurm (or, without accounting, submitit's result) says of one job or array task.
+    Figures Slurm does not give are None (times in seconds, memory in bytes)."""
     state: str  # Slurm's (PENDING, RUNNING, CANCELLED, ...), or COMPLETED/FAILED from submitit's result
-    elapsed: str = ""
+    elapsed: str = ""  # as Slurm writes it (squeue's TimeUsed)
     node: str = ""
+    reason: str = ""  # why a job waits (Resources, Priority, JobArrayTaskLimit, ...) or why it ended
+    restarts: int = None  # requeues so far (squeue; accounting does not keep it)
+    elapsed_s: int = None
+    limit_s: int = None
+    submit: str = ""  # ISO times
+    start: str = ""
+    end: str = ""
+    exit_code: str = ""  # "0:0", "9:0": status:signal
+    cpus: int = None  # allocated (AllocTRES cpu=), or asked while pending
+    mem: int = None  # allocated memory (AllocTRES mem=), the whole job's
+    nodes: int = None
+    cpu_s: float = None  # accounting's TotalCPU (finished steps only)
+    max_rss: int = None  # accounting's MaxRSS, the largest step's, times its tasks
+    source: str = ""  # squeue, sacct or result
 
 
 class States(NamedTuple):
     by_job: dict  # {job id: JobState}; a job nothing knows about is left out
     unreachable: str = ""  # why Slurm could not be asked; "" when it answered
+
+
+SQUEUE_FIELDS = ("JobArrayID", "State", "TimeUsed", "NodeList", "Reason", "RestartCnt", "TimeLimit", "SubmitTime",
+                 "StartTime", "tres-alloc")
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "ElapsedRaw", "TotalCPU", "MaxRSS", "NTasks", "TimelimitRaw", "Submit",
+                "Start", "End", "AllocTRES", "NodeList", "Reason")
 
 
 def states(entries):
@@ -156,10 +184,19 @@ def states(entries):
     found = {}
     for entry in entries:
         job_id = entry["job_id"]
-        state = _lookup(job_id, queued) or _lookup(job_id, accounted) or _submitit_outcome(entry)
+        live, past = _lookup(job_id, queued), _lookup(job_id, accounted)
+        state = _merged(live, past) or _submitit_outcome(entry)
         if state:
             found[job_id] = state
     return States(found)
+
+
+def _merged(live, past):
+    """squeue's state wins; accounting adds what squeue lacks (CPU time, MaxRSS, exit code)."""
+    if live is None or past is None:
+        return live or past
+    return live._replace(cpu_s=past.cpu_s, max_rss=past.max_rss, exit_code=past.exit_code,
+                         elapsed_s=live.elapsed_s if live.elapsed_s is not None else past.elapsed_s)
 
 
 def _squeue(job_list):
@@ -167,20 +204,20 @@ def _squeue(job_list):
     conf = os.environ.get("SLURM_CONF")
     if conf and not Path(conf).is_file():  # squeue would retry for a minute before saying so
         return {}, f"SLURM_CONF={conf} is not a file"
-    out, error = _call(["squeue", "-r", "-h", "-j", job_list, "-o", "%i|%T|%M|%N"])
+    out, error = _call(["squeue", "-r", "-h", "-j", job_list, "-O", ",".join(f + ":|" for f in SQUEUE_FIELDS)])
     # One id squeue has forgotten (or never knew) fails with "Invalid job id specified"; several such
     # ids list nothing. Either way Slurm answered.
     if error and "Invalid job id" not in error:
         if "configuration" in error and not conf and not Path("/etc/slurm/slurm.conf").exists():
             error += " (SLURM_CONF is not set and there is no /etc/slurm/slurm.conf)"
         return {}, error
-    return _listing(out), ""
+    return parse_squeue(out), ""
 
 
 def _sacct(job_list):
     """The jobs accounting knows; nothing where accounting is off (sacct fails)."""
-    out, _ = _call(["sacct", "-n", "-P", "-X", "-j", job_list, "-o", "JobID,State,Elapsed,NodeList"])
-    return _listing(out)
+    out, _ = _call(["sacct", "-n", "-P", "-j", job_list, "-o", ",".join(SACCT_FIELDS)])
+    return parse_sacct(out)
 
 
 def _call(command):
@@ -199,15 +236,102 @@ def _call(command):
     return out.stdout, ""
 
 
-def _listing(text):
-    """{job id: JobState} from `id|state|elapsed|node` lines; pending array tasks may be folded (N_[1-3%1])."""
+def parse_squeue(text):
+    """{job id: JobState} from `squeue -r -O` lines (SQUEUE_FIELDS, each ended by |)."""
     found = {}
     for line in text.splitlines():
-        fields = line.split("|")
-        if len(fields) >= 4 and fields[1].strip():
-            job_id, state, elapsed, node = (field.strip() for field in fields[:4])
-            node = "" if node == "None assigned" else node  # sacct's node of a job that never started
-            found[job_id] = JobState(state.split()[0], elapsed, node)  # "CANCELLED by 0": CANCELLED
+        fields = [field.strip() for field in line.split("|")]
+        if len(fields) < len(SQUEUE_FIELDS) or not fields[1]:
+            continue
+        job_id, state, used, node, reason, restarts, limit, submit, start, tres = fields[:len(SQUEUE_FIELDS)]
+        allocated = _tres(tres)
+        found[job_id] = JobState(
+            state.split()[0], used, node, "" if reason == "None" else reason, _int(restarts), duration_s(used),
+            duration_s(limit), _time(submit), _time(start) if state != "PENDING" else "", "", "", allocated.get("cpu"),
+            allocated.get("mem"), allocated.get("node"), source="squeue")
+    return found
+
+
+def parse_sacct(text):
+    """{job id: JobState} from `sacct -n -P` lines (SACCT_FIELDS): a job's line, then its steps' (N.batch,
+    N.0), whose MaxRSS (times their tasks) gives the job's peak. Pending array tasks may be folded (N_[1-3%1])."""
+    found, steps = {}, {}
+    for line in text.splitlines():
+        fields = [field.strip() for field in line.split("|")]
+        if len(fields) < len(SACCT_FIELDS) or not fields[1]:
+            continue
+        job_id, state, exit_code, elapsed, total_cpu, max_rss, tasks, limit, submit, start, end, tres, node, reason = \
+            fields[:len(SACCT_FIELDS)]
+        if "." in job_id:
+            rss = memory_bytes(max_rss)
+            if rss is not None:
+                job = job_id.split(".")[0]
+                steps[job] = max(steps.get(job, 0), rss * (_int(tasks) or 1))
+            continue
+        allocated = _tres(tres)
+        seconds = _int(elapsed)
+        found[job_id] = JobState(
+            state.split()[0], _clock(seconds), "" if node == "None assigned" else node,  # "CANCELLED by 0": CANCELLED
+            "" if reason == "None" else reason, None, seconds, 60 * _int(limit) if _int(limit) is not None else None,
+            _time(submit), _time(start) if node != "None assigned" else "", _time(end), exit_code, allocated.get("cpu"),
+            allocated.get("mem"),
+            allocated.get("node"), duration_s(total_cpu), source="sacct")
+    return {job: state._replace(max_rss=steps.get(job)) for job, state in found.items()}
+
+
+def _int(text):
+    return int(text) if str(text).isdigit() else None
+
+
+def _time(text):
+    return "" if text in ("", "N/A", "Unknown", "None") else text
+
+
+def _clock(seconds):
+    """Seconds as Slurm writes a duration: M:SS, H:MM:SS or D-HH:MM:SS."""
+    if seconds is None:
+        return ""
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def duration_s(text):
+    """Seconds in a Slurm duration ([D-][H:]M:S[.mmm], as squeue and sacct print them); None if not one."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})(?:\.(\d+))?", str(text).strip())
+    if not match:
+        return None
+    parts = [int(p) for p in match.group(2).split(":")]
+    if match.group(1) and len(parts) < 3:  # D-H or D-H:M
+        parts += [0] * (3 - len(parts))
+    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    return seconds + 86400 * int(match.group(1) or 0) + (float("0." + match.group(3)) if match.group(3) else 0)
+
+
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def memory_bytes(text, default_unit=""):
+    """Bytes in a Slurm memory figure (806660K, 2G, 100M, 0); None if not one."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)[nc]?", str(text).strip(), re.IGNORECASE)
+    if not match:
+        return None
+    return int(float(match.group(1)) * UNITS[(match.group(2) or default_unit).upper()])
+
+
+def _tres(text):
+    """{cpu: 4, mem: bytes, node: 1, gpu: 1} from a TRES list (cpu=4,mem=16G,node=1,gres/gpu=1)."""
+    found = {}
+    for item in str(text).split(","):
+        key, _, value = item.partition("=")
+        key = "gpu" if key == "gres/gpu" else key
+        if key == "mem":
+            found[key] = memory_bytes(value, "M")
+        elif key in ("cpu", "node", "gpu") and value.isdigit():
+            found[key] = int(value)
     return found
 
 
@@ -243,7 +367,7 @@ def _submitit_outcome(entry):
     outcome = _first_string(Path(folder) / f"{entry['job_id']}_0_result.pkl")
     if outcome is None:
         return None
-    return JobState("COMPLETED" if outcome == "success" else "FAILED")
+    return JobState("COMPLETED" if outcome == "success" else "FAILED", source="result")
 
 
 def _first_string(pickle_file):

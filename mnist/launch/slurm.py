@@ -150,8 +150,9 @@ def submit(cfg, run_dir, overrides=None):
     return submit_array([(cfg, run_dir)], single=True, overrides=overrides)
 
 
-def submit_array(runs, single=False, overrides=None):
-    """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder."""
+def submit_array(runs, single=False, overrides=None, previous=None):
+    """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder.
+    `previous`: for a resubmission, the job id each run had before (the record links them)."""
     cfgs = [cfg for cfg, _ in runs]
     asked = set()
     for cfg in cfgs:
@@ -175,8 +176,9 @@ def submit_array(runs, single=False, overrides=None):
         else:
             with executor.batch():
                 jobs = [executor.submit(t) for t in trainers]
-    _record(first, name, jobs, runs, array)
-    _announce(first, name, jobs, run_dirs, array)
+    _record(first, name, jobs, runs, array, previous)
+    if previous is None:  # a resubmission says itself which folder each task reruns
+        _announce(first, name, jobs, run_dirs, array)
     return jobs[0].job_id.split("_")[0]
 
 
@@ -190,17 +192,24 @@ def _log_files(cfg, name, job_id, array):
     return fill(out), fill(err)
 
 
-def _record(cfg, name, jobs, runs, array):
+def _record(cfg, name, jobs, runs, array, previous=None):
     now = datetime.datetime.now().isoformat(timespec="seconds")
     entries = []
-    for job, (run_cfg, run_dir) in zip(jobs, runs):
+    for job, (run_cfg, run_dir), before in zip(jobs, runs, previous or [""] * len(jobs)):
         out, err = _log_files(cfg, name, job.job_id, array)
         entries.append({
             "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
             "stdout": out, "stderr": err, "submitted": now,
-            "submitit_folder": str(job.paths.folder),
+            "submitit_folder": str(job.paths.folder), **({"previous": before} if before else {}),
+            **_asked(run_cfg.resources),
         })
     record.append(cfg.launcher.log_dir, entries)
+
+
+def _asked(res):
+    """What the job asks for, in the record: the status table then needs no run's config to show it."""
+    return {"mem": resources.memory(res.mem), "time": str(res.time),
+            "cpus": int(res.cpus_per_task) * int(res.tasks_per_node) * int(res.nodes)}
 
 
 def _announce(cfg, name, jobs, run_dirs, array):

@@ -1,0 +1,365 @@
+"""Why each submitted job ended as it did, and what it used: the job record's entry, Slurm's state
+(mnist.launch.record), the run's own usage.json (mnist.usage) and the job's logs, put together.
+
+`describe(entries, known)` gives one dict per entry with:
+
+- state, reason (why it waits), requeues, node, exit code;
+- the figures, like seff's: time used and limit, queue wait, CPUs, CPU seconds and CPU efficiency
+  (CPU seconds / (elapsed x CPUs)), peak memory (per node) and memory asked, GPU peak and total.
+  The run's usage.json comes first (Slurm samples memory every 30 s by default, and a short job has
+  no MaxRSS); accounting fills in what the run could not write; the largest peak seen wins;
+- cause: one line saying why an unsuccessful job ended, and fix: the command that fixes it.
+
+Reads only small files (JSON, the ends of the logs); imports no torch.
+"""
+import datetime
+import functools
+import math
+import re
+import statistics
+from pathlib import Path
+
+from mnist import rundir
+from mnist.launch import record
+
+TAIL_BYTES = 16384  # of an .err: a traceback's end
+OUT_TAIL_BYTES = 4096  # of a log: its last lines
+MEMORY_KILL = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
+OOM_EVENT = re.compile(r"oom[-_ ]kill", re.IGNORECASE)
+STEPD_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))?")
+ENDED_BY = {None: "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL"}
+EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*\.\w+): .*")
+TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]")
+STOPPED_LINE = re.compile(r"Stopped in epoch (\d+) after batch (\d+)")
+WAITING = {  # squeue's reasons, in a user's words
+    "Resources": "waiting for free CPUs, memory or GPUs",
+    "Priority": "other jobs go first",
+    "JobArrayTaskLimit": "the array runs only launcher.array_parallelism tasks at once",
+    "Dependency": "waiting for another job",
+    "BeginTime": "held until its start time",
+    "JobHeldUser": "held (scontrol release JOB)",
+    "JobHeldAdmin": "held by an administrator",
+    "ReqNodeNotAvail": "the nodes it needs are not available",
+    "PartitionTimeLimit": "its time limit is over the partition's: it will never start",
+    "QOSMaxJobsPerUserLimit": "you have as many jobs running as your QOS allows",
+    "AssocMaxJobsLimit": "your account has as many jobs running as it may",
+}
+
+
+def describe(entries, known, log_dir="logs"):
+    """One dict per entry (see the module's doc), in the entries' order."""
+    usage = {}
+    jobs = []
+    for entry in entries:
+        if entry["run_dir"] not in usage:
+            usage[entry["run_dir"]] = rundir.read_usage(entry["run_dir"])
+        attempts = [a for a in usage[entry["run_dir"]] if a.get("job_id") == entry["job_id"]]
+        jobs.append(_job(entry, known, attempts, log_dir))
+    return jobs
+
+
+def _job(entry, known, attempts, log_dir):
+    slurm = known.by_job.get(entry["job_id"])
+    out_tail = _tail(entry["stdout"], OUT_TAIL_BYTES)
+    job = {**entry, "slurm": slurm, "attempts": attempts, "out_tail": out_tail, "last_line": _last_line(out_tail),
+           "node": (slurm.node if slurm else "") or _hosts(attempts), "exit_code": slurm.exit_code if slurm else "",
+           "reason": slurm.reason if slurm else "", "log_dir": str(log_dir)}
+    state = slurm.state if slurm else ""
+    ended = known.unreachable or state not in record.LIVE | {"COMPLETED"}
+    err_tail = _tail(entry.get("stderr") or "") if ended else ""
+    job["memory_kill"] = _memory_kill(err_tail)
+    job["state"] = "?" if known.unreachable else (
+        state if slurm and slurm.source != "result" else _state_from_run(entry, state, attempts, err_tail))
+    job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
+                       else max((a.get("restart") or 0 for a in attempts), default=0))
+    job.update(figures(slurm, attempts, job["memory_kill"], entry))
+    job["cause"], job["fix"] = cause(job, err_tail)
+    return job
+
+
+# ---------------------------------------------------------------- states without Slurm
+
+def _state_from_run(entry, result_state, attempts, err_tail):
+    """Where Slurm no longer knows a job (no accounting): its end as submitit's result, the run's usage.json
+    or slurmstepd's last words in the .err say it; ENDED (a log) or UNKNOWN (none) otherwise."""
+    if MEMORY_KILL.search(err_tail):
+        return "FAILED"  # as Slurm says it with OverMemoryKill (its .err also says the step was CANCELLED)
+    ended = STEPD_END.search(err_tail)
+    if ended:
+        return ENDED_BY[ended.group(1)]
+    if result_state:
+        return result_state
+    end = attempts[-1].get("end") if attempts else None
+    if end in ("completed", "error"):
+        return {"completed": "COMPLETED", "error": "FAILED"}[end]
+    return "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
+
+
+def _memory_kill(err_tail):
+    """(bytes used, bytes allowed) from slurmstepd's "exceeded memory limit (A > B)", else None."""
+    kills = MEMORY_KILL.findall(err_tail)
+    return (int(kills[-1][0]), int(kills[-1][1])) if kills else None
+
+
+# ---------------------------------------------------------------- figures
+
+def figures(slurm, attempts, memory_kill, entry):
+    """time_used_s, time_limit_s, wait_s, cpus, cpu_s, cpu_pct, mem_peak, mem_asked, gpu_peak, gpu_total
+    (None where unknown): the run's usage.json first, Slurm's accounting for what it lacks."""
+    own = _own_figures(attempts)
+    slurm = slurm or record.JobState("")
+    elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
+    cpus = slurm.cpus or own["cpus"] or entry.get("cpus") or None
+    if own["cpu_s"] is not None and own["reserved_s"]:
+        cpu_s, pct = own["cpu_s"], 100 * own["cpu_s"] / own["reserved_s"]
+    else:
+        cpu_s = slurm.cpu_s if slurm.cpu_s else None
+        pct = 100 * cpu_s / (elapsed * cpus) if cpu_s is not None and elapsed and cpus else None
+    peaks = [p for p in (own["peak"], slurm.max_rss, memory_kill and memory_kill[0]) if p]
+    asked = slurm.mem // (slurm.nodes or 1) if slurm.mem else (memory_kill and memory_kill[1]) or _asked_mem(entry)
+    return {"time_used_s": elapsed, "time_limit_s": slurm.limit_s or _asked_time(entry), "wait_s": _wait(slurm, attempts, entry),
+            "cpus": cpus, "cpu_s": cpu_s, "cpu_pct": pct, "mem_peak": max(peaks) if peaks else None,
+            "mem_peak_own": own["peak"], "mem_asked": asked, "gpu_peak": own["gpu_peak"], "gpu_total": own["gpu_total"]}
+
+
+def _own_figures(attempts):
+    """The run's own figures over its attempts: peak per node (ranks on one host add up), CPU seconds,
+    the CPU seconds it held (wall x CPUs), the last attempt's wall time, GPU peak."""
+    found = {"peak": None, "cpu_s": None, "reserved_s": 0.0, "wall_s": None, "cpus": None, "gpu_peak": None,
+             "gpu_total": None}
+    for attempt in attempts:
+        ranks = [r for r in attempt["ranks"].values() if isinstance(r, dict)]
+        per_host = {}
+        for r in ranks:
+            per_host[r.get("host")] = per_host.get(r.get("host"), 0) + (r.get("peak_rss") or 0)
+        found["peak"] = max(found["peak"] or 0, *per_host.values(), 0) or None
+        found["cpu_s"] = (found["cpu_s"] or 0) + sum(r.get("cpu_s") or 0 for r in ranks)
+        wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
+        found["cpus"] = sum(r.get("cpus") or 0 for r in ranks) or None
+        found["reserved_s"] += wall * (found["cpus"] or 0)
+        found["wall_s"] = wall
+        gpu = [r for r in ranks if r.get("gpu_peak")]
+        if gpu:
+            found["gpu_peak"] = max(found["gpu_peak"] or 0, *(r["gpu_peak"] for r in gpu))
+            found["gpu_total"] = max(r.get("gpu_total") or 0 for r in gpu) or None
+    return found
+
+
+def _wait(slurm, attempts, entry):
+    """Queue wait: start - submit (Slurm's), or still waiting: now - submit; else from the run's own start."""
+    submit = _parse(slurm.submit) or _parse(entry.get("submitted"))
+    start = _parse(slurm.start) if slurm.node or slurm.state != "CANCELLED" else None
+    if start is None and attempts:
+        start = _parse(attempts[0].get("started"))
+    if slurm.state == "PENDING" and submit:
+        start = datetime.datetime.now()
+    if submit is None or start is None:
+        return None
+    return max(0.0, (start - submit).total_seconds())
+
+
+def _parse(text):
+    try:
+        return datetime.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+def _config(entry):
+    if "_config" not in entry:
+        try:
+            entry["_config"] = rundir.read_config(entry["run_dir"]) or {}
+        except rundir.RunFolderError:
+            entry["_config"] = {}
+    return entry["_config"]
+
+
+def _asked(entry, key):
+    """What the job asked for: from the record (the launcher writes it), else the run's config (slower: YAML)."""
+    return entry.get(key) or (_config(entry).get("resources") or {}).get(key)
+
+
+def _asked_mem(entry):
+    return record.memory_bytes(_asked(entry, "mem") or "", "M")
+
+
+def _asked_time(entry):
+    from mnist.launch import resources  # standard library only
+
+    try:
+        return resources.time_seconds(_asked(entry, "time"))
+    except resources.ResourceError:
+        return None
+
+
+def _hosts(attempts):
+    hosts = sorted({r.get("host") for a in attempts[-1:] for r in a["ranks"].values() if isinstance(r, dict)} - {None})
+    return ",".join(hosts)
+
+
+# ---------------------------------------------------------------- causes
+
+def cause(job, err_tail):
+    """(one line saying why the job ended unsuccessfully, the command that fixes it); ("", "") otherwise."""
+    state = job["state"]
+    resubmit = resubmit_command(job)
+    if state == "PENDING":
+        reason = job["reason"]
+        if not reason:
+            return "pending (not yet looked at by Slurm's scheduler)", ""
+        return f"pending: {reason}" + (f" ({WAITING[reason]})" if reason in WAITING else ""), ""
+    if state in record.LIVE or state in ("COMPLETED", "?", ""):
+        return "", ""
+    if job["memory_kill"] or state == "OUT_OF_MEMORY":
+        fit = fitting_memory(job["mem_peak"])
+        return (f"killed for memory: peak {human_bytes(job['mem_peak'])} > {human_bytes(job['mem_asked'])} asked; "
+                f"try resources.mem={fit}", f"{resubmit} resources.mem={fit}   (or: {resubmit} --more)")
+    where = progress(job)
+    if state == "TIMEOUT":
+        limit = job["time_limit_s"]
+        longer = slurm_time(2 * limit) if limit else "2:00:00"
+        after = f" after {job['requeues']} requeue{'s' if job['requeues'] != 1 else ''}" if job["requeues"] else ""
+        return (f"time limit {clock(limit)} reached{after}{where}; resume, or try resources.time={longer}",
+                f"{resubmit}   (or: {resubmit} resources.time={longer}, or --more)")
+    if state == "CANCELLED":
+        if not job["attempts"] and not Path(job["stdout"]).exists():
+            return "cancelled before it started", resubmit
+        return f"cancelled{where}; resume it", resubmit
+    if state in ("NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+        what = {"NODE_FAIL": f"its node {job['node'] or ''} failed".replace("  ", " "), "PREEMPTED": "preempted",
+                "BOOT_FAIL": "its node failed to boot", "DEADLINE": "its deadline passed"}[state]
+        return f"{what}{where}; resume it", resubmit
+    return _error(job, err_tail, resubmit)
+
+
+def _error(job, err_tail, resubmit):
+    """A failed run: its own record of the error (a UserError's paragraph, or the exception's last line),
+    else the .err's last exception line, else the exit code."""
+    last = job["attempts"][-1] if job["attempts"] else {}
+    if last.get("end") == "error" and last.get("error"):
+        if last.get("user_error"):
+            return f"stopped: {last['error']}", f"fix what it names, then: {resubmit}"
+        return f"Python error: {last['error']}", f"see {job['stderr']}; once fixed: {resubmit}"
+    lines = [line.strip() for line in err_tail.splitlines() if EXCEPTION.match(line.strip())]
+    if lines:
+        return f"Python error: {lines[-1]}", f"see {job['stderr']}; once fixed: {resubmit}"
+    code = job["exit_code"]
+    if code and code != "0:0":
+        return f"exit code {code}", f"see {job['stderr']}"
+    return ("ended without a result (no accounting here to say why)" if job["state"] == "ENDED" else ""), ""
+
+
+@functools.lru_cache(maxsize=None)
+def _default_logs(log_dir):
+    return log_dir in ("logs", str(Path("logs").resolve()))
+
+
+def resubmit_command(job):
+    logs = "" if _default_logs(job["log_dir"]) else f" --logs {job['log_dir']}"
+    return f"python -m mnist.jobs{logs} resubmit {job['job_id']}"
+
+
+def progress(job):
+    """ " at epoch 3, batch 120/938 (checkpoint: epoch 2)": how far the log says it got."""
+    stopped = STOPPED_LINE.findall(job["out_tail"])
+    lines = TRAIN_LINE.findall(job["out_tail"])
+    done = len(_metrics(job["run_dir"]))
+    saved = f" (checkpoint: epoch {done})" if done else " (no checkpoint yet)"
+    if not lines:
+        return saved if job["attempts"] else ""
+    epoch, seen, total, _ = (int(x) for x in lines[-1])
+    if done > epoch:  # a later submission of the run folder has trained on since
+        saved = ""
+    config = _config(job)
+    batch_size = (config.get("data") or {}).get("batch_size") or 64
+    resources = config.get("resources") or {}
+    world = (resources.get("nodes") or 1) * (resources.get("tasks_per_node") or 1)
+    batches = math.ceil(total / (batch_size * world))
+    batch = seen // (batch_size * world) + 1
+    if stopped and int(stopped[-1][0]) == epoch:
+        batch = int(stopped[-1][1])
+    return f" at epoch {epoch}, batch {batch}/{batches}{saved}"
+
+
+def _metrics(run_dir):
+    try:
+        return rundir.read_metrics(run_dir)
+    except rundir.RunFolderError:
+        return []
+
+
+def fitting_memory(peak):
+    """A resources.mem that fits this peak with a margin of a quarter: whole G above 768M, else 256M steps."""
+    if not peak:
+        return "4G"
+    mib = peak * 1.25 / 2**20
+    if mib > 768:
+        return f"{math.ceil(mib / 1024)}G"
+    return f"{256 * math.ceil(mib / 256)}M"
+
+
+# ---------------------------------------------------------------- as shown
+
+def human_bytes(n):
+    if n is None:
+        return "?"
+    for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
+    return f"{n}B"
+
+
+def clock(seconds):
+    """Seconds as Slurm shows a duration: M:SS, H:MM:SS, D-HH:MM:SS."""
+    return record._clock(round(seconds)) if seconds is not None else "?"
+
+
+def slurm_time(seconds):
+    """Seconds as a resources.time value: H:MM:SS, or D-HH:MM:SS."""
+    days, rest = divmod(int(math.ceil(seconds)), 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def shown(job):
+    """The table's cells for the figures: TIME used/limit, CPU %, MEM peak/asked, WAIT."""
+    used, limit = job["time_used_s"], job["time_limit_s"]
+    time_cell = f"{clock(used) if used is not None else '-'}/{clock(limit) if limit else '-'}"
+    cpu = f"{job['cpu_pct']:.0f}%" if job["cpu_pct"] is not None else "-"
+    peak, asked = job["mem_peak"], job["mem_asked"]
+    mem = f"{human_bytes(peak) if peak else '-'}/{human_bytes(asked) if asked else '-'}"
+    return {"time": time_cell if used is not None or limit else "-", "cpu": cpu, "mem": mem if peak or asked else "-",
+            "wait": clock(job["wait_s"]) if job["wait_s"] is not None else "-"}
+
+
+def summary(jobs):
+    """One line for the jobs of a sweep: min/median/max of CPU %, peak memory, time used; CPU-hours used
+    against those held (elapsed x CPUs)."""
+    def spread(values, show):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        return "/".join(show(v) for v in (min(values), statistics.median(values), max(values)))
+
+    used = sum(j["cpu_s"] or 0 for j in jobs) / 3600
+    held = sum((j["time_used_s"] or 0) * (j["cpus"] or 0) for j in jobs) / 3600
+    return (f"{len(jobs)} runs, min/median/max: CPU {spread([j['cpu_pct'] for j in jobs], lambda v: f'{v:.0f}%')}, "
+            f"MEM {spread([j['mem_peak'] for j in jobs], human_bytes)}, "
+            f"TIME {spread([j['time_used_s'] for j in jobs], clock)}; "
+            f"CPU-hours {used:.3f} used of {held:.3f} held (elapsed x CPUs)")
+
+
+def _tail(path, size=TAIL_BYTES):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    ours = [line for line in lines if not line.startswith("submitit ")]  # the run's lines, not submitit's
+    return (ours or lines or [""])[-1].replace("\t", " ")
