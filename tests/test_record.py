@@ -106,7 +106,8 @@ def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, 
     for n in range(2):
         run_dir = tmp_path / "sweep" / str(n)
         run_dir.mkdir(parents=True)
-        (run_dir / "config.yaml").write_text("model: {name: mlp}\noptimizer: {name: sgd}\ntrainer: {epochs: 2}\n")
+        (run_dir / "config.yaml").write_text("model: {name: mlp}\noptimizer: {name: sgd}\ndata: {name: mnist}\n"
+                                              "trainer: {epochs: 2}\n")
         runs.append(run_dir)
     (logs / "jobs.jsonl").write_text(json.dumps(entry("7_0", runs[0], logs)) + "\nnot json\n"
                                      + json.dumps(entry("7_1", runs[1], logs)) + "\n")
