@@ -158,12 +158,24 @@ mnist.run._run()  # hydra.main itself, as every command but `launcher=slurm` wit
 """
 
 
+def slurm_down(tmp_path):
+    """PATH with Slurm's commands failing as they do when slurmctld is down, at once instead of after their
+    retries (a SLURM_CONF naming no file costs sinfo's 20 s timeout per submission)."""
+    bin_dir = tmp_path / "slurm-down"
+    bin_dir.mkdir()
+    for name in ("sinfo", "sbatch", "squeue"):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho '{name}: error: Unable to contact slurm controller "
+                                    "(connect failure)' >&2\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
 def test_submitting_one_run_does_what_hydra_main_does(tiny_data, tmp_path):
-    # No cluster: the submission stops at its sinfo check, after Hydra wrote .hydra/ into the run folder
+    # Slurm down: the submission stops at its sinfo check, after Hydra wrote .hydra/ into the run folder
     # (which stays, as the user made it: a folder the command made itself would be removed again).
     args = ["launcher=slurm", f"data.root={tiny_data}", "model=cnn", "trainer.seed=7"]
     (tmp_path / "fast").mkdir(), (tmp_path / "full").mkdir()
-    no_slurm = {"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    no_slurm = slurm_down(tmp_path)
     fast = run([*args, f"hydra.run.dir={tmp_path / 'fast'}"], cwd=tmp_path, env=no_slurm)
     full = subprocess.run([sys.executable, "-c", FULL_HYDRA_MAIN, *args, f"hydra.run.dir={tmp_path / 'full'}"],
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **no_slurm})
@@ -177,7 +189,7 @@ def test_submitting_one_run_does_what_hydra_main_does(tiny_data, tmp_path):
 
 def test_a_submission_that_fails_its_checks_leaves_no_run_folder(tiny_data, tmp_path):
     result = run(["launcher=slurm", f"data.root={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
-                 env={"SLURM_CONF": str(tmp_path / "no-such-slurm.conf")})
+                 env=slurm_down(tmp_path))
     assert result.returncode == 2 and "sinfo" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
 
