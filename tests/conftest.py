@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny MNIST-format datasets written as real IDX files, and a `run` helper
-that calls `python -m mnist.run` the way a user does."""
+"""Shared fixtures: tiny MNIST-format datasets written as real IDX files (one shared, read-only copy per
+test run), and a `run` helper that calls `python -m mnist.run` the way a user does."""
+import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +44,46 @@ def write_dataset(root, folder="MNIST", n_train=512, n_test=256, seed=0):
     return raw
 
 
-@pytest.fixture
-def tiny_data(tmp_path):
-    """A data.root holding a small MNIST and Fashion-MNIST (512 train, 256 test images each)."""
-    root = tmp_path / "data"
+def contents(root):
+    """Every file and folder under root (hidden ones too: lock files, staging folders) with its sha256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(Path(root).rglob("*"))}
+
+
+def changes(before, after):
+    return sorted(f"{name}: {'added' if name not in before else 'removed' if name not in after else 'changed'}"
+                  for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
+@pytest.fixture(scope="session")
+def read_only_data(tmp_path_factory):
+    """A data.root holding a small MNIST and Fashion-MNIST (512 train, 256 test images each, unpacked),
+    written once per test run and shared: only for tests whose commands read it. Runs, submits and
+    `verify` read unpacked files without writing (no unpacking, no SHA256SUMS, no lock file); a test
+    that damages the data or makes the code write into data.root writes its own with write_dataset."""
+    root = tmp_path_factory.mktemp("shared") / "data"
     write_dataset(root, "MNIST")
     write_dataset(root, "FashionMNIST", seed=7)
-    return root
+    before = contents(root)
+    yield root
+    assert not changes(before, contents(root)), f"a test wrote into the shared {root}: {changes(before, contents(root))}"
+
+
+@pytest.fixture
+def tiny_data(read_only_data):
+    """read_only_data, checked after the test: one that wrote into it errors in its teardown, by name."""
+    before = contents(read_only_data)
+    yield read_only_data
+    assert not changes(before, contents(read_only_data)), (
+        f"this test wrote into the shared data.root {read_only_data}: {changes(before, contents(read_only_data))}; "
+        f"give it its own with write_dataset(tmp_path / 'data', ...)")
+
+
+def copy_project(dest):
+    """A copy of this checkout's code, conf/ and course scripts at dest, to change; run it with PYTHONPATH=dest."""
+    for folder in ("mnist", "conf", "hydra_plugins", "slurm"):
+        shutil.copytree(ROOT / folder, Path(dest) / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return Path(dest)
 
 
 def run(args, cwd, env=None, timeout=300, module="mnist.run"):

@@ -24,12 +24,6 @@ def test_every_option_of_every_group_composes(group):
         assert cfg[group] is not None
 
 
-def test_overrides_reach_the_config():
-    cfg = compose(["model=cnn", "optimizer=sgd", "optimizer.lr=0.05", "trainer.epochs=10", "data=fashion_mnist"])
-    assert (cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr) == ("cnn", "sgd", 0.05)
-    assert cfg.trainer.epochs == 10 and cfg.data.name == "fashion_mnist"
-
-
 def test_data_root_defaults_to_env_then_dot_data_and_is_made_absolute(monkeypatch, tmp_path):
     monkeypatch.delenv("MNIST_DATA", raising=False)
     assert compose([]).data.root == os.path.abspath("data")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import torch
-from torchvision import datasets
+from torchvision import datasets, transforms
 
 from conftest import ROOT, make_images, run, write_dataset
 from mnist import datafiles
@@ -123,17 +123,18 @@ def test_unwritable_data_root_is_named(tmp_path):
     assert not list(raw.glob("*-ubyte")) and not list(raw.glob(".*"))
 
 
-def test_loader_batches_cover_the_split_once_normalised():
+def test_loader_batches_cover_the_split_once_normalised_as_the_courses_transforms_do():
     images = torch.arange(10 * 784, dtype=torch.int64).remainder(256).to(torch.uint8).view(10, 28, 28)
     labels = torch.arange(10)
-    loader = InMemoryLoader(images, labels, batch_size=4, shuffle=True, seed=1, normalize=(0.5, 0.25))
+    loader = InMemoryLoader(images, labels, batch_size=4, shuffle=True, seed=1, normalize=(0.1307, 0.3081))
     batches = list(loader)
     assert len(loader) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     seen = torch.cat([y for _, y in batches])
     assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
     x, y = batches[0]
     assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
-    torch.testing.assert_close(x, (images[y].unsqueeze(1).float() / 255 - 0.5) / 0.25)
+    course = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    torch.testing.assert_close(x, torch.stack([course(images[i].numpy()) for i in y]))
 
 
 def test_shuffle_is_seeded_per_epoch_and_unshuffled_order_is_kept():

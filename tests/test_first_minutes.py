@@ -51,15 +51,22 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def mirror(tmp_path):
-    """A local MNIST mirror: (environment that points torchvision at it, the files it served)."""
-    source = tmp_path / "mirror"
-    raw = write_dataset(tmp_path / "made", "MNIST")
+@pytest.fixture(scope="module")
+def mirrored_files(tmp_path_factory):
+    """The four gzipped IDX files the mirror serves (only read, so made once)."""
+    base = tmp_path_factory.mktemp("mirror")
+    raw, source = write_dataset(base / "made", "MNIST"), base / "files"
     source.mkdir()
     for f in datafiles.FILES:
         with open(raw / f, "rb") as src, gzip.open(source / f"{f}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
+    return source
+
+
+@pytest.fixture
+def mirror(tmp_path, mirrored_files):
+    """A local MNIST mirror: (environment that points torchvision at it, the files it served)."""
+    source = mirrored_files
     fetches = []
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Handler, directory=str(source), fetches=fetches))

@@ -10,18 +10,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, write_dataset
+from conftest import ROOT
 from mnist.config import compose
 from mnist.progress import Progress, wanted
 from mnist.train import train
 from test_train import EPOCH_LINE, TEST_LINE, TRAIN_LINE
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "MNIST")
-    return root
 
 
 def train_here(data_root, run_dir, *overrides):
@@ -31,36 +24,36 @@ def train_here(data_root, run_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def plain_mlp(data_root, tmp_path_factory):
-    return train_here(data_root, tmp_path_factory.mktemp("plain"))
+def plain_mlp(read_only_data, tmp_path_factory):
+    return train_here(read_only_data, tmp_path_factory.mktemp("plain"))
 
 
-def test_bf16_trains_in_bfloat16_to_nearly_the_same_loss(data_root, plain_mlp, tmp_path):
-    (plain, _), (mixed, checkpoint) = plain_mlp, train_here(data_root, tmp_path, "trainer.precision=bf16")
+def test_bf16_trains_in_bfloat16_to_nearly_the_same_loss(tiny_data, plain_mlp, tmp_path):
+    (plain, _), (mixed, checkpoint) = plain_mlp, train_here(tiny_data, tmp_path, "trainer.precision=bf16")
     assert mixed["test_loss"] != plain["test_loss"]  # it really computed in bfloat16 ...
     assert mixed["test_loss"] == pytest.approx(plain["test_loss"], rel=0.1)  # ... and learned the same
     assert mixed["accuracy"] >= plain["accuracy"] - 0.02
     assert checkpoint["model"]["layers.1.weight"].dtype == torch.float32  # the weights stay float32
 
 
-def test_channels_last_keeps_the_cnn_weights_nhwc_and_its_results(data_root, tmp_path):
-    plain, _ = train_here(data_root, tmp_path / "plain", "model=cnn")
-    nhwc, checkpoint = train_here(data_root, tmp_path / "nhwc", "model=cnn", "trainer.channels_last=true")
+def test_channels_last_keeps_the_cnn_weights_nhwc_and_its_results(tiny_data, tmp_path):
+    plain, _ = train_here(tiny_data, tmp_path / "plain", "model=cnn")
+    nhwc, checkpoint = train_here(tiny_data, tmp_path / "nhwc", "model=cnn", "trainer.channels_last=true")
     weight = checkpoint["model"]["conv2.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     # Dropout draws its masks in memory order, so the runs differ a little, and learn alike.
     assert nhwc["accuracy"] >= plain["accuracy"] - 0.02 and nhwc["test_loss"] < 0.05
 
 
-def test_compile_trains_the_same_and_saves_a_checkpoint_an_uncompiled_run_resumes(data_root, plain_mlp, tmp_path):
+def test_compile_trains_the_same_and_saves_a_checkpoint_an_uncompiled_run_resumes(tiny_data, plain_mlp, tmp_path):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled, checkpoint = train_here(data_root, tmp_path, "trainer.compile=true")
+    compiled, checkpoint = train_here(tiny_data, tmp_path, "trainer.compile=true")
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo really compiled the model
     assert compiled["test_loss"] == pytest.approx(plain_mlp[0]["test_loss"], rel=1e-3)
     assert set(checkpoint["model"]) == set(plain_mlp[1]["model"])  # no "_orig_mod." keys
-    rows = train(compose([f"data.root={data_root}", "trainer.epochs=2", "trainer.threads=1"]), tmp_path)
+    rows = train(compose([f"data.root={tiny_data}", "trainer.epochs=2", "trainer.threads=1"]), tmp_path)
     assert [row["epoch"] for row in rows] == [1, 2]
 
 
@@ -82,10 +75,10 @@ def test_progress_line_shows_the_bar_throughput_and_time_left():
     assert bar.count("#") == len(bar) // 2
 
 
-def test_a_run_on_a_terminal_shows_a_progress_bar_and_keeps_the_log_lines(data_root, tmp_path):
+def test_a_run_on_a_terminal_shows_a_progress_bar_and_keeps_the_log_lines(tiny_data, tmp_path):
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mnist.run", f"data.root={data_root}", "trainer.epochs=1", "trainer.log_interval=2",
+        [sys.executable, "-m", "mnist.run", f"data.root={tiny_data}", "trainer.epochs=1", "trainer.log_interval=2",
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=secondary, text=True)
     os.close(secondary)
