@@ -6,6 +6,7 @@
     metrics.csv       one row per finished epoch
     checkpoint.pt     where training is (written and read by mnist.checkpoint)
     environment.json  versions, host, device, Slurm ids
+    tensorboard/      TensorBoard's event files, with logger=tensorboard (written by mnist.board)
     .lock             held by the one process that trains into the folder (host, pid, job id)
 
 A folder holding a checkpoint and a config holds a run to resume; it resumes with its own
@@ -34,14 +35,16 @@ LOG = "train.log"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 ENVIRONMENT = "environment.json"
+TENSORBOARD = "tensorboard"  # a folder
 LOCK = ".lock"
 FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT)
 
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s")
 
 # Where and how a run trains may change when it resumes; what it trains may not.
-TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval",
-                      "trainer.progress", "trainer.precision", "trainer.channels_last", "trainer.compile")
+TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "logger", "trainer.device", "trainer.threads",
+                      "trainer.log_interval", "trainer.progress", "trainer.precision", "trainer.channels_last",
+                      "trainer.compile")
 
 
 class RunFolderError(UserError):
@@ -215,7 +218,9 @@ def resume_config(run_dir, config, overrides):
 
     Where and how it runs (TAKEN_FROM_COMMAND) always comes from this command, and
     trainer.epochs when it is given (to train on). Any other given override that differs from
-    the saved config is refused, naming the keys. Both configs are plain dicts.
+    the saved config is refused, naming the keys. A section conf/ has gained since the run was
+    saved (`loss`, `logger`) comes from this command: its defaults are what the run trained with.
+    Both configs are plain dicts.
     """
     saved = read_config(run_dir)
     given = given_keys(overrides)
@@ -233,6 +238,8 @@ def resume_config(run_dir, config, overrides):
         )
     for key in TAKEN_FROM_COMMAND + (("trainer.epochs",) if "trainer.epochs" in given else ()):
         _put(saved, key, _select(config, key))
+    for section in config.keys() - saved.keys():
+        saved[section] = config[section]
     return saved
 
 
