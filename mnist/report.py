@@ -19,10 +19,12 @@ Writes `report.csv`, `report_loss.png` (train and test loss per epoch) and `repo
 - S/EPOCH and SAMPLES/S are the means over the finished epochs (the first one includes warm-up).
 - OVERRIDES and the figures' labels (report.csv: overrides, label) are the command-line
   overrides (`.hydra/overrides.yaml`) that differ between the runs shown: `hydra.*` ones and ones
-  every run has alike are left out. A run lacking such an override gets no entry for it; runs
-  with no differing override are labelled model/optimizer, and labels that would be the same get
-  the run's folder added (`optimizer=sgd [2]`). A single run is labelled by its model/optimizer
-  and its OVERRIDES are all of its own (`hydra.*` left out).
+  every run has alike are left out. A run lacking such an override gets no entry for it. A run
+  started from a preset (`+experiment=course_mlp`) is labelled by the preset's name, then its
+  other differing overrides (`course_mlp`, `notebook_sgd model=cnn`); runs with no preset and no
+  differing override are labelled model/optimizer, and labels that would be the same get the
+  run's folder added (`optimizer=sgd [2]`). A single run is labelled by its preset, else its
+  model/optimizer, and its OVERRIDES are all of its own (`hydra.*` left out).
 - JOB is the Slurm job id: from `<logs>/jobs.jsonl` (the launcher's record, `--logs`, default
   `./logs` if it exists; the latest submission of that run folder wins), else from the run's
   `environment.json` (any job that started it, `sbatch slurm/*.sh` included).
@@ -188,6 +190,7 @@ def read_run(run_dir):
         "run_dir": Path(run_dir),
         "model": str(_get(config, "model.name", "?")),
         "optimizer": str(_get(config, "optimizer.name", "?")),
+        "preset": _get(config, "experiment"),
         "epochs": epochs if isinstance(epochs, int) else None,
         "metrics": careful(rundir.read_metrics, []),
         "overrides": read_overrides(run_dir),
@@ -244,18 +247,27 @@ def run_state(run):
 
 
 def labels(runs, base):
-    """Per run: the overrides that differ between the runs (a single run: model/optimizer)."""
+    """Per run: its preset (+experiment=<name>) and the other overrides that differ between the runs
+    (a single run: its preset, else model/optimizer)."""
     names = [_run_name(r["run_dir"], base) for r in runs]
     if len(runs) == 1:
-        return [f"{runs[0]['model']}/{runs[0]['optimizer']}"], [" ".join(_pairs(runs[0]["overrides"])) or "-"]
+        return [runs[0]["preset"] or f"{runs[0]['model']}/{runs[0]['optimizer']}"], [
+            " ".join(_pairs(runs[0]["overrides"])) or "-"]
     keys = []
     for run in runs:
         keys += [k for k in run["overrides"] if k not in keys]
     differing = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
     shown = [" ".join(f"{k}={r['overrides'][k]}" for k in differing if k in r["overrides"]) for r in runs]
-    plain = [label or f"{run['model']}/{run['optimizer']}" for run, label in zip(runs, shown)]
+    plain = [_label(run, differing) for run in runs]
     result = [f"{label} [{name}]" if plain.count(label) > 1 else label for label, name in zip(plain, names)]
     return result, [s or "-" for s in shown]
+
+
+def _label(run, differing):
+    """The run's preset, then its differing overrides but the preset's own; else model/optimizer."""
+    parts = [run["preset"]] if run["preset"] else []
+    parts += [f"{k}={run['overrides'][k]}" for k in differing if k in run["overrides"] and k != "experiment"]
+    return " ".join(parts) or f"{run['model']}/{run['optimizer']}"
 
 
 def _pairs(overrides):
