@@ -28,7 +28,7 @@ GROUP_OVERRIDE = re.compile(r"(\+?)([a-z_]+)=([\w,]+)")
 def _group_override(override):
     """(group, its options) of a plain `group=a,b` or `+experiment=a,b` override, else None."""
     match = GROUP_OVERRIDE.fullmatch(override)
-    if match and (match.group(2) in GROUPS and not match.group(1) or match.group(2) == PRESETS):  # +: presets
+    if match and (match.group(2) in GROUPS and not match.group(1) or match.group(2) == PRESETS):
         return match.group(2), match.group(3).split(",")
     return None
 
