@@ -18,7 +18,7 @@ install: $(VENV) ## create .venv and install the project into it (editable)
 $(VENV): setup.cfg pyproject.toml
 	python3 -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(PYTHON) -m pip install --quiet -e '.[test,tensorboard]' --config-settings editable_mode=compat
 	touch $@
 
 run: $(VENV) ## train MODEL on DATA right here: make run MODEL=cnn ARGS='trainer.epochs=1'

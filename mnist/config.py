@@ -9,7 +9,8 @@ from mnist import registry
 from mnist.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "optimizer", "data", "resources", "launcher")
+GROUPS = ("model", "loss", "optimizer", "data", "resources", "launcher", "logger")
+PRESETS = "experiment"  # the group of presets, added with +experiment=<name>: conf/experiment/
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -21,23 +22,38 @@ def choices(group):
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+GROUP_OVERRIDE = re.compile(r"(\+?)([a-z_]+)=([\w,]+)")
+
+
+def _group_override(override):
+    """(group, its options) of a plain `group=a,b` or `+experiment=a,b` override, else None."""
+    match = GROUP_OVERRIDE.fullmatch(override)
+    if match and (match.group(2) in GROUPS and not match.group(1) or match.group(2) == PRESETS):
+        return match.group(2), match.group(3).split(",")
+    return None
+
+
 def check_choices(overrides, keys=True):
     """Name the options of a config group, and (keys=True) a key conf/ does not have, before Hydra's
     own, longer errors do.
 
-    Only plain `group=a,b` and `a.b.c=value` overrides are checked; Hydra's sweep syntax,
-    `+key=`, `++key=`, `~key` and `hydra.*` pass through to Hydra.
+    Only plain `group=a,b`, `+experiment=a,b` and `a.b.c=value` overrides are checked; Hydra's sweep
+    syntax, other `+key=`, `++key=`, `~key` and `hydra.*` pass through to Hydra.
     """
     for override in overrides:
-        match = re.fullmatch(r"([a-z_]+)=([\w,]+)", override)
-        if not match or match.group(1) not in GROUPS:
+        picked = _group_override(override)
+        if picked is None:
             continue
-        group = match.group(1)
-        for value in match.group(2).split(","):
+        group, values = picked
+        plus = "+" if group == PRESETS else ""
+        if group == PRESETS and not override.startswith("+"):
+            raise ConfigError(f"A preset is added to the config, not swapped in: write `+{override}` "
+                              f"(with a plus; conf/{PRESETS}/ has {', '.join(choices(PRESETS))}).")
+        for value in values:
             if choices(group) and value not in choices(group):
                 raise ConfigError(
                     f"Unknown {group} '{value}' in `{override}`. Choose one of: {', '.join(choices(group))} "
-                    f"(the files in conf/{group}/), e.g. `{group}={choices(group)[0]}`."
+                    f"(the files in conf/{group}/), e.g. `{plus}{group}={choices(group)[0]}`."
                 )
     if keys:
         check_keys(overrides)
@@ -68,11 +84,11 @@ def check_keys(overrides):
         return
     picked = []
     for override in overrides:
-        match = re.fullmatch(r"([a-z_]+)=([\w,]+)", override)
+        group = _group_override(override)
         other = re.match(r"[+~]*([a-z_]+)(?:@[\w.]*)?=", override)
-        if match and match.group(1) in GROUPS:
-            picked.append(f"{match.group(1)}={match.group(2).split(',')[0]}")
-        elif other and other.group(1) in GROUPS:
+        if group:
+            picked.append(f"{'+' if group[0] == PRESETS else ''}{group[0]}={group[1][0]}")
+        elif other and other.group(1) in (*GROUPS, PRESETS):
             return  # a choice in sweep syntax (`model=choice(mlp,cnn)`) or appended: Hydra's to judge
     known = _plain_config(picked)
     if known is None:
@@ -215,7 +231,9 @@ def validate(cfg):
                           f"(a run here downloads what is missing; a Slurm job never does) or data.download=false.")
 
     _check_model(cfg)
+    _check_loss(cfg)
     _check_optimizer(cfg)
+    _check_logger(cfg)
 
 
 def _check_model(cfg):
@@ -248,6 +266,57 @@ def _check_model(cfg):
                 )
 
 
+def _check_loss(cfg):
+    name, output = cfg.loss.name, cfg.model.output
+    if name not in registry.LOSSES:
+        raise ConfigError(
+            f"loss.name={name!r} is no loss this project builds. Choose one of: {', '.join(registry.LOSSES)} "
+            f"(loss=<name>; conf/loss/), or add it to LOSSES in mnist/registry.py."
+        )
+    fits = registry.LOSSES[name].fits
+    if output not in fits:
+        others = [loss for loss, entry in registry.LOSSES.items() if output in entry.fits]
+        raise ConfigError(
+            f"loss={name} does not fit model={cfg.model.name} with model.output={output}: {name} takes "
+            f"{' or '.join(registry.GIVES[o] for o in fits)} (model.output={' or '.join(fits)}), and "
+            f"model.output={output} gives {registry.GIVES[output]}. Set model.output={fits[0]} (or leave it out: "
+            f"conf/model/ and conf/loss/ choose outputs that fit), or choose a loss that takes {registry.GIVES[output]}: "
+            f"{', '.join(f'loss={o}' for o in others)}."
+        )
+    _options(cfg, "loss", registry.LOSSES[name].options)
+
+
+def _options(cfg, section, options):
+    """The keys of `section` besides name, lr and scheduler: only `options`, each a number >= 0."""
+    from omegaconf import OmegaConf
+
+    given = [k for k in OmegaConf.to_container(cfg[section]) if k not in ("name", "lr", "scheduler")]
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        name = cfg[section].name
+        takes = f"takes only {', '.join(options)}" if options else "takes no options"
+        raise ConfigError(
+            f"{section} has {', '.join(unknown)}, which {section}={name} does not take ({name} {takes}; "
+            f"mnist/registry.py). Remove it, e.g. `~{section}.{unknown[0]}`, or choose another {section}."
+        )
+    for option in given:
+        value = cfg[section][option]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{section}.{option}={value!r} is not a number >= 0. "
+                              f"Set e.g. {section}.{option}={options[option]}.")
+
+
+def _check_logger(cfg):
+    import importlib.util
+
+    _one_of(cfg, "logger.name", choices("logger"), "Choose it with logger=<name>, e.g. logger=tensorboard.")
+    if cfg.logger.name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "logger=tensorboard needs the tensorboard package, which this Python environment lacks. Install it "
+            "with `make install` (or .venv/bin/pip install -e '.[tensorboard]'), or leave logger=tensorboard out."
+        )
+
+
 def _check_optimizer(cfg):
     from omegaconf import OmegaConf
 
@@ -259,6 +328,7 @@ def _check_optimizer(cfg):
             f"optimizer.name=<name>), or add it to OPTIMIZERS in mnist/registry.py."
         )
     _positive(cfg, "optimizer.lr", (int, float), f"Set e.g. optimizer.lr={_default_lr(name)}.")
+    _options(cfg, "optimizer", registry.OPTIMIZERS[name][1])
     scheduler = OmegaConf.to_container(cfg.optimizer).get("scheduler")
     if scheduler is None:
         return

@@ -1,4 +1,5 @@
 """The course's multi-layer perceptron, and its variants (conf/model/mlp*.yaml)."""
+import functools
 import sys
 
 import torch.nn as nn
@@ -11,6 +12,12 @@ def activation(name):
     """A new layer of the activation mnist/registry.py calls `name`."""
     torch_class, arguments = registry.ACTIVATIONS[name]
     return getattr(nn, torch_class)(**arguments)
+
+
+def output_function(name):
+    """What the last layer's outputs go through (registry.OUTPUTS): log_softmax, softmax, or nothing."""
+    function = registry.OUTPUTS[name]
+    return functools.partial(getattr(F, function), dim=1) if function else nn.Identity()
 
 
 class MLP(nn.Module):
@@ -29,10 +36,10 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, 10))
         self.layers = nn.Sequential(*layers)
         self.output = output
-        self.output_function = getattr(F, registry.OUTPUTS[output])
+        self.output_function = output_function(output)
 
     def forward(self, x):
-        return self.output_function(self.layers(x), dim=1)
+        return self.output_function(self.layers(x))
 
 
 if __name__ == "__main__":  # python -m mnist.mlp [overrides]: the course's `python mlp.py`

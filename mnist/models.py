@@ -11,7 +11,7 @@ def _mlp(model_cfg):
 
 
 def _cnn(model_cfg):
-    return CNN()
+    return CNN(model_cfg.output)
 
 
 BUILDERS = {"mlp": _mlp, "cnn": _cnn}  # one per registry.ARCHS entry
@@ -24,7 +24,8 @@ def build_model(model_cfg):
 def build_optimizer(optimizer_cfg, parameters):
     """The optimizer with every key of conf/optimizer/<name>.yaml but `name` and `scheduler`."""
     options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "scheduler")}
-    optimizer = getattr(torch.optim, registry.OPTIMIZERS[optimizer_cfg.name])(parameters, **options)
+    torch_class, _ = registry.OPTIMIZERS[optimizer_cfg.name]
+    optimizer = getattr(torch.optim, torch_class)(parameters, **options)
     return optimizer, build_scheduler(optimizer_cfg.scheduler, optimizer)
 
 

@@ -1,10 +1,11 @@
 """Every name the config may use to pick code: model.arch, model.activations, model.output,
-optimizer.name and optimizer.scheduler.
+loss.name, optimizer.name and optimizer.scheduler.
 
 Standard library only: config.validate reads it on the login node, which never imports torch,
-and refuses any other name there; mnist/models.py and mnist/mlp.py build from it on the compute
-node. tests/test_models.py builds every entry, so the two cannot disagree. A new choice is one line.
+and refuses any other name there; mnist/models.py, mnist/mlp.py and mnist/losses.py build from it on
+the compute node. tests/test_models.py builds every entry, so the two cannot disagree. A new choice is one line.
 """
+from typing import NamedTuple
 
 # model.activations: name -> (torch.nn class, its arguments)
 ACTIVATIONS = {
@@ -15,26 +16,52 @@ ACTIVATIONS = {
     "elu": ("ELU", {}),
 }
 
-# model.output: name -> the torch.nn.functional function applied to the last layer
+# model.output: name -> the torch.nn.functional function applied to the last layer (None: none, the
+# logits as they are), and what the model then gives, in the words the loss check uses
 OUTPUTS = {
     "log_softmax": "log_softmax",
     "softmax": "softmax",
+    "none": None,
 }
+GIVES = {"log_softmax": "log-probabilities", "softmax": "probabilities", "none": "logits"}
 
 # model.arch: name -> the model.output values it can give (builders: mnist/models.py's BUILDERS)
 ARCHS = {
     "mlp": tuple(OUTPUTS),
-    "cnn": ("log_softmax",),  # the course's CNN ends in log_softmax
+    "cnn": tuple(OUTPUTS),  # the course's CNN ends in log_softmax (conf/model/cnn.yaml)
 }
 
-# optimizer.name: name -> torch.optim class; the file's other keys (but `scheduler`) are its arguments
+
+class Loss(NamedTuple):
+    torch_class: str  # in torch.nn
+    targets: str  # "classes": the labels as they are; "one_hot": ten columns, 1.0 at the label
+    fits: tuple  # the model.output values it takes
+    options: dict  # {option: an example value}: the other keys conf/loss/<name>.yaml may have
+
+
+# loss.name -> the torch loss the course's notebooks use, as they use it. nll also takes a softmax model's
+# probabilities: it takes their log first (the course's sigmoid MLP, mlp_sigmoid, trains so).
+LOSSES = {
+    "nll": Loss("NLLLoss", "classes", ("log_softmax", "softmax"), {}),
+    "cross_entropy": Loss("CrossEntropyLoss", "classes", ("none",), {}),
+    "mse": Loss("MSELoss", "one_hot", ("softmax",), {}),
+    "bce": Loss("BCELoss", "one_hot", ("softmax",), {}),
+    "bce_with_logits": Loss("BCEWithLogitsLoss", "one_hot", ("none",), {}),
+    "smooth_l1": Loss("SmoothL1Loss", "one_hot", ("softmax",), {"beta": 1.0}),
+    "huber": Loss("HuberLoss", "one_hot", ("softmax",), {"delta": 1.0}),
+}
+
+# optimizer.name: name -> (torch.optim class, {option: an example value}): the options, besides lr, that
+# conf/optimizer/<name>.yaml may give it (each a number >= 0); `scheduler` is the scheduler's.
 OPTIMIZERS = {
-    "adadelta": "Adadelta",
-    "sgd": "SGD",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "rmsprop": "RMSprop",
-    "adagrad": "Adagrad",
+    "adadelta": ("Adadelta", {"rho": 0.9, "weight_decay": 0.0}),
+    "sgd": ("SGD", {"momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0}),  # the notebook's: momentum 0.9
+    "sgd_momentum": ("SGD", {"momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0}),
+    "sgd_plain": ("SGD", {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0}),
+    "adam": ("Adam", {"weight_decay": 0.0}),
+    "adamw": ("AdamW", {"weight_decay": 0.01}),
+    "rmsprop": ("RMSprop", {"alpha": 0.99, "momentum": 0.0, "weight_decay": 0.0}),
+    "adagrad": ("Adagrad", {"lr_decay": 0.0, "weight_decay": 0.0}),
 }
 
 # optimizer.scheduler: null, or {name: <one of these>, <its options>}; without `name`, DEFAULT_SCHEDULER.

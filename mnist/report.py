@@ -24,11 +24,13 @@ its runs, with a min-max band, labelled with its number of seeds; epochs are who
 - BEST EPOCH has the highest test accuracy (a tie goes to the lower test loss, then the earlier epoch).
 - S/EPOCH and SAMPLES/S are the means over the finished epochs (the first one includes warm-up).
 - OVERRIDES and the figures' labels (report.csv: overrides, label) are the command-line
-  overrides (`.hydra/overrides.yaml`) that differ between the runs shown: `hydra.*` ones and ones
-  every run has alike are left out. A run lacking such an override gets no entry for it; runs
-  with no differing override are labelled model/optimizer, and labels that would be the same get
-  the run's folder added (`optimizer=sgd [2]`). A single run is labelled by its model/optimizer
-  and its OVERRIDES are all of its own (`hydra.*` left out).
+  overrides of the command that first started each run (`run.json`, else `.hydra/overrides.yaml`) that differ between the runs shown: `hydra.*` ones and ones
+  every run has alike are left out. A run lacking such an override gets no entry for it. A run
+  started from a preset (`+experiment=course_mlp`) is labelled by the preset's name, then its
+  other differing overrides (`course_mlp`, `notebook_sgd model=cnn`); runs with no preset and no
+  differing override are labelled model/optimizer, and labels that would be the same get the
+  run's folder added (`optimizer=sgd [2]`). A single run is labelled by its preset, else its
+  model/optimizer, and its OVERRIDES are all of its own (`hydra.*` left out).
 - TIME (used/limit), CPU (CPU seconds / (elapsed x CPUs)), MEM (peak/asked) and CAUSE (why an
   unsuccessful job ended, with the fix in report.csv) are those `python -m mnist.jobs` shows, from the
   run's own usage.json first and Slurm's accounting second; a sweep gets one more line, min/median/max
@@ -200,6 +202,7 @@ def read_run(run_dir):
         "run_dir": Path(run_dir),
         "model": str(_get(config, "model.name", "?")),
         "optimizer": str(_get(config, "optimizer.name", "?")),
+        "preset": _get(config, "experiment"),
         "epochs": epochs if isinstance(epochs, int) else None,
         "metrics": careful(rundir.read_metrics, []),
         "overrides": read_overrides(run_dir),
@@ -294,16 +297,18 @@ def run_state(run):
 
 
 def labels(runs, base):
-    """Per run: the overrides that differ between the runs (a single run: model/optimizer)."""
+    """Per run: its preset (+experiment=<name>) and the other overrides that differ between the runs
+    (a single run: its preset, else model/optimizer)."""
     names = [_run_name(r["run_dir"], base) for r in runs]
     if len(runs) == 1:
-        return [f"{runs[0]['model']}/{runs[0]['optimizer']}"], [" ".join(_pairs(runs[0]["overrides"])) or "-"]
+        return [runs[0]["preset"] or f"{runs[0]['model']}/{runs[0]['optimizer']}"], [
+            " ".join(_pairs(runs[0]["overrides"])) or "-"]
     keys = []
     for run in runs:
         keys += [k for k in run["overrides"] if k not in keys]
     differing = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
     shown = [" ".join(f"{k}={r['overrides'][k]}" for k in differing if k in r["overrides"]) for r in runs]
-    plain = [label or f"{run['model']}/{run['optimizer']}" for run, label in zip(runs, shown)]
+    plain = [_label(run, differing) for run in runs]
     result = [f"{label} [{name}]" if plain.count(label) > 1 else label for label, name in zip(plain, names)]
     return result, [s or "-" for s in shown]
 
@@ -312,6 +317,13 @@ def _config_key(run):
     """What a run trains, less its seed: runs that differ only in trainer.seed are one configuration."""
     return (run["model"], run["optimizer"],
             tuple(sorted((k, v) for k, v in run["overrides"].items() if k != "trainer.seed")))
+
+
+def _label(run, differing):
+    """The run's preset, then its differing overrides but the preset's own; else model/optimizer."""
+    parts = [run["preset"]] if run["preset"] else []
+    parts += [f"{k}={run['overrides'][k]}" for k in differing if k in run["overrides"] and k != "experiment"]
+    return " ".join(parts) or f"{run['model']}/{run['optimizer']}"
 
 
 def _pairs(overrides):

@@ -8,6 +8,7 @@
     environment.json  versions, host, device, Slurm ids
     usage.json        what each attempt used (peak memory, CPU and wall seconds, GPU memory), per rank,
                       written by the run itself while it runs (mnist.usage)
+    tensorboard/      TensorBoard's event files, with logger=tensorboard (written by mnist.board)
     .lock             held by the one process that trains into the folder (host, pid, job id)
 
 A folder holding a checkpoint and a config holds a run to resume; it resumes with its own
@@ -38,6 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 ENVIRONMENT = "environment.json"
 USAGE = "usage.json"
 USAGE_LOCK = ".usage.lock"
+TENSORBOARD = "tensorboard"  # a folder
 LOCK = ".lock"
 FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT, USAGE)
 MAX_ATTEMPTS = 100  # usage.json keeps the latest attempts
@@ -45,8 +47,9 @@ MAX_ATTEMPTS = 100  # usage.json keeps the latest attempts
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s")
 
 # Where and how a run trains may change when it resumes; what it trains may not.
-TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "trainer.device", "trainer.threads", "trainer.log_interval",
-                      "trainer.progress", "trainer.precision", "trainer.channels_last", "trainer.compile")
+TAKEN_FROM_COMMAND = ("launcher", "resources", "dry_run", "logger", "trainer.device", "trainer.threads",
+                      "trainer.log_interval", "trainer.progress", "trainer.precision", "trainer.channels_last",
+                      "trainer.compile")
 
 
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it: ~10x faster
@@ -223,7 +226,9 @@ def resume_config(run_dir, config, overrides):
 
     Where and how it runs (TAKEN_FROM_COMMAND) always comes from this command, and
     trainer.epochs when it is given (to train on). Any other given override that differs from
-    the saved config is refused, naming the keys. Both configs are plain dicts.
+    the saved config is refused, naming the keys. A section conf/ has gained since the run was
+    saved (`loss`, `logger`) comes from this command: its defaults are what the run trained with.
+    Both configs are plain dicts.
     """
     saved = read_config(run_dir)
     given = given_keys(overrides)
@@ -241,6 +246,8 @@ def resume_config(run_dir, config, overrides):
         )
     for key in TAKEN_FROM_COMMAND + (("trainer.epochs",) if "trainer.epochs" in given else ()):
         _put(saved, key, _select(config, key))
+    for section in config.keys() - saved.keys():
+        saved[section] = config[section]
     return saved
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from omegaconf import OmegaConf
 
 from mnist import checkpoint, data, env, rundir
+from mnist.board import Off, open_board
+from mnist.losses import Loss
 from mnist.models import build_model, build_optimizer
 from mnist.precision import Precision
 from mnist.progress import Progress, wanted
@@ -47,24 +48,19 @@ def open_log(run_dir, main=True):
     return log
 
 
-def nll(output, target, model, reduction="mean"):
-    """Negative log-likelihood; a softmax-output model (mlp_sigmoid) gives probabilities."""
-    if getattr(model, "module", model).output == "softmax":
-        output = output.clamp_min(1e-12).log()
-    return F.nll_loss(output, target, reduction=reduction)
-
-
 @dataclass
 class Steps:
     """How a run takes its training steps: the same for every epoch."""
 
     model: torch.nn.Module  # the model that takes the steps (compiled or data-parallel, perhaps)
     optimizer: torch.optim.Optimizer
+    loss: Loss  # cfg.loss (mnist/losses.py)
     precision: Precision
     log: logging.Logger
     log_interval: int = 10
     stop: StopFlag = field(default_factory=StopFlag)
     progress: Progress = field(default_factory=lambda: Progress(on=False))
+    board: Off = field(default_factory=Off)  # logger=tensorboard: rank 0's event files
 
 
 def stop_agreed(stop, world_size, device):
@@ -93,7 +89,7 @@ def train_epoch(steps, train_loader, epoch, resume=None):
     for batch_idx, (images, target) in itertools.islice(enumerate(train_loader), done, None):
         optimizer.zero_grad()
         with precision.autocast():
-            loss = nll(model(images), target, model)
+            loss = steps.loss(model(images), target)
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
@@ -104,9 +100,11 @@ def train_epoch(steps, train_loader, epoch, resume=None):
                 f"Train Epoch: {epoch} [{batch_idx * train_loader.batch_size * world_size}/{train_loader.dataset_size} "
                 f"({100.0 * batch_idx / batches:.0f}%)]\tLoss: {loss.item():.6f}"
             )
+            steps.board.batch((epoch - 1) * batches + batch_idx + 1, loss.item())
         progress.update(batch_idx + 1)
         if batch_idx + 1 < batches and stop_agreed(steps.stop, world_size, train_loader.device):
             progress.close()
+            steps.board.flush()  # before the checkpoint: a resume then rewrites nothing
             return total_loss, batch_idx + 1
     progress.close()
     return total_loss, batches
@@ -118,7 +116,7 @@ CPU_EVAL_PIECE = 64
 
 
 @torch.inference_mode()
-def evaluate(model, test_loader, precision=None):
+def evaluate(model, test_loader, loss, precision=None):
     model.eval()
     precision = precision or Precision("fp32", torch.device(test_loader.device))
     test_loss = torch.zeros((), device=test_loader.device)
@@ -129,7 +127,7 @@ def evaluate(model, test_loader, precision=None):
         for images, target in zip(batch_images.split(piece), batch_target.split(piece)):
             with precision.autocast():
                 output = model(images)
-            test_loss += nll(output.float(), target, model, reduction="sum")
+            test_loss += loss(output, target, reduction="sum")
             correct += (output.argmax(dim=1) == target).sum()
     return test_loss.item() / test_loader.dataset_size, int(correct.item())
 
@@ -220,8 +218,10 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
         rows, start_epoch, partial = saved["metrics"], saved["epoch"] + 1, saved.get("partial")
         where = f"at epoch {partial['epoch']}, batch {partial['batches']}" if partial else f"after epoch {saved['epoch']}"
         log.info(f"Resuming from {rundir.checkpoint_path(run_dir)} {where}")
-    steps = Steps(_stepping_model(cfg, model, device, rank, world_size, run_dir), optimizer, precision, log,
-                  cfg.trainer.log_interval, stop, Progress(on=main and wanted(cfg.trainer.progress)))
+    done = (start_epoch - 1) * len(train_loader) + (partial["batches"] if partial else 0)  # optimizer steps taken
+    steps = Steps(_stepping_model(cfg, model, device, rank, world_size, run_dir), optimizer,
+                  Loss(cfg.loss, model.output), precision, log, cfg.trainer.log_interval, stop,
+                  Progress(on=main and wanted(cfg.trainer.progress)), open_board(cfg, run_dir, done, main))
     run = Run(cfg, run_dir, main, steps, model, scheduler, train_loader, test_loader, rows)
     if main:
         rundir.write_config(run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -229,6 +229,7 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
         rundir.write_metrics(run_dir, rows)  # the rows the checkpoint vouches for, no more
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         run_epoch(run, epoch, resume=partial if epoch == start_epoch else None)
+    steps.board.close()
     return rows
 
 
@@ -260,7 +261,7 @@ def run_epoch(run, epoch, resume=None):
     if loader.world_size > 1:
         dist.all_reduce(loss_sum)
     train_loss = loss_sum.item() / (len(loader.indices()) * loader.world_size)
-    test_loss, correct = evaluate(run.model, run.test_loader, run.steps.precision)  # each rank, no collectives
+    test_loss, correct = evaluate(run.model, run.test_loader, run.steps.loss, run.steps.precision)  # each rank alone
     n_test = run.test_loader.dataset_size
     log.info(
         f"\nTest set: Average loss: {test_loss:.4f}, "
@@ -275,6 +276,7 @@ def run_epoch(run, epoch, resume=None):
         "accuracy": round(correct / n_test, 6), "seconds": round(seconds, 3),
         "samples_per_s": round(samples_per_s, 1),
     })
+    run.steps.board.epoch(epoch * len(loader), run.rows[-1], lr)  # and flushes, before the checkpoint
     _save(run, epoch)
     if run.main:
         rundir.write_metrics(run.run_dir, run.rows)

@@ -51,9 +51,10 @@ def test_bad_values_are_named_with_a_fix(override, named):
     assert "Set" in message or "Choose" in message
 
 
-@pytest.mark.parametrize("override", ["model=resnet", "optimizer=lion", "data=cifar", "model=mlp,vit"])
+@pytest.mark.parametrize("override", ["model=resnet", "optimizer=lion", "data=cifar", "model=mlp,vit", "loss=hinge",
+                                      "logger=wandb", "+experiment=course_mpl"])
 def test_unknown_group_options_list_the_choices(override):
-    group = override.split("=")[0]
+    group = override.split("=")[0].lstrip("+")
     with pytest.raises(ConfigError) as error:
         check_choices([override])
     assert f"Unknown {group}" in str(error.value)
@@ -65,9 +66,14 @@ def test_unknown_group_options_list_the_choices(override):
 
 @pytest.mark.parametrize("overrides, named, choices_named", [
     (["model.arch=resnet"], "model.arch='resnet'", "mlp, cnn"),
-    (["model=cnn", "model.output=softmax"], "model.output='softmax'", "model.output=log_softmax"),
+    (["model=cnn", "model.output=logits"], "model.output='logits'", "model.output=log_softmax"),
+    (["loss=huber", "+loss.reduction=sum"], "reduction", "delta"),
+    (["loss=huber", "loss.delta=-1"], "loss.delta=-1", "loss.delta=1.0"),
+    (["optimizer=adam", "+optimizer.momentum=0.9"], "momentum", "weight_decay"),
+    (["optimizer=sgd_plain", "optimizer.momentum=-0.5"], "optimizer.momentum=-0.5", "optimizer.momentum=0.0"),
+    (["logger.name=wandb"], "logger.name='wandb'", "none, tensorboard"),
     (["model.activations=[gelu]"], "'gelu'", "relu, sigmoid, tanh, leaky_relu, elu"),
-    (["optimizer.name=lion"], "optimizer.name='lion'", "adadelta, sgd, adam"),
+    (["optimizer.name=lion"], "optimizer.name='lion'", "adadelta, sgd, sgd_momentum, sgd_plain, adam"),
     (["+optimizer.scheduler.name=cosine"], "optimizer.scheduler.name='cosine'", "step_lr"),
     (["+optimizer.scheduler.last_epoch=3"], "last_epoch", "step_size, gamma"),
     (["optimizer.scheduler.gamma=0"], "optimizer.scheduler.gamma=0", "optimizer.scheduler.gamma=0.7"),

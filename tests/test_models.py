@@ -45,15 +45,17 @@ def test_outputs_are_log_probabilities_or_probabilities():
 
 
 def test_every_optimizer_builds_with_the_course_learning_rate():
-    expected = {"adadelta": 1.0, "sgd": 0.01, "adam": 0.001, "adamw": 0.001, "rmsprop": 0.001, "adagrad": 0.01}
+    expected = {"adadelta": 1.0, "sgd": 0.01, "sgd_momentum": 0.01, "sgd_plain": 0.01, "adam": 0.001,
+                "adamw": 0.001, "rmsprop": 0.001, "adagrad": 0.01}
     model = MLP()
     for name, lr in expected.items():
         optimizer, scheduler = build_optimizer(compose([f"optimizer={name}"]).optimizer, model.parameters())
-        assert type(optimizer).__name__.lower() == name
+        assert type(optimizer).__name__.lower() == name.split("_")[0]
         assert optimizer.param_groups[0]["lr"] == lr
         assert (scheduler is not None) == (name == "adadelta")
-    optimizer, _ = build_optimizer(compose(["optimizer=sgd"]).optimizer, model.parameters())
-    assert optimizer.param_groups[0]["momentum"] == 0.9
+    for name, momentum in (("sgd", 0.9), ("sgd_momentum", 0.9), ("sgd_plain", 0)):
+        optimizer, _ = build_optimizer(compose([f"optimizer={name}"]).optimizer, model.parameters())
+        assert optimizer.param_groups[0]["momentum"] == momentum
 
 
 def test_reference_scheduler_is_steplr_one_epoch_gamma_point_seven():
@@ -73,11 +75,12 @@ def test_every_registered_architecture_and_output_builds_and_gives_that_output()
     x = torch.randn(3, 1, 28, 28)
     for arch, outputs in registry.ARCHS.items():
         for output in outputs:
-            cfg = compose(["model=mlp", f"model.arch={arch}", f"model.output={output}"]).model
+            fitting_loss = ["loss=cross_entropy"] if output == "none" else []  # nll takes no logits
+            cfg = compose(["model=mlp", f"model.arch={arch}", *fitting_loss, f"model.output={output}"]).model
             model = build_model(cfg).eval()
-            assert model.output == output, (arch, output)  # train.nll reads it to choose its loss
+            assert model.output == output, (arch, output)  # mnist.losses reads it (nll on softmax: its log)
             out = model(x)
-            probabilities = out if output == "softmax" else out.exp()
+            probabilities = {"softmax": out, "log_softmax": out.exp(), "none": out.softmax(dim=1)}[output]
             torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
 
 
@@ -94,9 +97,10 @@ def test_every_registered_optimizer_and_scheduler_builds_and_steps():
     from mnist import registry
     from omegaconf import OmegaConf
 
-    for name in registry.OPTIMIZERS:
+    for name, (_, optimizer_options) in registry.OPTIMIZERS.items():
         for scheduler_name, (_, options) in registry.SCHEDULERS.items():
-            cfg = OmegaConf.create({"name": name, "lr": 0.5, "scheduler": {"name": scheduler_name, **options}})
+            cfg = OmegaConf.create({"name": name, "lr": 0.5, **optimizer_options,
+                                    "scheduler": {"name": scheduler_name, **options}})  # torch takes every option
             model = MLP([8], ["relu"])
             optimizer, scheduler = build_optimizer(cfg, model.parameters())
             before = model.layers[1].weight.detach().clone()
@@ -112,3 +116,19 @@ def test_an_unregistered_architecture_is_not_built_as_something_else():
     with pytest.raises(KeyError):  # config.validate refuses it first; this is the builder's own guard
         build_model(OmegaConf.create({"arch": "resnet", "hidden": [8], "activations": ["relu"],
                                       "output": "log_softmax"}))
+
+
+def test_every_registered_loss_takes_each_output_it_fits_and_steps():
+    from mnist import registry
+    from mnist.losses import Loss
+
+    x, labels = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 9, 9])
+    for name, entry in registry.LOSSES.items():
+        for output in entry.fits:
+            model = MLP([8], ["relu"], output)
+            loss = Loss({"name": name, **entry.options}, output)  # torch takes every option
+            mean = loss(model(x), labels)
+            mean.backward()
+            assert mean.ndim == 0 and torch.isfinite(mean) and model.layers[1].weight.grad.abs().sum() > 0, name
+            summed = loss(model(x), labels, reduction="sum")
+            torch.testing.assert_close(summed / 6, mean)  # the test set's average is the training loss's mean

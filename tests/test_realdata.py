@@ -1,4 +1,6 @@
-"""Full-size real data: Fashion-MNIST from Debian's dataset-fashion-mnist (same format as MNIST)."""
+"""Full-size real data: Fashion-MNIST from Debian's dataset-fashion-mnist (same format as MNIST).
+
+One sweep process trains the MLP for one epoch with each loss (about 2 s of training each on 2 cores)."""
 import csv
 
 import pytest
@@ -6,13 +8,28 @@ import pytest
 from conftest import run
 
 pytestmark = pytest.mark.realdata
+LOSSES = ["nll", "cross_entropy", "mse", "bce", "bce_with_logits", "smooth_l1", "huber"]
 
 
-def test_mlp_with_the_reference_settings_learns_fashion_mnist_in_one_epoch(fashion_mnist_root, tmp_path):
-    result = run(["data=fashion_mnist", f"data.root={fashion_mnist_root}", "trainer.epochs=1",
-                  f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+@pytest.fixture(scope="module")
+def loss_sweep(fashion_mnist_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("realdata")
+    result = run(["-m", f"loss={','.join(LOSSES)}", "data=fashion_mnist", f"data.root={fashion_mnist_root}",
+                  "trainer.epochs=1", f"hydra.sweep.dir={base / 'sweep'}"], cwd=base, timeout=900)
     assert result.returncode == 0, result.stderr
-    assert "Train Epoch: 1 [640/60000 (1%)]\tLoss: " in result.stdout
-    assert "Accuracy: " in result.stdout and "/10000 (" in result.stdout
-    (row,) = csv.DictReader(open(tmp_path / "run" / "metrics.csv"))
+    return {loss: base / "sweep" / str(i) for i, loss in enumerate(LOSSES)}
+
+
+def test_mlp_with_the_reference_settings_learns_fashion_mnist_in_one_epoch(loss_sweep):
+    log = (loss_sweep["nll"] / "train.log").read_text()  # loss=nll: the default, the course's
+    assert "Train Epoch: 1 [640/60000 (1%)]\tLoss: " in log
+    assert "Accuracy: " in log and "/10000 (" in log
+    (row,) = csv.DictReader(open(loss_sweep["nll"] / "metrics.csv"))
     assert float(row["accuracy"]) >= 0.80  # about 0.84 here
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_each_loss_trains_the_mlp_past_80_percent_in_one_epoch(loss_sweep, loss):
+    (row,) = csv.DictReader(open(loss_sweep[loss] / "metrics.csv"))
+    assert float(row["accuracy"]) >= 0.80, row  # measured: nll, cross_entropy 0.837; mse, smooth_l1, huber 0.823;
+    #                                             bce 0.831; bce_with_logits 0.834
