@@ -1,6 +1,7 @@
 """`python -m mnist.report` on real runs (a local sweep on tiny generated data), read the way a user
 reads it: the printed table and report.csv against each run's metrics.csv, and the PNGs as images."""
 import csv
+import json
 import os
 import re
 import shutil
