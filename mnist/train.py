@@ -64,8 +64,8 @@ class Steps:
     log: logging.Logger
     log_interval: int = 10
     stop: StopFlag = field(default_factory=StopFlag)
-    agree_every: int = 0  # data-parallel: steps between agreeing on a stop (0: log_interval, the steps that log)
     progress: Progress = field(default_factory=lambda: Progress(on=False))
+    agree_every: int = 0  # data-parallel: steps between agreeing on a stop (0: log_interval, the steps that log)
 
 
 def stop_agreed(stop, world_size, device):
