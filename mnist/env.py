@@ -73,12 +73,16 @@ def pick_device(setting, local_rank=0):
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() and given != "" else "cpu"
         if given and not torch.cuda.is_available():
-            raise UserError(no_gpu(f"Slurm gave this job GPU {given} and trainer.device=auto"))
+            raise UserError(no_gpu(f"Slurm gave this job {_gpus(given)} and trainer.device=auto"))
     if setting == "cuda" and not torch.cuda.is_available():
-        raise UserError(no_gpu(f"Slurm gave this job GPU {given}" if given else "trainer.device=cuda"))
+        raise UserError(no_gpu(f"Slurm gave this job {_gpus(given)}" if given else "trainer.device=cuda"))
     if setting == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(setting)
+
+
+def _gpus(given):
+    return f"GPU{'s' if ',' in given else ''} {given}"
 
 
 def driver_version():

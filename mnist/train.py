@@ -220,9 +220,9 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
     if saved is not None and saved.get("partial") is None and saved["epoch"] >= cfg.trainer.epochs:
         log.info(rundir.nothing_left(run_dir, saved["epoch"], cfg.trainer.epochs))
         return saved["metrics"]
-    log.info(env.where(device, threads, world_size))
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
     train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, device, rank, world_size)
+    log.info(env.where(device, threads, world_size))  # (once the data is there: a run that stops before leaves no log)
     model, optimizer, scheduler, precision = build(cfg, device)
     rows, start_epoch, partial = [], 1, None
     if saved is not None:
