@@ -4,20 +4,32 @@ DATA ?= mnist
 ARGS ?=
 PYTHON := .venv/bin/python
 VENV := .venv/.installed
+# TORCH_CUDA=cu126 (or cu130, cpu): that build of torch and torchvision, from PyTorch's own wheel index, instead
+# of PyPI's default (CUDA 13.0: drivers >= 580, no V100). The versions are setup.cfg's.
+TORCH_CUDA ?=
+TORCH_VERSION := $(shell sed -n 's/^ *torch==//p' setup.cfg)
+TORCHVISION_VERSION := $(shell sed -n 's/^ *torchvision==//p' setup.cfg)
+TORCH_BUILD = $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)+$(TORCH_CUDA) \
+	torchvision==$(TORCHVISION_VERSION)+$(TORCH_CUDA) --index-url https://download.pytorch.org/whl/$(TORCH_CUDA)
 
 .DEFAULT_GOAL := help
 .PHONY: help install run data test bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: MODEL=$(MODEL) DATA=$(DATA) ARGS='<more overrides>' SOURCE=<folder for make data>"
+	@echo "  variables: MODEL=$(MODEL) DATA=$(DATA) ARGS='<more overrides>' SOURCE=<folder for make data>" \
+		"TORCH_CUDA=<cu126|cu130|cpu for make install>"
 
-install: $(VENV) ## create .venv and install the project into it (editable)
+install: $(VENV) ## create .venv and install the project into it (editable); TORCH_CUDA=cu126: torch for older drivers
+ifdef TORCH_CUDA
+	$(TORCH_BUILD)
+endif
 
 # editable_mode=compat puts the checkout on sys.path, so Hydra finds hydra_plugins/ by walking it
 $(VENV): setup.cfg pyproject.toml
 	python3 -m venv .venv
 	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_CUDA),$(TORCH_BUILD))
 	$(PYTHON) -m pip install --quiet -e '.[test,tensorboard]' --config-settings editable_mode=compat
 	touch $@
 
@@ -34,7 +46,7 @@ endif
 test: $(VENV) ## run the test suite
 	$(PYTHON) -m pytest $(ARGS)
 
-bench: $(VENV) ## the performance record: training vs the course's pipeline and the compute floor, speed switches, submitting (ARGS='--help')
+bench: $(VENV) ## the performance record: training vs the course's pipeline and the compute floor, speed switches, data-parallel steps, submitting (ARGS='--device cuda' on a GPU node; '--help')
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)
 
 JOB ?=

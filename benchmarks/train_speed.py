@@ -43,6 +43,16 @@ channels_last for the CNN, compile) trains the in-memory path's batches in turns
 after a warm-up of 10 batches (for compile: the compilation, from an emptied cache); `speedup` is
 the default's time over the switch's, median of rounds. --device cuda measures them on a GPU.
 
+Data-parallel steps (--sections parallel): two ranks of this machine (gloo on the CPU, one thread each;
+NCCL on two GPUs, skipped with fewer) train the same batches with the stop agreement (an all-reduce and
+a wait for its answer) every step, as it was, every log_interval steps, as it is, and never (the baseline:
+once per round), in rotated turns; `x baseline` is the median over rounds of each one's time over the
+baseline's in the same round.
+
+On a GPU machine, `make bench ARGS='--device cuda'` is the whole GPU record in one go: the epochs and test
+passes with the data on the GPU, each speed switch, and the data-parallel step (with 2 GPUs), written to
+bench/train_speed_cuda.json.
+
 The record: benchmarks/record.json holds each target's best value so far (commit, date); the
 report shows it beside this run's, and --save-record writes the ones this run beats (whole
 epochs only; run it on a quiet machine, and commit the file).
@@ -53,6 +63,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import tempfile
 import statistics
 import subprocess
@@ -61,6 +72,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 from benchmarks import submit_speed
@@ -71,7 +84,7 @@ from mnist.losses import Loss
 from mnist.train import Steps, build, evaluate, train_epoch
 
 PATHS = ("in_memory", "classic", "floor")
-SECTIONS = ("train", "switches", "submit", "sweep")
+SECTIONS = ("train", "switches", "parallel", "submit", "sweep")
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "benchmarks" / "record.json"  # the best value of each target so far: make bench ARGS=--save-record
 DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
@@ -387,6 +400,54 @@ def measure_switches(cfg, args):
     }
 
 
+AGREEMENTS = {"never": NEVER, "every step": 1, "every log_interval": 0}  # Steps.agree_every (0: log_interval)
+PARALLEL_BATCHES = {"mlp": 200, "cnn": 20}  # per rank, per turn: about a second of the default here
+
+
+def measure_parallel(cfg, args):
+    """Two ranks' data-parallel steps with the stop agreement every step, every log_interval and never."""
+    if device_of(cfg).type == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 GPUs; this machine has {torch.cuda.device_count()}"}
+    with socket.socket() as probe, tempfile.TemporaryDirectory(prefix="bench-parallel-") as out:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        torch.multiprocessing.spawn(parallel_rank, args=(cfg, args, port, out), nprocs=2)
+        return json.loads(Path(out, "rank0.json").read_text())
+
+
+def parallel_rank(rank, cfg, args, port, out):
+    """One rank of measure_parallel: every rank takes the same turns (their all-reduces pair up); rank 0 reports."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    device = env.pick_device(cfg.trainer.device, rank)
+    torch.set_num_threads(max(1, env.cpu_threads() // 2))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        train_loader, _ = data.loaders(cfg.data, cfg.trainer.seed, device, rank, 2)
+        torch.manual_seed(cfg.trainer.seed)
+        model, optimizer, _, precision = build(cfg, device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        steps = {name: Steps(ddp, optimizer, precision, QUIET, cfg.trainer.log_interval, agree_every=every)
+                 for name, every in AGREEMENTS.items()}
+        train_epoch(steps["never"], FirstBatches(train_loader, WARM_UP_BATCHES), 1)
+        batches = len(FirstBatches(train_loader, min(args.max_batches or NEVER, PARALLEL_BATCHES[cfg.model.name])))
+        rounds = []
+        for turn in range(args.repeat):
+            order = {name: FirstBatches(train_loader, batches) for name in rotated(tuple(AGREEMENTS), turn)}
+            rounds.append(in_turns(order, lambda name, part: train_epoch(steps[name], part, 1), batches))
+            if rank == 0:
+                progress(f"{cfg.model.name} data-parallel, round {turn + 1}: {seconds_of(rounds[-1])}")
+        if rank == 0:
+            Path(out, "rank0.json").write_text(json.dumps({
+                "batches": batches, "log_interval": cfg.trainer.log_interval, "backend": dist.get_backend(),
+                "step_ms": {name: 1000 * seconds / batches for name, seconds in medians(rounds, AGREEMENTS).items()},
+                "over_baseline": {name: ratio(rounds, name, "never") for name in AGREEMENTS}}))
+    finally:
+        dist.destroy_process_group()
+
+
 def peak_memory(cfg, path, max_batches):
     """Peak resident MiB of a fresh process that trains one epoch and evaluates once through `path`."""
     command = [sys.executable, "-m", "benchmarks.train_speed", "--peak-memory-of", path,
@@ -479,6 +540,8 @@ def print_report(report):
         print_training(results, settings)
     if "switches" in report:
         print_switches(report["switches"], settings)
+    if "parallel" in report:
+        print_parallel(report["parallel"], settings)
     submission = submit_speed.table(report)
     if submission:
         print("\nOn the login node:\n" + "\n".join(submission))
@@ -521,6 +584,20 @@ def print_switches(switches, settings):
             print(f"{name:<6} {switch:<14} {ms:>9.2f} {r['speedup'][switch]:>8.2f} {r['warm_up_s'][switch]:>10.2f}")
 
 
+def print_parallel(parallel, settings):
+    print(f"\nData-parallel steps on {settings['device']}, 2 ranks; the stop agreement is an all-reduce and a wait "
+          f"for it (x baseline: over never agreeing, same rounds):")
+    print(f"{'model':<6} {'agreement':<28} {'ms/step':>8} {'x baseline':>11}")
+    for name, r in parallel.items():
+        if "skipped" in r:
+            print(f"{name:<6} skipped: {r['skipped']}")
+            continue
+        labels = {"never": "never (baseline)", "every step": "every step (before)",
+                  "every log_interval": f"every {r['log_interval']} steps (now)"}
+        for agreement, label in labels.items():
+            print(f"{name:<6} {label:<28} {r['step_ms'][agreement]:>8.2f} {r['over_baseline'][agreement]:>11.3f}")
+
+
 def config(args, model, overrides=()):
     cfg = compose([f"model={model}", "data=fashion_mnist", f"trainer.device={args.device}", *overrides])
     if args.data_root is not None:
@@ -544,7 +621,8 @@ def parse_args(argv):
     parser.add_argument("--data-root", help="the folder holding FashionMNIST/raw/ (default: data.root, "
                                             "i.e. $MNIST_DATA, else ./data)")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated conf/model names (default: mlp,cnn)")
-    parser.add_argument("--out", default="bench/train_speed.json", help="JSON file to write (default: %(default)s)")
+    parser.add_argument("--out", help="JSON file to write (default: bench/train_speed.json; with --device cuda, "
+                                      "bench/train_speed_cuda.json)")
     parser.add_argument("--repeat", type=int, default=3, help="most rounds of epochs, and evaluations (default: 3)")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="no new round of a model's epochs after this many seconds (default: 60)")
@@ -562,6 +640,8 @@ def parse_args(argv):
                         help=f"write the targets this run beats into {RECORD.relative_to(ROOT)} (on a quiet machine)")
     parser.add_argument("--peak-memory-of", choices=("in_memory", "classic"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = "bench/train_speed_cuda.json" if args.device == "cuda" else "bench/train_speed.json"
     if args.quick and args.max_batches is None:
         args.max_batches = QUICK_BATCHES
     if args.repeat < 1 or (args.max_batches is not None and args.max_batches < 1):
@@ -595,6 +675,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="bench-compile-") as cache:  # empty: warm-ups compile afresh
             os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = cache, f"{cache}/triton"
             report["switches"] = {name: measure_switches(cfg, args) for name, cfg in cfgs.items()}
+    if "parallel" in args.sections:
+        report["parallel"] = {name: measure_parallel(cfg, args) for name, cfg in cfgs.items()}
     first = cfgs[models[0]]
     report["settings"] = {
         "data": first.data.name, "data_root": first.data.root, "threads": threads, "device": str(device),

@@ -2,8 +2,11 @@
 
 It holds the model, optimizer, scheduler and loss scaler states, the random states, the metrics
 rows so far, the last whole epoch and, after an early stop, where in the next epoch it left off.
+A data-parallel run's checkpoint also holds what each rank keeps apart (`ranks`): its random states
+(its own dropout masks) and, mid-epoch, its partial loss sum; `partial["loss_sum"]` is their total.
 """
 import torch
+import torch.distributed as dist
 
 from mnist import rundir
 from mnist.errors import UserError
@@ -60,7 +63,8 @@ def load(run_dir, model_name):
 
 
 def restore(checkpoint, model, optimizer, scheduler, precision, run_dir):
-    """Put the checkpoint's states back into a freshly built model, optimizer, scheduler and scaler."""
+    """Put the checkpoint's states back into a freshly built model, optimizer, scheduler and scaler (the random
+    states: `restore_rng`, once each rank is seeded)."""
     path = rundir.checkpoint_path(run_dir)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -75,7 +79,53 @@ def restore(checkpoint, model, optimizer, scheduler, precision, run_dir):
             f"Resume it with the config it was written with ({path.parent / rundir.CONFIG}), or start afresh "
             f"in another run folder."
         ) from None
-    torch.set_rng_state(checkpoint["rng"])
+
+
+def rank_state(model, loss_sum=None):
+    """What one rank keeps apart from the others: its random states and its partial loss sum (or None)."""
     device = next(model.parameters()).device
-    if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:  # dropout masks on a GPU draw from it
-        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "loss_sum": None if loss_sum is None else loss_sum.detach().cpu()}
+
+
+def gather(mine, world_size):
+    """Every rank's `mine`, in rank order (a collective: every rank calls it)."""
+    if world_size == 1:
+        return [mine]
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def with_ranks(checkpoint, ranks):
+    """The checkpoint with every rank's state, and the partial loss sum reduced over the ranks."""
+    checkpoint["ranks"] = ranks
+    if checkpoint["partial"] is not None:
+        checkpoint["partial"]["loss_sum"] = sum(rank["loss_sum"] for rank in ranks)
+    return checkpoint
+
+
+def ranks(checkpoint):
+    """How many ranks wrote the checkpoint (older checkpoints: one)."""
+    return len(checkpoint.get("ranks") or [None])
+
+
+def resume_point(checkpoint, rank, world_size):
+    """Where this rank resumes mid-epoch: the checkpoint's `partial` with this rank's own loss sum. None after a
+    whole epoch, or when the checkpoint has another number of ranks."""
+    partial = checkpoint.get("partial")
+    if partial is None or ranks(checkpoint) != world_size:
+        return None
+    return dict(partial, loss_sum=checkpoint["ranks"][rank]["loss_sum"]) if checkpoint.get("ranks") else partial
+
+
+def restore_rng(checkpoint, rank, world_size, device):
+    """This rank's random states as saved (dropout masks continue as if never stopped). A checkpoint of another
+    number of ranks has none that fit: the per-rank seeding stays."""
+    if ranks(checkpoint) != world_size:
+        return
+    mine = checkpoint["ranks"][rank] if checkpoint.get("ranks") else checkpoint
+    torch.set_rng_state(mine["rng"])
+    if device.type == "cuda" and mine.get("cuda_rng") is not None:  # dropout masks on a GPU draw from it
+        torch.cuda.set_rng_state(mine["cuda_rng"], device)

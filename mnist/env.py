@@ -6,6 +6,7 @@ threads, SLURM_* ids for the record); the training loop itself knows nothing of 
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -21,12 +22,14 @@ RECORDED_SLURM_VARS = (
 
 
 def cpu_threads(setting="auto"):
-    """Threads for torch: the setting, else Slurm's CPUs per task, else the CPUs we may use."""
+    """Threads for torch: the setting, else the CPUs this process may use, or Slurm's CPUs per task
+    if fewer (a job step's affinity can be smaller than what the job was given, or larger without cgroups)."""
     if setting != "auto":
         return int(setting)
+    usable = len(os.sched_getaffinity(0))
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
-    return len(os.sched_getaffinity(0))
+        return max(1, min(int(os.environ["SLURM_CPUS_PER_TASK"]), usable))
+    return usable
 
 
 def job_id():
@@ -44,20 +47,81 @@ def distributed():
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
+# The oldest NVIDIA driver (Linux) each CUDA major version runs on, minor-version compatibility included
+# (NVIDIA's "CUDA Compatibility" guide).
+DRIVER_FOR_CUDA = {11: "450.80", 12: "525.60", 13: "580.65"}
+GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def slurm_gpus():
+    """The GPUs Slurm gave this job (`0,1`), as Slurm names them; '' in a job given none; None outside Slurm."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    given = [os.environ.get(v, "") for v in GPU_VARIABLES]
+    return next((g for g in given if g and g != "NoDevFiles"), "")
+
+
 def pick_device(setting, local_rank=0):
+    """trainer.device as a torch device. In a Slurm job the GPUs it was given decide: auto is the CPU
+    in a job without GPUs, and a job with GPUs that torch cannot see stops at once (see `no_gpu`)."""
     import torch
 
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "trainer.device=cuda, but torch sees no GPU on this machine "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). "
-            "Use trainer.device=cpu (or auto), or run on a GPU node (launcher=slurm resources=gpu)."
-        )
+    given = slurm_gpus()
+    if given == "" and setting == "cuda":
+        raise UserError("trainer.device=cuda, but this Slurm job asked for no GPU. Submit it with resources=gpu, "
+                        "or train on the CPU with trainer.device=cpu (or auto).")
     if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
+        setting = "cuda" if torch.cuda.is_available() and given != "" else "cpu"
+        if given and not torch.cuda.is_available():
+            raise UserError(no_gpu(f"Slurm gave this job {_gpus(given)} and trainer.device=auto"))
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UserError(no_gpu(f"Slurm gave this job {_gpus(given)}" if given else "trainer.device=cuda"))
     if setting == "cuda":
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(setting)
+
+
+def _gpus(given):
+    return f"GPU{'s' if ',' in given else ''} {given}"
+
+
+def driver_version():
+    """The NVIDIA kernel driver loaded on this machine (`535.104.05`), or None."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for [\w]+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else None
+
+
+def no_gpu(why):
+    """Why torch sees no GPU here and what to do, naming the build's CUDA and the driver it needs."""
+    import torch
+
+    cuda = torch.version.cuda
+    if cuda is None:
+        build = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        needs = DRIVER_FOR_CUDA.get(int(cuda.split(".")[0]), "a recent one")
+        build = f"torch {torch.__version__} is built for CUDA {cuda}, which needs an NVIDIA driver >= {needs}"
+    found = driver_version()
+    driver = f"this node's driver is {found}" if found else "this node shows no NVIDIA driver (/proc/driver/nvidia)"
+    cpu = "trainer.device=cpu and resources=cpu" if os.environ.get("SLURM_JOB_ID") else "trainer.device=cpu"
+    return (f"{why}, but torch sees no GPU: {build}, and {driver}. Install a torch build for the node's driver "
+            f"(`nvidia-smi` names the CUDA version it supports): `make install TORCH_CUDA=cu126` for drivers "
+            f">= {DRIVER_FOR_CUDA[12]} and GPUs such as the V100 (see the README's GPU section); or train on the CPU "
+            f"with {cpu}.")
+
+
+def where(device, threads, world_size=1):
+    """The run's first log line: `Training on cuda:0 (NVIDIA H200), 4 CPU threads per rank, 2 ranks (nccl)`."""
+    import torch
+
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    cpus = f"{threads} CPU thread{'s' if threads != 1 else ''}{' per rank' if world_size > 1 else ''}"
+    ranks = f"{world_size} ranks ({'nccl' if device.type == 'cuda' else 'gloo'})" if world_size > 1 else "1 process"
+    return f"Training on {device}{name}, {cpus}, {ranks}"
 
 
 def _version(package):

@@ -61,6 +61,7 @@ class Steps:
     stop: StopFlag = field(default_factory=StopFlag)
     progress: Progress = field(default_factory=lambda: Progress(on=False))
     board: Off = field(default_factory=Off)  # logger=tensorboard: rank 0's event files
+    agree_every: int = 0  # data-parallel: steps between agreeing on a stop (0: log_interval, the steps that log)
 
 
 def stop_agreed(stop, world_size, device):
@@ -70,6 +71,14 @@ def stop_agreed(stop, world_size, device):
     flag = torch.tensor([int(stop.requested)], device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def stop_here(steps, batch_idx, world_size, device):
+    """Whether to stop after this batch. One process looks at its flag every step; the ranks of a data-parallel
+    run agree (an all-reduce, and a wait for the GPU) only every `agree_every` steps."""
+    if world_size > 1 and batch_idx % (steps.agree_every or steps.log_interval):
+        return False
+    return stop_agreed(steps.stop, world_size, device)
 
 
 def train_epoch(steps, train_loader, epoch, resume=None):
@@ -102,7 +111,7 @@ def train_epoch(steps, train_loader, epoch, resume=None):
             )
             steps.board.batch((epoch - 1) * batches + batch_idx + 1, loss.item())
         progress.update(batch_idx + 1)
-        if batch_idx + 1 < batches and stop_agreed(steps.stop, world_size, train_loader.device):
+        if batch_idx + 1 < batches and stop_here(steps, batch_idx, world_size, train_loader.device):
             progress.close()
             steps.board.flush()  # before the checkpoint: a resume then rewrites nothing
             return total_loss, batch_idx + 1
@@ -211,6 +220,7 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
         return saved["metrics"]
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
     train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, device, rank, world_size)
+    log.info(env.where(device, threads, world_size))  # (once the data is there: a run that stops before leaves no log)
     model, optimizer, scheduler, precision = build(cfg, device)
     rows, start_epoch, partial = [], 1, None
     if saved is not None:
@@ -218,10 +228,13 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
         rows, start_epoch, partial = saved["metrics"], saved["epoch"] + 1, saved.get("partial")
         where = f"at epoch {partial['epoch']}, batch {partial['batches']}" if partial else f"after epoch {saved['epoch']}"
         log.info(f"Resuming from {rundir.checkpoint_path(run_dir)} {where}")
+        partial = _resume_point(saved, rank, world_size, log)
     done = (start_epoch - 1) * len(train_loader) + (partial["batches"] if partial else 0)  # optimizer steps taken
     steps = Steps(_stepping_model(cfg, model, device, rank, world_size, run_dir), optimizer,
                   Loss(cfg.loss, model.output), precision, log, cfg.trainer.log_interval, stop,
                   Progress(on=main and wanted(cfg.trainer.progress)), open_board(cfg, run_dir, done, main))
+    if saved is not None:
+        checkpoint.restore_rng(saved, rank, world_size, device)  # after the per-rank seeding: it replaces it
     run = Run(cfg, run_dir, main, steps, model, scheduler, train_loader, test_loader, rows)
     if main:
         rundir.write_config(run_dir, OmegaConf.to_container(cfg, resolve=True))
@@ -233,6 +246,16 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
     return rows
 
 
+def _resume_point(saved, rank, world_size, log):
+    """Where this rank resumes mid-epoch (None: at an epoch's start). A checkpoint of another number of ranks
+    took its batches from another sharding: the interrupted epoch restarts."""
+    partial = checkpoint.resume_point(saved, rank, world_size)
+    if saved.get("partial") and partial is None:
+        epoch, ranks = saved["partial"]["epoch"], checkpoint.ranks(saved)
+        log.info(f"Epoch {epoch} was interrupted in a run of {ranks} rank{'s' * (ranks > 1)} and this one has "
+                 f"{world_size}: epoch {epoch} restarts from its first batch (the weights keep what its first "
+                 f"{saved['partial']['batches']} batches taught them)")
+    return partial
 
 
 def _stepping_model(cfg, model, device, rank, world_size, run_dir):
@@ -255,7 +278,7 @@ def run_epoch(run, epoch, resume=None):
     loss_sum, done = train_epoch(run.steps, loader, epoch, resume)
     seconds = time.perf_counter() - started
     if done < len(loader):
-        _save(run, epoch - 1, partial={"epoch": epoch, "batches": done, "loss_sum": loss_sum.cpu(), "seconds": seconds})
+        _save(run, epoch - 1, partial={"epoch": epoch, "batches": done, "seconds": seconds}, loss_sum=loss_sum)
         log.info(f"Stopped in epoch {epoch} after batch {done}; checkpoint written")
         raise StopRequested(run.run_dir)
     if loader.world_size > 1:
@@ -284,8 +307,11 @@ def run_epoch(run, epoch, resume=None):
         raise StopRequested(run.run_dir)
 
 
-def _save(run, epoch, partial=None):
+def _save(run, epoch, partial=None, loss_sum=None):
+    """Every rank hands rank 0 its random states (and, mid-epoch, its partial loss sum); rank 0 writes them."""
+    ranks = checkpoint.gather(checkpoint.rank_state(run.model, loss_sum), run.train_loader.world_size)
     if run.main:
         steps = run.steps
-        checkpoint.save(run.run_dir, checkpoint.state(run.cfg, epoch, run.model, steps.optimizer, run.scheduler,
-                                                      steps.precision, run.rows, partial))
+        state = checkpoint.state(run.cfg, epoch, run.model, steps.optimizer, run.scheduler, steps.precision,
+                                 run.rows, partial)
+        checkpoint.save(run.run_dir, checkpoint.with_ranks(state, ranks))

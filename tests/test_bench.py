@@ -73,3 +73,19 @@ def test_the_record_keeps_each_targets_best_value_lower_or_higher():
     new = updated_record(checks, record, "abc1234")
     assert new["mlp: a"]["value"] == 1.05 and new["cnn: b"] == {"value": 2.8}
     assert new["cnn: c"]["commit"] == "abc1234" and record["mlp: a"] == {"value": 1.1}  # the old one untouched
+
+
+@pytest.mark.slow
+def test_the_parallel_section_times_the_stop_agreement_against_a_baseline(tmp_path):
+    tiny_fashion_mnist(tmp_path / "data")
+    out = tmp_path / "parallel.json"
+    bench = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_speed", "--data-root", str(tmp_path / "data"), "--models", "mlp",
+         "--quick", "--repeat", "1", "--sections", "parallel", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stderr
+    assert "every step (before)" in bench.stdout and "every 10 steps (now)" in bench.stdout
+    mlp = json.loads(out.read_text())["parallel"]["mlp"]
+    assert mlp["backend"] == "gloo" and mlp["batches"] == 2  # 256 images, 2 ranks of 64: 2 batches each
+    assert set(mlp["step_ms"]) == set(mlp["over_baseline"]) == {"never", "every step", "every log_interval"}
+    assert mlp["over_baseline"]["never"] == 1.0 and all(ms > 0 for ms in mlp["step_ms"].values())

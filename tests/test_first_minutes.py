@@ -195,3 +195,13 @@ def test_the_setup_lines_print_into_the_jobs_own_logs(slurm_env, tiny_data, tmp_
     out, err = (logs / f"mlp_{job_id}.out").read_text(), (logs / f"mlp_{job_id}.err").read_text()
     assert out.startswith("setting up\n") and "Test set: Average loss" in out
     assert "module: command not found" in err
+
+
+def test_make_install_takes_the_torch_build_for_an_older_driver_from_pytorchs_index():
+    plan = subprocess.run(["make", "-n", "install", "TORCH_CUDA=cu126"], cwd=ROOT, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    pins = re.search(r"^\s*torch==(\S+)$", (ROOT / "setup.cfg").read_text(), re.M).group(1)
+    assert (f"pip install --quiet torch=={pins}+cu126 torchvision==" in plan.stdout
+            and "--index-url https://download.pytorch.org/whl/cu126" in plan.stdout), plan.stdout
+    default = subprocess.run(["make", "-n", "install"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "download.pytorch.org" not in default  # without TORCH_CUDA: PyPI's build, as setup.cfg pins it

@@ -1,6 +1,7 @@
 """The login-node side, without a cluster: resources -> sbatch options, the rendered script,
 quoting, the course's scripts, and that submitting never imports torch."""
 import os
+import re
 import subprocess
 import sys
 
@@ -243,3 +244,70 @@ def test_a_bad_value_in_a_sweep_is_named_before_anything_is_made(tiny_data, tmp_
                   f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
     assert result.returncode == 2 and "optimizer.lr=0 is not a positive number" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "#!/bin/bash" not in result.stdout
+
+
+# -- what no node can hold, or what ranks and GPUs cannot pair, is refused before submitting -----------------
+
+CLUSTER_UP = resources.parse_sinfo([["debug*", "2", "22800", "gpu:1", "1"]])  # make cluster-up's node, as sinfo -e lists it
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["resources=gpu", "resources.tasks_per_node=4"],
+     "resources.tasks_per_node=4 with resources.gpus_per_node=1: each rank trains on a GPU of its own, so ranks "
+     "would share a GPU and NCCL stops with \"Duplicate GPU detected\". Set resources.tasks_per_node=1"),
+    (["resources=gpu", "resources.gpus_per_node=4"], "so 3 of the GPUs would sit idle. Set resources.tasks_per_node=4"),
+    (["trainer.device=cuda"], "trainer.device=cuda, but the job asks Slurm for no GPU (resources.gpus_per_node=0)"),
+])
+def test_ranks_and_gpus_that_do_not_pair_are_refused(overrides, message):
+    cfg = compose(["launcher=slurm", *overrides])
+    with pytest.raises(ResourceError, match=re.escape(message)):
+        resources.check_gpus(cfg.resources, cfg.trainer.device)
+
+
+def test_the_readmes_gpu_example_fits_make_cluster_ups_node_of_two_cpus():
+    for example in (["model=cnn", "resources=gpu"], ["model=cnn", "resources.tasks_per_node=2"]):
+        resources.check_cluster(compose(["launcher=slurm", *example]).resources, CLUSTER_UP)
+
+
+@pytest.mark.parametrize("overrides, fix", [
+    (["resources=gpu", "resources.cpus_per_task=4"], "e.g. resources.cpus_per_task=2,"),
+    (["resources.mem=64G"], "e.g. resources.mem=22800M,"),
+    (["resources.nodes=2"], "e.g. resources.nodes=1,"),
+    (["resources=gpu", "resources.tasks_per_node=2", "resources.gpus_per_node=2"],
+     "e.g. resources.gpus_per_node=1 resources.tasks_per_node=1,"),
+])
+def test_a_request_no_node_can_hold_is_refused_naming_the_largest_node_and_the_fix(overrides, fix):
+    with pytest.raises(ResourceError) as refused:
+        resources.check_cluster(compose(["launcher=slurm", *overrides]).resources, CLUSTER_UP)
+    assert "No node of partition debug can hold this job" in str(refused.value)
+    assert "the largest with 2 CPUs, 22800M of memory and 1 GPU(s)" in str(refused.value) and fix in str(refused.value)
+
+
+def test_sinfo_fields_with_types_sockets_and_several_partitions():
+    nodes = resources.parse_sinfo([["gpu", "64", "512000", "gpu:a100:4(S:0-1),shard:8", "3"],
+                                   ["cpu*", "128", "256000", "(null)", "40"]])
+    assert [(n.partition, n.cpus, n.memory_mb, n.gpus, n.count, n.default) for n in nodes] == [
+        ("gpu", 64, 512000, 4, 3, False), ("cpu", 128, 256000, 0, 40, True)]
+    cfg = compose(["launcher=slurm", "resources=gpu", "resources.partition=gpu", "resources.nodes=3",
+                   "resources.tasks_per_node=4", "resources.gpus_per_node=4", "resources.cpus_per_task=16"])
+    resources.check_cluster(cfg.resources, nodes)  # 4 x 16 CPUs and 4 GPUs on each of the 3 GPU nodes: fits
+
+
+FAKE_SLURM = """#!/bin/sh
+echo "$0 $*" >> {calls}
+case "$0" in *sinfo) echo 'debug*|2|22800|gpu:1|1';; esac
+"""
+
+
+def test_a_dry_run_sweep_asks_sinfo_once_and_is_refused_as_a_submission_would_be(tiny_data, tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for name in ("sinfo", "sbatch"):
+        (bin_dir / name).write_text(FAKE_SLURM.format(calls=calls))
+        (bin_dir / name).chmod(0o755)
+    result = run(["-m", "launcher=slurm", "dry_run=true", f"data.root={tiny_data}", "model=cnn",
+                  "resources.cpus_per_task=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                 cwd=tmp_path, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.returncode == 2 and "#!/bin/bash" not in result.stdout, result.stdout + result.stderr
+    assert "No node of partition debug can hold this job" in result.stderr and "Traceback" not in result.stderr
+    assert calls.read_text().splitlines() == [f"{bin_dir / 'sinfo'} -h -e -o %P|%c|%m|%G|%D"]

@@ -191,17 +191,26 @@ def test_the_course_script_trains_the_mlp(slurm_env, tiny_data, tmp_path):
             path.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("resources.partition=nosuch", "has no such partition. It has: debug"),
-    ("resources.time='5 minutes'", "resources.time='5 minutes' is not a Slurm time limit"),
-    ("resources.mem=3X", "resources.mem='3X'"),
-    ("resources.gpus_per_node=2", "sbatch refused the job"),
+@pytest.mark.parametrize("overrides, message", [
+    (["resources.partition=nosuch"], "has no such partition. It has: debug"),
+    (["resources.time='5 minutes'"], "resources.time='5 minutes' is not a Slurm time limit"),
+    (["resources.mem=3X"], "resources.mem='3X'"),
+    (["resources.cpus_per_task=3", "resources.tasks_per_node=2"], "the largest with 4 CPUs"),  # pends for ever
+    (["resources=gpu", "resources.tasks_per_node=2", "resources.gpus_per_node=2"], "the largest with 4 CPUs"),
+    (["resources=gpu", "resources.tasks_per_node=2"], "Set resources.tasks_per_node=1 (one rank per GPU)"),
+    (["+resources.extra={gres: 'gpu:2'}"], "sbatch refused the job"),  # what only sbatch knows
 ])
-def test_bad_requests_stop_before_anything_is_submitted(slurm_env, tiny_data, tmp_path, override, message):
-    result = submit([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data)
+def test_bad_requests_stop_before_anything_is_submitted(slurm_env, tiny_data, tmp_path, overrides, message):
+    result = submit([*overrides, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "logs" / "jobs.jsonl").exists()
+
+
+def test_a_dry_run_refuses_what_no_node_can_hold_as_a_submission_does(slurm_env, tiny_data, tmp_path):
+    result = submit(["dry_run=true", "resources.mem=1000G"], tmp_path, tiny_data)
+    assert result.returncode == 2 and "#!/bin/bash" not in result.stdout, result.stdout
+    assert "No node of partition debug can hold this job" in result.stderr and "resources.mem=" in result.stderr
 
 
 def test_without_accounting_submitting_and_watching_still_work(slurm_env_no_accounting, tiny_data, tmp_path):
@@ -280,3 +289,64 @@ def test_two_tasks_train_data_parallel_and_log_once(slurm_env, tiny_data, tmp_pa
     assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert len(rows) == 2 and float(rows[-1]["accuracy"]) > 0.5  # the band a single task reaches here
+
+
+def noise_dataset(root, n_train, n_test=128):
+    """An MNIST-format dataset of random images and labels (quick to write at any size)."""
+    import random
+
+    from mnist.idx import write_idx
+
+    raw, rng = root / "MNIST" / "raw", random.Random(0)
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.randbytes(n * 784), (n, 28, 28))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", bytes(rng.randrange(10) for _ in range(n)), (n,))
+    return root
+
+
+def wait_for_text(path, text, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {path} after {timeout} s")
+
+
+def metrics_but_timings(run_dir):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")}
+            for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+@pytest.mark.parametrize("model, n_train, batch_size", [("mlp", 4096, 16), ("cnn", 1024, 64)])  # the CNN: dropout
+def test_a_data_parallel_run_requeued_mid_epoch_ends_as_an_uninterrupted_one(slurm_env, tmp_path, model, n_train,
+                                                                             batch_size):
+    data = noise_dataset(tmp_path / "data", n_train)
+    common = [f"model={model}", f"data.batch_size={batch_size}", "resources.tasks_per_node=2", "resources.mem=3G",
+              "trainer.epochs=2", "trainer.log_interval=1", "launcher.max_requeues=1"]
+    straight = submitted_id(submit([*common, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path, data))
+    # RANK and WORLD_SIZE left in the submitting shell reach the job (sbatch passes the environment on)
+    requeued = submitted_id(run(["launcher=slurm", f"data.root={data}", f"launcher.log_dir={tmp_path / 'logs'}",
+                                 *common, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                                env={"RANK": "0", "WORLD_SIZE": "1"}))
+    log = tmp_path / "logs" / f"{model}_{requeued}.out"
+    wait_for_text(log, "Training on cpu, 1 CPU thread per rank, 2 ranks (gloo)")  # epoch 1 is about to start
+    subprocess.run(["scancel", "--signal=USR2", requeued], check=True)  # as Slurm does before a time limit
+    wait_for_text(log, "checkpoint written")
+    interrupted = tmp_path / "interrupted"  # the mid-epoch checkpoint, to resume with another number of ranks
+    interrupted.mkdir()
+    for name in ("config.yaml", "checkpoint.pt", "metrics.csv"):
+        (interrupted / name).write_bytes((tmp_path / "run" / name).read_bytes())
+
+    assert wait_for(requeued) == {requeued: "COMPLETED"} and wait_for(straight) == {straight: "COMPLETED"}
+    text = log.read_text()
+    assert re.search(r"^Stopped in epoch 1 after batch \d+; checkpoint written$", text, re.M), text
+    assert "asking Slurm to requeue" in text and "at epoch 1, batch" in text
+    assert metrics_but_timings(tmp_path / "run") == metrics_but_timings(tmp_path / "straight")
+    if model == "mlp":
+        resumed = run([f"hydra.run.dir={interrupted}", "trainer.threads=1"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "Epoch 1 was interrupted in a run of 2 ranks and this one has 1: epoch 1 restarts from its first " \
+               "batch" in resumed.stdout
+        assert f"Train Epoch: 1 [0/{n_train} (0%)]" in resumed.stdout and len(metrics_but_timings(interrupted)) == 2

@@ -14,7 +14,7 @@ from conftest import ROOT
 from mnist.config import compose
 from mnist.progress import Progress, wanted
 from mnist.train import train
-from test_train import EPOCH_LINE, TEST_LINE, TRAIN_LINE
+from test_train import EPOCH_LINE, TEST_LINE, TRAIN_LINE, WHERE_LINE
 
 
 def train_here(data_root, run_dir, *overrides):
@@ -96,5 +96,6 @@ def test_a_run_on_a_terminal_shows_a_progress_bar_and_keeps_the_log_lines(tiny_d
     assert process.returncode == 0, shown.decode()
     assert b"\rEpoch 1 |" in shown and b"samples/s" in shown and b" 8/8 " in shown
     lines = [line for line in out.splitlines() if line]
-    assert all(TRAIN_LINE.match(line) or TEST_LINE.match(line) or EPOCH_LINE.match(line) for line in lines)
+    assert WHERE_LINE.match(lines[0]), lines[0]  # where it trains, then only the course's lines
+    assert all(TRAIN_LINE.match(line) or TEST_LINE.match(line) or EPOCH_LINE.match(line) for line in lines[1:])
     assert "\r" not in out and (tmp_path / "run" / "train.log").read_text() == out

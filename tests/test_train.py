@@ -1,6 +1,7 @@
 """End-to-end runs of `python -m mnist.run` on tiny generated data, read the way a user reads them."""
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -12,9 +13,12 @@ import torch
 import yaml
 
 from conftest import run
+from mnist import env
+from mnist.errors import UserError
 
 TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: \d+\.\d{6}$")
 TEST_LINE = re.compile(r"^Test set: Average loss: \d+\.\d{4}, Accuracy: (\d+)/(\d+) \((\d+)%\)$")
+WHERE_LINE = re.compile(r"^Training on cpu, (\d+) CPU threads?, 1 process$")
 EPOCH_LINE = re.compile(r"^Epoch (\d+): \d+\.\d\d s, \d+ samples/s, lr [\d.e-]+$")
 
 
@@ -29,6 +33,7 @@ def test_a_run_prints_the_course_lines_and_leaves_a_complete_run_folder(tiny_dat
                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert WHERE_LINE.match(lines[0]), lines[0]  # where it trains, first; then the course's lines as they were
 
     train_lines = [TRAIN_LINE.match(line) for line in lines if line.startswith("Train Epoch")]
     assert all(train_lines) and len(train_lines) == 8  # 8 batches of 64, every 2nd one, 2 epochs
@@ -58,12 +63,41 @@ def test_a_run_prints_the_course_lines_and_leaves_a_complete_run_folder(tiny_dat
     assert environment["cpu_threads"] >= 1 and "slurm" in environment
 
 
-def test_threads_follow_slurm_cpus_per_task(tiny_data, tmp_path):
-    result = run([f"data.root={tiny_data}", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
-                 cwd=tmp_path, env={"SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "4242"})
+def test_threads_are_slurms_cpus_per_task_or_the_cpus_the_process_may_use_if_fewer(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    one_cpu = min(os.sched_getaffinity(0))  # a job step bound to one CPU of the two its job was given
+    result = subprocess.run([sys.executable, "-m", "mnist.run", f"data.root={tiny_data}", "trainer.epochs=1",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "SLURM_CPUS_PER_TASK": "2", "SLURM_JOB_ID": "4242"},
+                            preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}))
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "Training on cpu, 1 CPU thread, 1 process"
     environment = json.loads((tmp_path / "run" / "environment.json").read_text())
     assert environment["cpu_threads"] == 1 and environment["slurm"]["SLURM_JOB_ID"] == "4242"
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # and fewer than the process may use: Slurm's
+    assert env.cpu_threads() == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a GPU that torch cannot see")
+def test_a_job_given_a_gpu_that_torch_cannot_see_stops_at_once_naming_the_build_and_the_fix(tiny_data, tmp_path):
+    gpu_job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_GPUS": "0", "CUDA_VISIBLE_DEVICES": "0"}  # as Slurm sets them
+    result = run([f"data.root={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=gpu_job)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    message = result.stderr
+    assert "Slurm gave this job GPU 0 and trainer.device=auto, but torch sees no GPU" in message
+    assert f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" in message
+    assert f"needs an NVIDIA driver >= {env.DRIVER_FOR_CUDA[int(torch.version.cuda.split('.')[0])]}" in message
+    assert "make install TORCH_CUDA=cu126" in message and "trainer.device=cpu and resources=cpu" in message
+
+
+def test_in_a_job_without_gpus_auto_means_the_cpu_and_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node whose GPUs this job was not given
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for variable in env.GPU_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    assert env.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="trainer.device=cuda, but this Slurm job asked for no GPU"):
+        env.pick_device("cuda")
 
 
 def test_ctrl_c_keeps_log_config_metrics_and_the_last_checkpoint(tiny_data, tmp_path):

@@ -40,8 +40,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = OmegaConf.create(self.config)
         cfg.data.download = False  # jobs never download: compute nodes often have no internet
         environment = submitit.JobEnvironment()
-        if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch, replacing any
+            # the submitting shell had set (sbatch passes its environment on); a MASTER_PORT set there is kept
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if requeues >= self.max_requeues:
             signal.signal(REQUEUE_SIGNAL, self._last_warning)

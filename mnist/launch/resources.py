@@ -1,12 +1,15 @@
 """What a job asks Slurm for: conf/resources/ checked and turned into sbatch options.
 
-Pure functions of the config (unit-tested), plus `check_cluster`, which asks the cluster
-itself (sinfo) about partitions and GPUs before anything is submitted.
+Pure functions of the config (unit-tested), plus `ask_cluster`, which asks the cluster itself
+(one sinfo call) about its partitions and nodes, and `check_cluster`, which refuses what they cannot
+hold before anything is submitted.
 """
 import math
 import re
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass
 
 from mnist.errors import UserError
 
@@ -114,9 +117,60 @@ def extra_options(resources):
     return extra
 
 
+def check_gpus(resources, device):
+    """Each rank trains on a GPU of its own, and trainer.device=cuda needs one: refused here, not on the node."""
+    gpus, tasks = resources.gpus_per_node, resources.tasks_per_node
+    if device == "cuda" and not gpus:
+        raise ResourceError(
+            "trainer.device=cuda, but the job asks Slurm for no GPU (resources.gpus_per_node=0), so it would stop on "
+            "the node after its wait in the queue. Ask for one with resources=gpu, or train on the CPU with "
+            "trainer.device=cpu (or auto, which is the CPU in a job without GPUs)."
+        )
+    if gpus and gpus != tasks:
+        why = ("ranks would share a GPU and NCCL stops with \"Duplicate GPU detected\"" if tasks > gpus
+               else f"{gpus - tasks} of the GPUs would sit idle")
+        raise ResourceError(
+            f"resources.tasks_per_node={tasks} with resources.gpus_per_node={gpus}: each rank trains on a GPU of its "
+            f"own, so {why}. Set resources.tasks_per_node={gpus} (one rank per GPU), or "
+            f"resources.gpus_per_node={tasks}."
+        )
+
+
+# One sinfo call says everything checked before submitting: partition (default marked *), CPUs, memory (MB),
+# generic resources and node count of each group of identical nodes (-e: exact, not "the smallest, +").
+SINFO_FIELDS = "%P|%c|%m|%G|%D"
+
+
+@dataclass
+class Nodes:
+    """A group of identical nodes of a partition, as sinfo lists them."""
+
+    partition: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+    count: int
+    default: bool = False
+
+
+def _number(text):
+    return int(re.match(r"\d*", text).group(0) or 0)
+
+
+def gpu_count(gres):
+    """GPUs in an sinfo GRES field: `gpu:1`, `gpu:a100:4(S:0-1)`, `gpu:a100:2,gpu:v100:2`, `(null)`."""
+    items = re.split(r",(?![^(]*\))", gres)
+    return sum(_number(item.split("(")[0].split(":")[-1]) for item in items if item.split(":")[0] == "gpu")
+
+
+def parse_sinfo(rows):
+    return [Nodes(partition.rstrip("*"), _number(cpus), _number(memory), gpu_count(gres), _number(count),
+                  partition.endswith("*")) for partition, cpus, memory, gres, count in rows]
+
+
 def _sinfo(fields):
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", fields], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["sinfo", "-h", "-e", "-o", fields], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
         raise ResourceError("Slurm does not answer (sinfo timed out after 20 s). Is slurmctld up? Try `sinfo`.") from None
     if out.returncode != 0:
@@ -124,31 +178,87 @@ def _sinfo(fields):
     return [line.split("|") for line in out.stdout.splitlines() if line.strip()]
 
 
-def check_cluster(resources):
-    """Before submitting: sbatch exists, the partition exists, GPUs exist if asked for."""
-    if shutil.which("sbatch") is None:
-        raise ResourceError(
-            "launcher=slurm needs Slurm's `sbatch`, and there is none on PATH here. Run this on the cluster's "
-            "login node, train here with launcher=local, or start a one-node Slurm with `make cluster-up` "
-            "and `export SLURM_CONF=...` as it prints."
-        )
-    rows = _sinfo("%R|%G")
-    partitions = sorted({name for name, _ in rows})
+def ask_cluster(dry_run=False):
+    """The cluster's nodes, from one sinfo call. A dry run without a reachable Slurm says so and returns None."""
+    try:
+        if shutil.which("sbatch") is None:
+            raise ResourceError(
+                "launcher=slurm needs Slurm's `sbatch`, and there is none on PATH here. Run this on the cluster's "
+                "login node, train here with launcher=local, or start a one-node Slurm with `make cluster-up` "
+                "and `export SLURM_CONF=...` as it prints."
+            )
+        return parse_sinfo(_sinfo(SINFO_FIELDS))
+    except ResourceError as e:
+        if not dry_run:
+            raise
+        last = str(e).strip().splitlines()[-1]
+        print(f"(dry run: the request is not checked against a cluster: {last})", file=sys.stderr)
+        return None
+
+
+def check_cluster(resources, nodes):
+    """The partition exists, has GPUs if asked for, and has a node that holds one node's share of the request."""
+    partitions = sorted({n.partition for n in nodes})
     partition = resources.partition
     if partition is not None and str(partition) not in partitions:
         raise ResourceError(
             f"resources.partition={partition!r}: this cluster has no such partition. It has: "
             f"{', '.join(partitions)}. Set one of them, or resources.partition=null for the default."
         )
-    gpus = resources.gpus_per_node
-    if gpus:
-        pool = [gres for name, gres in rows if partition is None or name == str(partition)]
-        if not any("gpu" in gres for gres in pool):
-            where = f"partition {partition}" if partition is not None else "this cluster"
-            raise ResourceError(
-                f"resources.gpus_per_node={gpus}, but {where} has no GPUs (sinfo lists none). "
-                f"Use resources=cpu, or pick a GPU partition with resources.partition=..."
-            )
+    pool = [n for n in nodes if (n.default if partition is None else n.partition == str(partition))]
+    where = f"partition {pool[0].partition}" if pool else "this cluster"
+    if resources.gpus_per_node and not any(n.gpus for n in pool or nodes):
+        raise ResourceError(
+            f"resources.gpus_per_node={resources.gpus_per_node}, but {where} has no GPUs (sinfo lists none). "
+            f"Use resources=cpu, or pick a GPU partition with resources.partition=..."
+        )
+    if pool:
+        _check_fits(resources, pool[0].partition, pool)
+
+
+def _check_fits(resources, partition, pool):
+    """Refuse what no node of the partition can hold: Slurm would keep it pending for ever (PartitionConfig)."""
+    cpus = resources.cpus_per_task * resources.tasks_per_node
+    memory_mb, gpus = memory_mb_of(resources.mem), resources.gpus_per_node
+    fits = any(cpus <= n.cpus and memory_mb <= n.memory_mb and gpus <= n.gpus for n in pool)
+    nodes = sum(n.count for n in pool)
+    if fits and resources.nodes <= nodes:
+        return
+    most = Nodes(partition, max(n.cpus for n in pool), max(n.memory_mb for n in pool), max(n.gpus for n in pool), nodes)
+    raise ResourceError(
+        f"No node of partition {partition} can hold this job: it asks for {resources.nodes} node(s) with "
+        f"{cpus} CPU(s) (resources.cpus_per_task={resources.cpus_per_task} x resources.tasks_per_node="
+        f"{resources.tasks_per_node}), {resources.mem} of memory and {gpus} GPU(s) each, and the partition has "
+        f"{nodes} node(s), the largest with {most.cpus} CPUs, {most.memory_mb}M of memory and {most.gpus} GPU(s). "
+        f"Slurm would keep it pending for ever (reason PartitionConfig). Ask for what fits, "
+        f"e.g. {_fitting(resources, most)}, or another partition (resources.partition=...; "
+        f"`sinfo -e -o '%P %D %c %m %G'` lists them)."
+    )
+
+
+def _fitting(resources, most):
+    """The overrides that bring the request within the partition's largest node (one rank per GPU kept)."""
+    tasks, fixes = resources.tasks_per_node, []
+    if resources.nodes > most.count:
+        fixes.append(f"resources.nodes={most.count}")
+    if resources.gpus_per_node > most.gpus:
+        fixes.append(f"resources.gpus_per_node={most.gpus}")
+        tasks = max(1, most.gpus) if tasks == resources.gpus_per_node else tasks
+    tasks = min(tasks, most.cpus)
+    if tasks != resources.tasks_per_node:
+        fixes.append(f"resources.tasks_per_node={tasks}")
+    if resources.cpus_per_task * tasks > most.cpus:
+        fixes.append(f"resources.cpus_per_task={most.cpus // tasks}")
+    if memory_mb_of(resources.mem) > most.memory_mb:
+        fixes.append(f"resources.mem={most.memory_mb}M")
+    return " ".join(fixes)
+
+
+def memory_mb_of(value):
+    """A Slurm memory request in megabytes (sbatch's unit when none is given)."""
+    text = memory(value)
+    number, unit = int(text.rstrip("KMGT")), text[-1] if text[-1] in "KMGT" else "M"
+    return math.ceil(number * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}[unit])
 
 
 # slurmctld checks time limits every 30 s and sends --signal's warning at the first check that

@@ -84,23 +84,25 @@ def render(cfg, params, array_size=None):
 
 
 def check(cfg, asked=None):
-    """Everything that can be checked before submitting: resources, the cluster, the data.
+    """Everything that can be checked before submitting: resources, the cluster, the data. A dry run checks
+    the same, and says so when it cannot ask a cluster.
 
-    `asked`, a set shared by the runs of one submission, skips the data and cluster questions an
-    earlier run already asked (a sweep of 50 seeds reads the data's headers and calls sinfo once)."""
-    asked = set() if asked is None else asked
+    `asked`, a dict shared by the runs of one submission, keeps the answers an earlier run got (a sweep of
+    50 seeds reads the data's headers and calls sinfo once)."""
+    asked = {} if asked is None else asked
     resources.sbatch_options(cfg.resources)
     resources.extra_options(cfg.resources)
+    resources.check_gpus(cfg.resources, cfg.trainer.device)
     if int(cfg.launcher.array_parallelism) < 1:
         raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
     data = ("data", cfg.data.root, cfg.data.name)
     if data not in asked:
         datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
-        asked.add(data)
-    cluster = ("cluster", cfg.resources.partition, cfg.resources.gpus_per_node)
-    if not cfg.dry_run and cluster not in asked:
-        resources.check_cluster(cfg.resources)
-        asked.add(cluster)
+        asked[data] = True
+    if "cluster" not in asked:
+        asked["cluster"] = resources.ask_cluster(cfg.dry_run)
+    if asked["cluster"] is not None:
+        resources.check_cluster(cfg.resources, asked["cluster"])
 
 
 def prepare(cfg, run_dir, overrides=None):
@@ -154,7 +156,7 @@ def submit_array(runs, single=False, overrides=None, previous=None):
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder.
     `previous`: for a resubmission, the job id each run had before (the record links them)."""
     cfgs = [cfg for cfg, _ in runs]
-    asked = set()
+    asked = {}
     for cfg in cfgs:
         check(cfg, asked)
     first = cfgs[0]
