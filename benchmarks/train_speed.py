@@ -429,7 +429,7 @@ def parallel_rank(rank, cfg, args, port, out):
         torch.manual_seed(cfg.trainer.seed)
         model, optimizer, _, precision = build(cfg, device)
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        steps = {name: Steps(ddp, optimizer, precision, QUIET, cfg.trainer.log_interval, agree_every=every)
+        steps = {name: Steps(ddp, optimizer, nll(model), precision, QUIET, cfg.trainer.log_interval, agree_every=every)
                  for name, every in AGREEMENTS.items()}
         train_epoch(steps["never"], FirstBatches(train_loader, WARM_UP_BATCHES), 1)
         batches = len(FirstBatches(train_loader, min(args.max_batches or NEVER, PARALLEL_BATCHES[cfg.model.name])))
