@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from mnist import callbacks, rundir, stopping
+from mnist import callbacks, rundir, stopping, usage
 from mnist.config import CONF_DIR, check_choices, check_keys, finalize, report_errors
 from mnist.errors import UserError
 
@@ -95,7 +95,8 @@ def _train_here(cfg, run_dir):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(stopping.REQUEUE_SIGNAL, request_stop)
     try:
-        train(cfg, run_dir, stop)
+        with usage.recording(run_dir):
+            train(cfg, run_dir, stop)
     except stopping.StopRequested:
         interrupted = received[0] == signal.SIGINT
         why = "Interrupted" if interrupted else "Stopped before the time limit"

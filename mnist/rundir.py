@@ -6,6 +6,8 @@
     metrics.csv       one row per finished epoch
     checkpoint.pt     where training is (written and read by mnist.checkpoint)
     environment.json  versions, host, device, Slurm ids
+    usage.json        what each attempt used (peak memory, CPU and wall seconds, GPU memory), per rank,
+                      written by the run itself while it runs (mnist.usage)
     .lock             held by the one process that trains into the folder (host, pid, job id)
 
 A folder holding a checkpoint and a config holds a run to resume; it resumes with its own
@@ -34,8 +36,11 @@ LOG = "train.log"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 ENVIRONMENT = "environment.json"
+USAGE = "usage.json"
+USAGE_LOCK = ".usage.lock"
 LOCK = ".lock"
-FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT)
+FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT, USAGE)
+MAX_ATTEMPTS = 100  # usage.json keeps the latest attempts
 
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s")
 
@@ -246,6 +251,37 @@ def nothing_left(run_dir, epochs_done, epochs):
             f"train on, raise it, e.g. `python -m mnist.run hydra.run.dir={run_dir} trainer.epochs={epochs_done + 3}`.")
 
 
+# ---------------------------------------------------------------- usage
+
+def read_usage(run_dir):
+    """usage.json's attempts, oldest first: [{id, job_id, restart, started, end, error, user_error, ranks:
+    {rank: {host, peak_rss, cpu_s, wall_s, cpus, gpu_peak, gpu_total, updated}}}]; [] when there is none
+    or it cannot be read (the figures are then Slurm's, or unknown)."""
+    try:
+        attempts = json.loads((Path(run_dir) / USAGE).read_text()).get("attempts")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [a for a in attempts if isinstance(a, dict) and isinstance(a.get("ranks"), dict)] \
+        if isinstance(attempts, list) else []
+
+
+def record_usage(run_dir, attempt, rank, figures):
+    """Put one rank's figures into its attempt (`attempt`: a dict with an "id"; its other keys are
+    the attempt's own, such as "end"). The ranks of a data-parallel run write one after another."""
+    with open(os.open(Path(run_dir) / USAGE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)) as lock_file:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        attempts = read_usage(run_dir)
+        mine = next((a for a in attempts if a.get("id") == attempt["id"]), None)
+        if mine is None:
+            mine = {"ranks": {}}
+            attempts.append(mine)
+        mine.update(attempt)
+        mine["ranks"][str(rank)] = figures
+        text = json.dumps({"attempts": attempts[-MAX_ATTEMPTS:]}, indent=1) + "\n"
+        write_whole(Path(run_dir) / USAGE, lambda tmp: Path(tmp).write_text(text))
+
+
 # ---------------------------------------------------------------- the lock
 
 PREVIOUS_ATTEMPT_WAIT_S = 120  # a requeued job's new attempt waits this long for its old one to let go
@@ -341,4 +377,4 @@ def unused(run_dir):
         entries = list(Path(run_dir).iterdir())
     except OSError:
         return False
-    return all(e.name in (".hydra", LOCK, START) or (e.name == LOG and e.stat().st_size == 0) for e in entries)
+    return all(e.name in (".hydra", LOCK, START, USAGE, USAGE_LOCK) or (e.name == LOG and e.stat().st_size == 0) for e in entries)

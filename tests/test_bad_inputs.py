@@ -10,6 +10,7 @@ Config and resource errors fail before torch is imported (well under a second ea
 checkpoint and some environment cases import torch (a few seconds each).
 """
 import gzip
+import json
 import os
 import random
 import shutil
@@ -330,12 +331,15 @@ def test_bad_input_is_one_paragraph_with_the_fix_and_loses_nothing(args, expect,
     # no half-written file anywhere
     assert not [p for p in tmp_path.rglob(".*.tmp")], list(tmp_path.rglob(".*.tmp"))
     assert not list(good_data.rglob(".*.tmp"))
-    # nothing that existed is lost or changed; Hydra's own .hydra/ record of the latest command and the
-    # lock's record of its latest holder aside
+    # nothing that existed is lost or changed; Hydra's own .hydra/ record of the latest command, the
+    # lock's record of its latest holder and usage.json's new attempt (the earlier ones kept) aside
     after = snapshot(tmp_path, good_data)
     for path, content in before.items():
         assert path in after, f"{path} is gone"
-        if ".hydra" not in path.parts and path.name != ".lock":
+        if path.name == "usage.json":
+            attempts = json.loads(content)["attempts"]
+            assert json.loads(after[path])["attempts"][:len(attempts)] == attempts, f"{path} lost attempts"
+        elif ".hydra" not in path.parts and path.name not in (".lock", ".usage.lock"):
             assert after[path] == content, f"{path} changed"
     if existed:
         for name in RUN_FILES:

@@ -26,6 +26,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self):
+        from mnist import usage
+
+        with usage.recording(self.run_dir):  # the run's own record of what it used: usage.json
+            return self._train()
+
+    def _train(self):
         from omegaconf import OmegaConf
 
         from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested

@@ -1,0 +1,158 @@
+"""What a run used, recorded by the run itself into its folder's usage.json (mnist.rundir owns the file).
+
+Slurm samples a job's memory every 30 s by default, so a short job has no MaxRSS at all, and sites
+without accounting have none of it. So each process that trains records, for each attempt (a
+requeue or a resubmission is a new one) and each rank: its peak resident memory (VmHWM), its
+user+system CPU seconds, its wall time since the process started, the CPUs it was given and, on a
+GPU, `torch.cuda.max_memory_allocated` against the device's memory. A thread samples every
+SAMPLE_S and writes when the peak has grown or every WRITE_EVERY_S, so a job killed for its memory
+leaves the figures of its last moments; the end (completed, stopped, error) is written on the way out.
+
+    with usage.recording(run_dir):
+        train(cfg, run_dir, stop)
+
+Standard library only (torch is looked at only if the run has imported it).
+"""
+import contextlib
+import datetime
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+
+from mnist import rundir
+from mnist.errors import UserError
+from mnist.stopping import StopRequested
+
+SAMPLE_S = 0.1
+WRITE_EVERY_S = 5.0
+GROWTH = 1.02  # a peak 2% above the last written one is written at once
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM; getrusage's maxrss where /proc lacks it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process (all its threads) and its waited-for children."""
+    return sum(x.ru_utime + x.ru_stime for x in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def process_started():
+    """When this process started (seconds since the epoch), from /proc; now where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def gpu_memory():
+    """(peak allocated, device total) in bytes, if this process uses a GPU through torch; else (None, None)."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_initialized():
+            return None, None
+        device = torch.cuda.current_device()
+        return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.get_device_properties(device).total_memory)
+    except Exception:  # a GPU that went away must not stop the run
+        return None, None
+
+
+def cpus_given():
+    """The CPUs this process may use: Slurm's CPUs per task, else its affinity."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isdigit() else len(os.sched_getaffinity(0))
+
+
+def _now():
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+class Recorder:
+    """One rank's figures for one attempt, written into the run folder's usage.json."""
+
+    def __init__(self, run_dir):
+        from mnist.env import job_id
+
+        self.run_dir = run_dir
+        self.rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+        self.started = process_started()
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        job = job_id()
+        since = datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")
+        self.attempt = {"id": f"{job}#{restart}" if job else f"local {since} {os.getpid()}", "job_id": job,
+                        "restart": restart, "started": since}
+        self.written_peak, self.written_at = 0, 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="usage", daemon=True)
+
+    def figures(self):
+        gpu_peak, gpu_total = gpu_memory()
+        return {"host": socket.gethostname(), "peak_rss": peak_rss(), "cpu_s": round(cpu_seconds(), 3),
+                "wall_s": round(time.time() - self.started, 3), "cpus": cpus_given(), "gpu_peak": gpu_peak,
+                "gpu_total": gpu_total, "updated": _now()}
+
+    def write(self, **end):
+        figures = self.figures()
+        self.written_peak, self.written_at = figures["peak_rss"], time.monotonic()
+        with contextlib.suppress(OSError):  # a full disk must not stop the training
+            rundir.record_usage(self.run_dir, {**self.attempt, **end}, self.rank, figures)
+
+    def _watch(self):
+        while not self.done.wait(SAMPLE_S):
+            if peak_rss() > self.written_peak * GROWTH or time.monotonic() - self.written_at > WRITE_EVERY_S:
+                self.write()
+
+    def start(self):
+        self.write(end=None)
+        self.thread.start()
+
+    def stop(self, end, error=None):
+        self.done.set()
+        self.thread.join()
+        details = {"end": end}
+        if error is not None:
+            details.update(error=_last_line(error), user_error=isinstance(error, UserError))
+        self.write(**details)
+
+
+def _last_line(error):
+    """A UserError's paragraph; otherwise the exception's last traceback line (`ValueError: ...`)."""
+    if isinstance(error, UserError):
+        return str(error)
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1]}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def recording(run_dir):
+    """Record this process's usage into run_dir's usage.json while the block runs, and how it ended."""
+    recorder = Recorder(run_dir)
+    recorder.start()
+    try:
+        yield recorder
+    except (StopRequested, SystemExit):  # checkpointed; requeued or resumed later
+        recorder.stop("stopped")
+        raise
+    except KeyboardInterrupt as e:
+        recorder.stop("interrupted", e)
+        raise
+    except BaseException as e:
+        recorder.stop("error", e)
+        raise
+    recorder.stop("completed")

@@ -1,0 +1,66 @@
+"""A run's own record of what it used (mnist/usage.py -> usage.json, owned by mnist/rundir.py)."""
+import json
+import time
+
+import pytest
+
+from conftest import run, write_dataset
+from mnist import rundir, usage
+from mnist.errors import UserError
+
+
+def test_a_block_records_its_peak_cpu_and_wall_and_how_it_ended(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    before = usage.peak_rss()
+    with usage.recording(tmp_path):
+        block = bytearray(200 * 2**20)  # 200 MiB, touched
+        block[::4096] = b"x" * len(block[::4096])
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:  # CPU time
+            pass
+    [attempt] = rundir.read_usage(tmp_path)
+    assert (attempt["id"], attempt["job_id"], attempt["restart"], attempt["end"]) == ("77#2", "77", 2, "completed")
+    figures = attempt["ranks"]["0"]
+    assert figures["peak_rss"] >= before + 200 * 2**20 * 0.95
+    assert figures["cpu_s"] >= 0.3 and figures["wall_s"] >= figures["cpu_s"] / figures["cpus"]
+    del block
+
+
+@pytest.mark.parametrize("error, recorded, user", [
+    (ValueError("first line\nbad value 3"), "ValueError: bad value 3", False),
+    (UserError("data.root=/x holds no MNIST. Run `python -m mnist.data download`."),
+     "data.root=/x holds no MNIST. Run `python -m mnist.data download`.", True),
+])
+def test_an_error_is_recorded_as_its_last_line_or_its_paragraph(tmp_path, error, recorded, user):
+    with pytest.raises(type(error)):
+        with usage.recording(tmp_path):
+            raise error
+    [attempt] = rundir.read_usage(tmp_path)
+    assert (attempt["end"], attempt["error"], attempt["user_error"]) == ("error", recorded, user)
+
+
+def test_each_rank_writes_its_own_figures_into_the_same_attempt(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        with usage.recording(tmp_path):
+            pass
+    [attempt] = rundir.read_usage(tmp_path)
+    assert sorted(attempt["ranks"]) == ["0", "1"]
+
+
+def test_a_damaged_usage_record_reads_as_none(tmp_path):
+    (tmp_path / rundir.USAGE).write_text('{"attempts": [')
+    assert rundir.read_usage(tmp_path) == []
+
+
+def test_a_local_run_writes_usage_json(tmp_path):
+    write_dataset(tmp_path / "data", "MNIST", n_train=128, n_test=64)
+    result = run([f"data.root={tmp_path / 'data'}", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [attempt] = json.loads((tmp_path / "run" / "usage.json").read_text())["attempts"]
+    assert attempt["end"] == "completed" and attempt["job_id"] is None
+    figures = attempt["ranks"]["0"]
+    assert figures["peak_rss"] > 100 * 2**20 and figures["cpu_s"] > 0.5 and figures["wall_s"] > 1
