@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision import transforms
+from torchvision import datasets, transforms
 
 from benchmarks import submit_speed
 from mnist import data, datafiles, env
@@ -88,7 +88,7 @@ QUIET.propagate = False
 def classic_loader(data_cfg, train, batch_size, shuffle):
     """The course's pipeline: torchvision's dataset, ToTensor()+Normalize per sample, a DataLoader."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data_cfg.mean,), (data_cfg.std,))])
-    dataset = data.TORCHVISION[data_cfg.name](data_cfg.root, train=train, transform=transform)
+    dataset = getattr(datasets, datafiles.FOLDERS[data_cfg.name])(data_cfg.root, train=train, transform=transform)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
 

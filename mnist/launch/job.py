@@ -34,10 +34,14 @@ class TrainJob(submitit.helpers.Checkpointable):
     def _train(self):
         from omegaconf import OmegaConf
 
+        from mnist import private_apis
         from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested
-        from mnist.train import train
 
         cfg = OmegaConf.create(self.config)
+        if not cfg.trainer.compile:  # torch.optim would import torch._dynamo, as long as torch itself, for nothing
+            private_apis.defer_dynamo()
+        from mnist.train import train
+
         cfg.data.download = False  # jobs never download: compute nodes often have no internet
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch
