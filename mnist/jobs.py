@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mnist.errors import UserError
+from mnist import rundir
 from mnist.launch import record
 
 
@@ -43,8 +44,24 @@ def rows(log_dir):
             state = "?"
         elif not state:  # neither Slurm nor a result file knows it
             state = "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
+        if entry.get("pack"):  # one of a packed task's runs: its own state and log, not the task's
+            state = packed_run_state(entry["run_dir"], state)
+        log = Path(entry["run_dir"]) / rundir.LOG if entry.get("pack") else entry["stdout"]
         yield {**entry, "state": state, "elapsed": elapsed or "-", "node": node or "-",
-               "last_line": last_line(entry["stdout"]).replace("\t", " ")}
+               "last_line": last_line(log).replace("\t", " ")}
+
+
+def packed_run_state(run_dir, task_state):
+    """COMPLETED once the run's epochs are done; WAITING while its running task trains the runs before it."""
+    config = rundir.read_config(run_dir) or {}
+    try:
+        if config and rundir.holds_run(run_dir) and rundir.epochs_left(run_dir, config) <= 0:
+            return "COMPLETED"
+    except rundir.RunFolderError:
+        return task_state
+    if task_state == "RUNNING" and not (Path(run_dir) / rundir.LOG).exists():
+        return "WAITING"
+    return task_state
 
 
 def list_jobs(log_dir):

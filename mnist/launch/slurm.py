@@ -93,6 +93,7 @@ def check(cfg, asked=None):
     resources.extra_options(cfg.resources)
     if int(cfg.launcher.array_parallelism) < 1:
         raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
+    runs_per_task(cfg.launcher)
     data = ("data", cfg.data.root, cfg.data.name)
     if data not in asked:
         datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
@@ -158,26 +159,50 @@ def submit_array(runs, single=False, overrides=None):
         check(cfg, asked)
     first = cfgs[0]
     name = job_name(cfgs)
-    array = not single
-    params = _common_parameters(cfgs, name, array)
+    per_task = 1 if single else min(runs_per_task(first.launcher), len(runs))
+    tasks = [list(range(i, min(i + per_task, len(runs)))) for i in range(0, len(runs), per_task)]
+    array = len(tasks) > 1  # (submitit submits a batch of one job as a plain job)
+    params = _packed(_common_parameters(cfgs, name, array), first, per_task)
     if first.dry_run:
-        sys.stdout.write(render(first, params, array_size=len(runs) if array else None))
+        sys.stdout.write(render(first, params, array_size=len(tasks) if array else None))
         return None
     run_dirs = [prepare(cfg, run_dir, overrides) for cfg, run_dir in runs]
-    from mnist.launch.job import TrainJob
+    from mnist.launch.job import PackedJob, TrainJob
 
     executor = _executor(first, params)
     trainers = [TrainJob(OmegaConf.to_container(cfg, resolve=True), d, int(cfg.launcher.max_requeues))
                 for cfg, d in zip(cfgs, run_dirs)]
     with _submitting():
-        if single:
-            jobs = [executor.submit(trainers[0])]
+        if not array:
+            jobs = [executor.submit(PackedJob(trainers) if len(trainers) > 1 else trainers[0])]
         else:
             with executor.batch():
-                jobs = [executor.submit(t) for t in trainers]
-    _record(first, name, jobs, runs, array)
-    _announce(first, name, jobs, run_dirs, array)
+                jobs = [executor.submit(PackedJob([trainers[i] for i in task]) if len(task) > 1 else trainers[task[0]])
+                        for task in tasks]
+    _record(first, name, jobs, runs, array, tasks)
+    _announce(first, name, jobs, run_dirs, array, tasks)
     return jobs[0].job_id.split("_")[0]
+
+
+def runs_per_task(launcher):
+    """launcher.runs_per_task: a whole number >= 1 (how many runs of a sweep each array task trains)."""
+    value = launcher.get("runs_per_task", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SubmitError(
+            f"launcher.runs_per_task={value!r} is not a whole number >= 1. It is how many runs of a sweep each "
+            f"array task trains one after another (start-up paid once): e.g. launcher.runs_per_task=5, or 1 "
+            f"for one run a task."
+        )
+    return value
+
+
+def _packed(params, cfg, per_task):
+    """A task of `per_task` runs asks for the sum of their time limits, and its warning signal fits that."""
+    if per_task == 1:
+        return params
+    minutes = params["time"] * per_task
+    delay = resources.signal_delay(int(cfg.launcher.signal_delay_s), minutes * 60)
+    return {**params, "time": minutes, "signal_delay_s": delay}
 
 
 def _log_files(cfg, name, job_id, array):
@@ -190,27 +215,31 @@ def _log_files(cfg, name, job_id, array):
     return fill(out), fill(err)
 
 
-def _record(cfg, name, jobs, runs, array):
+def _record(cfg, name, jobs, runs, array, tasks):
+    """One entry a run (the runs of a packed task share its job id; `pack` is [place, runs in the task])."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
     entries = []
-    for job, (run_cfg, run_dir) in zip(jobs, runs):
-        out, err = _log_files(cfg, name, job.job_id, array)
-        entries.append({
-            "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
-            "stdout": out, "stderr": err, "submitted": now,
-            "submitit_folder": str(job.paths.folder),
-        })
+    for job, task in zip(jobs, tasks):
+        for place, i in enumerate(task):
+            run_cfg, run_dir = runs[i]
+            out, err = _log_files(cfg, name, job.job_id, array)
+            entries.append({
+                "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
+                "stdout": out, "stderr": err, "submitted": now,
+                "submitit_folder": str(job.paths.folder), **({"pack": [place, len(task)]} if len(task) > 1 else {}),
+            })
     record.append(cfg.launcher.log_dir, entries)
 
 
-def _announce(cfg, name, jobs, run_dirs, array):
+def _announce(cfg, name, jobs, run_dirs, array, tasks):
     main_id = jobs[0].job_id.split("_")[0]
     if not array:
         out, err = _log_files(cfg, name, main_id, False)
         print(f"Submitted job {main_id} ({name})\n  run folder: {run_dirs[0]}\n  log:        {out}\n  errors:     {err}")
     else:
         out, _ = _log_files(cfg, name, f"{main_id}_0", True)
-        print(f"Submitted job array {main_id} ({name}): {len(jobs)} runs, at most "
-              f"{cfg.launcher.array_parallelism} at once\n  run folders: {Path(run_dirs[0]).parent}/<task>\n"
+        packing = f" in {len(tasks)} tasks of up to {len(tasks[0])}" if len(tasks[0]) > 1 else ""
+        print(f"Submitted job array {main_id} ({name}): {len(run_dirs)} runs{packing}, at most "
+              f"{cfg.launcher.array_parallelism} at once\n  run folders: {Path(run_dirs[0]).parent}/<{'run' if packing else 'task'}>\n"
               f"  logs:        {out.replace(f'{main_id}_0', f'{main_id}_<task>')}")
     print("  watch with:  python -m mnist.jobs")
