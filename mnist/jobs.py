@@ -4,6 +4,7 @@ elapsed time, node, last log line, run folder. Also tail a job's log and cancel 
     python -m mnist.jobs                 list (from logs/jobs.jsonl + one squeue -r and one sacct call)
     python -m mnist.jobs tail [JOB] [-n 20] [-f]      the job's %x_%j.out (default: the latest job)
     python -m mnist.jobs cancel JOB      scancel it; its log and last checkpoint stay
+    python -m mnist.jobs suggest [overrides...]   what resources=auto and runs_per_task=auto would ask for
 
 Works without Slurm accounting too: a job squeue no longer knows is then read from the
 result submitit left in its folder (COMPLETED or FAILED), else shown as ENDED (UNKNOWN without
@@ -124,6 +125,18 @@ def cancel(log_dir, job_id):
         print(f"Cancelled {job_id}. Its log ({entry['stdout']}) and run folder ({entry['run_dir']}) stay.")
 
 
+def suggest(log_dir, overrides):
+    """Print what resources.mem/time=auto and launcher.runs_per_task=auto choose for this config; submits nothing."""
+    from mnist.config import compose
+    from mnist.launch.slurm import fill_auto
+
+    given = [o for o in overrides if not o.startswith(("launcher.log_dir=", "launcher=", "resources.mem=",
+                                                       "resources.time=", "launcher.runs_per_task="))]
+    cfg = compose(["launcher=slurm", f"launcher.log_dir={log_dir}", *given, "resources.mem=auto",
+                   "resources.time=auto", "launcher.runs_per_task=auto"])
+    print("\n".join(fill_auto([cfg])))
+
+
 def main(argv=None):
     from mnist.config import report_errors
 
@@ -136,6 +149,8 @@ def main(argv=None):
     tail_parser.add_argument("-f", "--follow", action="store_true", help="keep printing as it grows")
     cancel_parser = commands.add_parser("cancel", help="cancel a job (scancel)")
     cancel_parser.add_argument("job")
+    suggest_parser = commands.add_parser("suggest", help="what resources=auto would ask for a config, from past runs")
+    suggest_parser.add_argument("overrides", nargs="*", help="the run's overrides, as for python -m mnist.run")
     args = parser.parse_args(argv)
     with report_errors():
         try:
@@ -143,6 +158,8 @@ def main(argv=None):
                 tail(args.logs, args.job, args.n, args.follow)
             elif args.command == "cancel":
                 cancel(args.logs, args.job)
+            elif args.command == "suggest":
+                suggest(args.logs, args.overrides)
             else:
                 list_jobs(args.logs)
         except KeyboardInterrupt:

@@ -154,6 +154,7 @@ def submit(cfg, run_dir, overrides=None):
 def submit_array(runs, single=False, overrides=None):
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder."""
     cfgs = [cfg for cfg, _ in runs]
+    chosen = fill_auto(cfgs, sweep=not single)
     asked = set()
     for cfg in cfgs:
         check(cfg, asked)
@@ -164,6 +165,8 @@ def submit_array(runs, single=False, overrides=None):
     array = len(tasks) > 1  # (submitit submits a batch of one job as a plain job)
     params = _packed(_common_parameters(cfgs, name, array), first, per_task)
     if first.dry_run:
+        if chosen:  # stdout is the script, byte for byte
+            print("\n".join(chosen), file=sys.stderr)
         sys.stdout.write(render(first, params, array_size=len(tasks) if array else None))
         return None
     run_dirs = [prepare(cfg, run_dir, overrides) for cfg, run_dir in runs]
@@ -179,6 +182,8 @@ def submit_array(runs, single=False, overrides=None):
             with executor.batch():
                 jobs = [executor.submit(PackedJob([trainers[i] for i in task]) if len(task) > 1 else trainers[task[0]])
                         for task in tasks]
+    if chosen:
+        print("\n".join(chosen))
     _record(first, name, jobs, runs, array, tasks)
     _announce(first, name, jobs, run_dirs, array, tasks)
     return jobs[0].job_id.split("_")[0]
@@ -189,11 +194,64 @@ def runs_per_task(launcher):
     value = launcher.get("runs_per_task", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SubmitError(
-            f"launcher.runs_per_task={value!r} is not a whole number >= 1. It is how many runs of a sweep each "
-            f"array task trains one after another (start-up paid once): e.g. launcher.runs_per_task=5, or 1 "
-            f"for one run a task."
+            f"launcher.runs_per_task={value!r} is not a whole number >= 1 or auto. It is how many runs of a sweep "
+            f"each array task trains one after another (start-up paid once): e.g. launcher.runs_per_task=5, 1 "
+            f"for one run a task, or auto to fill tasks of launcher.pack_minutes from past runs."
         )
     return value
+
+
+def fill_auto(cfgs, sweep=True):
+    """Replace resources.mem/time=auto and launcher.runs_per_task=auto by what the history of runs like these
+    says (mnist.launch.history); returns the lines that say what was chosen, from how many runs, and
+    what conf/ asks. One array asks for one memory: the largest chosen."""
+    from mnist.launch import history
+
+    wanted = [k for k in ("mem", "time") if any(str(c.resources[k]) == "auto" for c in cfgs)]
+    pack = sweep and str(cfgs[0].launcher.get("runs_per_task")) == "auto"
+    if not wanted and not pack:
+        return []
+    lines, choices, pasts, keys = [], {}, {}, {}
+    for cfg in cfgs:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        key = keys[id(cfg)] = repr(history.match_key(config))
+        if key not in pasts:
+            pasts[key] = history.history(cfg.launcher.log_dir, config)
+        asked = cfg.resources.asked
+        choices[id(cfg)] = {"mem": history.choose_mem(pasts[key], asked.mem),
+                            "time": history.choose_time(pasts[key], asked.time, int(cfg.trainer.epochs))}
+        for k in wanted:
+            shown = choices[id(cfg)][k]
+            value = history.clock(shown.value) if k == "time" else shown.value
+            lines.append(f"resources.{k}=auto: {value} ({shown.why}; conf/ asks {asked[k]})")
+    if "mem" in wanted:
+        largest = max((choices[id(c)]["mem"].value for c in cfgs), key=history.to_bytes)
+        for cfg in cfgs:
+            cfg.resources.mem = largest
+    for cfg in cfgs:
+        if "time" in wanted:
+            cfg.resources.time = choices[id(cfg)]["time"].value
+    if pack:
+        lines.append(_pack_auto(cfgs, [pasts[keys[id(cfg)]] for cfg in cfgs]))
+    return list(dict.fromkeys(lines))  # a seed sweep says it once
+
+
+def _pack_auto(cfgs, pasts):
+    """launcher.runs_per_task=auto: tasks of about launcher.pack_minutes of estimated work; 1 without history."""
+    from mnist.launch import history
+
+    minutes = float(cfgs[0].launcher.pack_minutes)
+    work = [history.estimated_work_s(p, int(c.trainer.epochs)) for p, c in zip(pasts, cfgs)]
+    if minutes <= 0:
+        raise SubmitError(f"launcher.pack_minutes={minutes:g} must be above 0, e.g. launcher.pack_minutes=10.")
+    if any(w is None for w in work):
+        per_task, why = 1, f"fewer than {history.MIN_RUNS} completed past runs like these"
+    else:
+        per_task = max(1, int(minutes * 60 // max(max(work), 1.0)))
+        why = f"about {minutes:g} minutes of work at {max(work):.0f} s a run, by the past runs"
+    for cfg in cfgs:
+        cfg.launcher.runs_per_task = per_task
+    return f"launcher.runs_per_task=auto: {per_task} ({why})"
 
 
 def _packed(params, cfg, per_task):
