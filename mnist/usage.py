@@ -93,6 +93,7 @@ class Recorder:
         self.rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
         # A packed task's later runs count from their own start (the process's start-up is the first run's).
         self.started = task["started"] if task and task.get("index") else process_started()
+        self.cpu_before = cpu_seconds() if task and task.get("index") else 0.0  # ... and their own CPU seconds
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         job = job_id()
         since = datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")
@@ -106,7 +107,7 @@ class Recorder:
 
     def figures(self):
         gpu_peak, gpu_total = gpu_memory()
-        return {"host": socket.gethostname(), "peak_rss": peak_rss(), "cpu_s": round(cpu_seconds(), 3),
+        return {"host": socket.gethostname(), "peak_rss": peak_rss(), "cpu_s": round(cpu_seconds() - self.cpu_before, 3),
                 "wall_s": round(time.time() - self.started, 3), "cpus": cpus_given(), "gpu_peak": gpu_peak,
                 "gpu_total": gpu_total, "updated": _now()}
 

@@ -79,6 +79,8 @@ def test_packed_runs_keep_their_folders_and_a_requeued_task_skips_the_finished_o
     assert metrics(runs[1]) == metrics(runs[0]) and len(metrics(runs[0])) == 20  # an exact resume
     for run_dir in runs:
         assert [a["end"] for a in rundir.read_usage(run_dir)][-1] == "completed"
+    second = [a for a in rundir.read_usage(runs[1]) if a["task"]["index"] == 1]  # its own figures, not the task's
+    assert second and all(a["ranks"]["0"]["cpu_s"] <= 1.2 * a["ranks"]["0"]["wall_s"] + 0.5 for a in second)
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
     for run_dir in runs:  # one line a run, with the run's own state
         assert re.search(rf"^{job_id}\s+mlp\s+COMPLETED\s.*Epoch 20: .*{run_dir}$", listing, re.M), listing
