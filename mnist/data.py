@@ -1,8 +1,10 @@
-"""Datasets through torchvision's own classes, held in memory as uint8 tensors, batched by index.
+"""Datasets held in memory as uint8 tensors, batched by index; torchvision only downloads them.
 
 The course's pipeline converts and normalises every sample in Python through a DataLoader;
 here the whole split is one tensor and each batch is one indexing operation, so an epoch
-costs little more than the model's own forward and backward passes.
+costs little more than the model's own forward and backward passes. Training reads the four
+unpacked IDX files (mnist.datafiles has checked them) straight into tensors, without torchvision:
+a job's start is then `import torch` and the read. torchvision's classes download (login node, laptop).
 
     python -m mnist.data download [data=fashion_mnist]    fetch, check, record sha256 sums (login node)
     python -m mnist.data verify   [data=...]              check what is on disk against them
@@ -11,12 +13,9 @@ costs little more than the model's own forward and backward passes.
 import sys
 
 import torch
-from torchvision import datasets
 
-from mnist import datafiles
+from mnist import datafiles, idx
 from mnist.datafiles import DataError
-
-TORCHVISION = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
 
 
 class InMemoryLoader:
@@ -69,10 +68,25 @@ class InMemoryLoader:
             yield images, self.labels.index_select(0, batch)
 
 
+def read_idx(path):
+    """An unpacked IDX file of unsigned bytes as a uint8 tensor of the dims its header declares."""
+    dims = idx.read_dims(path)
+    with open(path, "rb") as f:
+        body = bytearray(f.read())  # writable: torch.frombuffer shares it, without a copy or a warning
+    return torch.frombuffer(body, dtype=torch.uint8, offset=4 + 4 * len(dims)).view(*dims)
+
+
+_SPLITS = {}  # (root, name, train) -> (images, labels): the runs of a packed task read the data once
+
+
 def load_split(data_cfg, train):
-    """The split's images (N, 28, 28) uint8 and labels (N,) int64, read by torchvision."""
-    dataset = TORCHVISION[data_cfg.name](data_cfg.root, train=train, download=False)
-    return dataset.data, dataset.targets
+    """The split's images (N, 28, 28) uint8 and labels (N,) int64, from the unpacked IDX files."""
+    key = (str(data_cfg.root), data_cfg.name, bool(train))
+    if key not in _SPLITS:
+        raw = datafiles.raw_folder(data_cfg.root, data_cfg.name)
+        images, labels = datafiles.SPLITS["train" if train else "test"]
+        _SPLITS[key] = read_idx(raw / images), read_idx(raw / labels).long()
+    return _SPLITS[key]
 
 
 def ensure_dataset(data_cfg):
@@ -105,8 +119,10 @@ def download(data_cfg):
         sizes = datafiles.done(root, name)
         if sizes:
             return sizes
+        from torchvision import datasets  # only to download: training never imports it
+
         try:
-            TORCHVISION[name](stage, train=True, download=True)
+            getattr(datasets, datafiles.FOLDERS[name])(stage, train=True, download=True)
         except (RuntimeError, OSError) as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # what, and the last cause

@@ -8,6 +8,7 @@ it used (like `seff`). Also show one job in full, tail its log, cancel it, rerun
     python -m mnist.jobs tail [JOB] [-n 20] [-f]      the job's %x_%j.out (default: the latest job)
     python -m mnist.jobs cancel JOB      scancel it; its log and last checkpoint stay
     python -m mnist.jobs resubmit TARGET [overrides] [--more]   rerun, as one array, what did not complete
+    python -m mnist.jobs suggest [overrides...]   what resources=auto and runs_per_task=auto would ask for
 
 Works without Slurm accounting too: a job squeue no longer knows is then read from the result
 submitit left in its folder, the run's usage.json and slurmstepd's last words in its .err, else
@@ -211,6 +212,18 @@ def cancel(log_dir, job_id):
         print(f"Cancelled {job_id}. Its log ({entry['stdout']}) and run folder ({entry['run_dir']}) stay.")
 
 
+def suggest(log_dir, overrides):
+    """Print what resources.mem/time=auto and launcher.runs_per_task=auto choose for this config; submits nothing."""
+    from mnist.config import compose
+    from mnist.launch.slurm import fill_auto
+
+    given = [o for o in overrides if not o.startswith(("launcher.log_dir=", "launcher=", "resources.mem=",
+                                                       "resources.time=", "launcher.runs_per_task="))]
+    cfg = compose(["launcher=slurm", f"launcher.log_dir={log_dir}", *given, "resources.mem=auto",
+                   "resources.time=auto", "launcher.runs_per_task=auto"])
+    print("\n".join(fill_auto([cfg])))
+
+
 def main(argv=None):
     from mnist.config import report_errors
 
@@ -234,6 +247,8 @@ def main(argv=None):
                        help="where and how, e.g. resources.mem=8G; dry_run=true prints the script")
     again.add_argument("--more", action="store_true", help="twice the memory for runs killed for memory, twice "
                                                            "the time for runs that timed out")
+    suggest_parser = commands.add_parser("suggest", help="what resources=auto would ask for a config, from past runs")
+    suggest_parser.add_argument("overrides", nargs="*", help="the run's overrides, as for python -m mnist.run")
     args = parser.parse_args(argv)
     with report_errors():
         try:
@@ -250,6 +265,8 @@ def main(argv=None):
 
                 overrides = [o for o in args.overrides if o != "--more"]  # --more may come among the overrides
                 resubmit(args.logs, args.target, overrides, args.more or len(overrides) < len(args.overrides))
+            elif args.command == "suggest":
+                suggest(args.logs, args.overrides)
             else:
                 list_jobs(args.logs, args.watch)
         except KeyboardInterrupt:

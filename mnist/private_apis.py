@@ -1,4 +1,4 @@
-"""Every call this project makes into Hydra's and submitit's private code, as thin named functions.
+"""Every call this project makes into Hydra's, submitit's and torch's private code, as thin named functions.
 
 Hydra's `hydra._internal` and submitit's underscore names may change in any release, so they are
 used only here; tests/test_private_apis.py checks that each still does what we rely on, and
@@ -84,3 +84,33 @@ def sbatch_script(folder, parameters, array_size=None):
 
     extra = {"map_count": array_size} if array_size else {}
     return _make_sbatch_string(command=submitit_command(folder), folder=folder, **parameters, **extra)
+
+
+# -- torch: a job's start without torch._dynamo (mnist/launch/job.py) -----------------------------
+
+
+def defer_dynamo():
+    """Let an eager (uncompiled) process start without importing torch._dynamo, which takes about as long
+    as `import torch` itself. torch.optim imports it at its first optimizer only to call
+    `torch._dynamo.graph_break()` and `torch._dynamo.disable(fn)`, which do nothing outside compiled code.
+    This puts in a stand-in with those two; anything else asked of it (torch.compile, a submodule)
+    swaps in the real torch._dynamo and gets its answer. Call it before the first optimizer is built."""
+    import importlib
+    import types
+
+    if "torch._dynamo" in sys.modules:
+        return
+    import torch
+
+    class StandIn(types.ModuleType):
+        def __getattr__(self, name):
+            if sys.modules.get("torch._dynamo") is self:
+                del sys.modules["torch._dynamo"]
+                torch.__dict__.pop("_dynamo", None)
+            return getattr(importlib.import_module("torch._dynamo"), name)
+
+    stand_in = StandIn("torch._dynamo", "mnist.private_apis.defer_dynamo's stand-in for eager runs")
+    stand_in.graph_break = lambda *args, **kwargs: None
+    stand_in.disable = lambda fn=None, recursive=True, **kwargs: fn if fn is not None else (lambda f: f)
+    sys.modules["torch._dynamo"] = stand_in
+    torch._dynamo = stand_in

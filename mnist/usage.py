@@ -88,17 +88,21 @@ def _now():
 class Recorder:
     """One rank's figures for one attempt, written into the run folder's usage.json."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, task=None):
         from mnist.env import job_id
 
         self.run_dir = run_dir
         self.rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-        self.started = process_started()
+        # A packed task's later runs count from their own start (the process's start-up is the first run's).
+        self.started = task["started"] if task and task.get("index") else process_started()
+        self.cpu_before = cpu_seconds() if task and task.get("index") else 0.0  # ... and their own CPU seconds
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         job = job_id()
         since = datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")
         self.attempt = {"id": f"{job}#{restart}" if job else f"local {since} {os.getpid()}", "job_id": job,
                         "restart": restart, "started": since}
+        if task:  # one of a packed task's runs: {index, runs, startup_s} (mnist.launch.job)
+            self.attempt["task"] = {k: v for k, v in task.items() if k != "started"}
         self.written_peak, self.written_at = 0, 0.0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="usage", daemon=True)
@@ -106,7 +110,7 @@ class Recorder:
 
     def figures(self):
         gpu_peak, gpu_total = gpu_memory()
-        return {"host": socket.gethostname(), "peak_rss": peak_rss(), "cpu_s": round(cpu_seconds(), 3),
+        return {"host": socket.gethostname(), "peak_rss": peak_rss(), "cpu_s": round(cpu_seconds() - self.cpu_before, 3),
                 "wall_s": round(time.time() - self.started, 3), "cpus": cpus_given(), "gpu_peak": gpu_peak,
                 "gpu_total": gpu_total, "updated": _now()}
 
@@ -156,9 +160,10 @@ def _last_line(error):
 
 
 @contextlib.contextmanager
-def recording(run_dir):
-    """Record this process's usage into run_dir's usage.json while the block runs, and how it ended."""
-    recorder = Recorder(run_dir)
+def recording(run_dir, task=None):
+    """Record this process's usage into run_dir's usage.json while the block runs, and how it ended.
+    `task`: the run's place in a packed array task, {index, runs, startup_s, started}."""
+    recorder = Recorder(run_dir, task)
     recorder.start()
     try:
         yield recorder

@@ -5,23 +5,27 @@ import subprocess
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchvision import datasets, transforms
 
 from conftest import ROOT, make_images, run, write_dataset
-from mnist import datafiles
+from mnist import data, datafiles
 from mnist.config import compose
 from mnist.data import InMemoryLoader, ensure_dataset, loaders
 from mnist.datafiles import DataError
 from mnist.idx import IdxError, read_dims, write_idx
 
 
-def test_idx_files_we_write_are_read_back_by_torchvision(tmp_path):
+def test_idx_files_we_write_are_read_back_by_torchvision_and_by_training_alike(tmp_path):
     images, labels = make_images(20, seed=3)
     write_dataset(tmp_path, "MNIST", n_train=20, n_test=10, seed=3)
     dataset = datasets.MNIST(tmp_path, train=True, download=False)
     assert dataset.data.shape == (20, 28, 28) and dataset.data.dtype == torch.uint8
     assert dataset.data.flatten().tolist() == list(images)
     assert dataset.targets.tolist() == list(labels)
+    ours = data.load_split(OmegaConf.create({"root": str(tmp_path), "name": "mnist"}), train=True)
+    assert torch.equal(ours[0], dataset.data) and torch.equal(ours[1], dataset.targets)
+    assert ours[1].dtype == dataset.targets.dtype
 
 
 def test_idx_header_is_checked_against_the_file_size(tmp_path):

@@ -229,3 +229,22 @@ def test_the_sbatch_script_has_the_lines_our_jobs_rely_on(tmp_path):
     ours = srun.index(" ".join(params["srun_args"]))
     assert srun.index("--output") < ours, f"our srun --output/--error no longer come last (and win): {CHANGED}"
     assert srun.endswith(private_apis.submitit_command(folder)), f"srun's command: {CHANGED}"
+
+
+def test_an_eager_process_starts_without_torch_dynamo_and_compile_still_finds_it():
+    code = """
+import sys, torch
+from mnist import private_apis
+private_apis.defer_dynamo()
+model = torch.nn.Linear(3, 2)
+optimizer = torch.optim.Adadelta(model.parameters())
+model(torch.ones(1, 3)).sum().backward()
+optimizer.step()
+print(type(sys.modules["torch._dynamo"]).__name__)
+import torch._dynamo.config
+print(type(sys.modules["torch._dynamo"]).__name__, torch._dynamo.config.recompile_limit > 0)
+"""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["StandIn", "module", "True"], out.stderr  # else: CHANGED in this torch version

@@ -1,11 +1,16 @@
 """What submitit runs on the compute node: train(cfg, run_dir) on the config composed at submit.
 
+A task of an array trains one run (TrainJob) or, packed (launcher.runs_per_task), several one after
+another in one process (PackedJob), paying the imports and the data read once. Either way each run
+has its own folder, lock, checkpoint, metrics and usage.json.
+
 Pickled on the login node, so this module must not import torch at import time.
 """
 import os
 import signal
 import sys
 import time
+import traceback
 
 import submitit
 
@@ -26,10 +31,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self):
-        from mnist import usage
+        return train_runs([self])[0]
 
-        with usage.recording(self.run_dir):  # the run's own record of what it used: usage.json
-            return self._train()
+    def finished(self):
+        """Whether every epoch of the run is done (a requeued packed task skips it)."""
+        from mnist import rundir
+
+        try:
+            return rundir.holds_run(self.run_dir) and rundir.epochs_left(self.run_dir, self.config) <= 0
+        except rundir.RunFolderError:
+            return False
 
     def _train(self):
         from omegaconf import OmegaConf
@@ -60,7 +71,58 @@ class TrainJob(submitit.helpers.Checkpointable):
                   f"of at most {self.max_requeues})", flush=True)
             submitit_handler(REQUEUE_SIGNAL, None)  # submitit: checkpoint(), requeue, exit
             raise
+        finally:  # between the runs of a packed task, a signal requeues the task at once
+            signal.signal(REQUEUE_SIGNAL, submitit_handler)
 
     def _last_warning(self, signum, frame):
         print(f"Time limit near and no requeue left ({self.max_requeues} used): Slurm will stop this job. "
               f"Resume it later with: python -m mnist.run hydra.run.dir={self.run_dir}", file=sys.stderr, flush=True)
+
+
+class PackedJob(submitit.helpers.Checkpointable):
+    """Several runs of a sweep (TrainJobs) as one array task, trained one after another in this process.
+
+    Its time limit is the sum of theirs. Near it, the run in progress checkpoints and submitit requeues
+    this object (`checkpoint()`, inherited); the new attempt skips the finished runs and resumes that one.
+    """
+
+    def __init__(self, jobs):
+        self.jobs = list(jobs)
+
+    def __call__(self):
+        return train_runs(self.jobs)
+
+
+def train_runs(jobs):
+    """Train each job's run in turn; a packed task announces each run by one line naming its folder, and
+    a run that fails does not stop the others (the task then fails, naming it). Returns their results."""
+    from mnist import private_apis, usage
+    from mnist.stopping import StopRequested
+
+    if not any(job.config["trainer"]["compile"] for job in jobs):
+        private_apis.defer_dynamo()  # torch.optim imports torch._dynamo (as long as torch itself) for nothing
+    import mnist.train  # noqa: F401  the start-up, paid once per task
+
+    startup_s = round(time.time() - usage.process_started(), 3)
+    packed, results, failed = len(jobs) > 1, [], []
+    for index, job in enumerate(jobs):
+        if packed and job.finished():
+            print(f"Run {index + 1} of {len(jobs)} in this task: {job.run_dir} (done; skipped)", flush=True)
+            continue
+        if packed:
+            print(f"Run {index + 1} of {len(jobs)} in this task: {job.run_dir}", flush=True)
+        task = {"index": index, "runs": len(jobs), "startup_s": startup_s, "started": time.time()}
+        try:
+            with usage.recording(job.run_dir, task):  # the run's own record of what it used: usage.json
+                results.append(job._train())
+        except (StopRequested, KeyboardInterrupt):
+            raise
+        except Exception:
+            if not packed:
+                raise
+            traceback.print_exc()
+            failed.append(job.run_dir)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the {len(jobs)} runs of this task failed (see above): {', '.join(failed)}. "
+                           f"The others are done; resubmit the failed ones.")
+    return results

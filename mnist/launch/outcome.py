@@ -70,11 +70,27 @@ def _job(entry, known, attempts, log_dir):
     job["memory_kill"] = _memory_kill(err_tail)
     job["state"] = "?" if known.unreachable else (
         state if slurm and slurm.source != "result" else _state_from_run(entry, state, attempts, err_tail))
+    if entry.get("pack"):  # one of a packed task's runs: its own state and last line, not the task's
+        job["state"] = packed_run_state(entry["run_dir"], job["state"])
+        job["last_line"] = _last_line(_tail(str(Path(entry["run_dir"]) / rundir.LOG), OUT_TAIL_BYTES))
     job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
                        else max((a.get("restart") or 0 for a in attempts), default=0))
     job.update(figures(slurm, attempts, job["memory_kill"], entry))
     job["cause"], job["fix"] = cause(job, err_tail)
     return job
+
+
+def packed_run_state(run_dir, task_state):
+    """COMPLETED once the run's epochs are done; WAITING while its running task trains the runs before it."""
+    try:
+        config = rundir.read_config(run_dir) or {}
+        if config and rundir.holds_run(run_dir) and rundir.epochs_left(run_dir, config) <= 0:
+            return "COMPLETED"
+    except rundir.RunFolderError:
+        return task_state
+    if task_state == "RUNNING" and not (Path(run_dir) / rundir.LOG).exists():
+        return "WAITING"
+    return task_state
 
 
 # ---------------------------------------------------------------- states without Slurm

@@ -95,6 +95,7 @@ def check(cfg, asked=None):
     resources.check_gpus(cfg.resources, cfg.trainer.device)
     if int(cfg.launcher.array_parallelism) < 1:
         raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
+    runs_per_task(cfg.launcher)
     data = ("data", cfg.data.root, cfg.data.name)
     if data not in asked:
         datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
@@ -156,32 +157,114 @@ def submit_array(runs, single=False, overrides=None, previous=None):
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder.
     `previous`: for a resubmission, the job id each run had before (the record links them)."""
     cfgs = [cfg for cfg, _ in runs]
+    chosen = fill_auto(cfgs, sweep=not single)
     asked = {}
     for cfg in cfgs:
         check(cfg, asked)
     first = cfgs[0]
     name = job_name(cfgs)
-    array = not single
-    params = _common_parameters(cfgs, name, array)
+    per_task = 1 if single else min(runs_per_task(first.launcher), len(runs))
+    tasks = [list(range(i, min(i + per_task, len(runs)))) for i in range(0, len(runs), per_task)]
+    array = len(tasks) > 1  # (submitit submits a batch of one job as a plain job)
+    params = _packed(_common_parameters(cfgs, name, array), first, per_task)
     if first.dry_run:
-        sys.stdout.write(render(first, params, array_size=len(runs) if array else None))
+        if chosen:  # stdout is the script, byte for byte
+            print("\n".join(chosen), file=sys.stderr)
+        sys.stdout.write(render(first, params, array_size=len(tasks) if array else None))
         return None
     run_dirs = [prepare(cfg, run_dir, overrides) for cfg, run_dir in runs]
-    from mnist.launch.job import TrainJob
+    from mnist.launch.job import PackedJob, TrainJob
 
     executor = _executor(first, params)
     trainers = [TrainJob(OmegaConf.to_container(cfg, resolve=True), d, int(cfg.launcher.max_requeues))
                 for cfg, d in zip(cfgs, run_dirs)]
     with _submitting():
-        if single:
-            jobs = [executor.submit(trainers[0])]
+        if not array:
+            jobs = [executor.submit(PackedJob(trainers) if len(trainers) > 1 else trainers[0])]
         else:
             with executor.batch():
-                jobs = [executor.submit(t) for t in trainers]
-    _record(first, name, jobs, runs, array, previous)
+                jobs = [executor.submit(PackedJob([trainers[i] for i in task]) if len(task) > 1 else trainers[task[0]])
+                        for task in tasks]
+    if chosen:
+        print("\n".join(chosen))
+    _record(first, name, jobs, runs, array, tasks, previous)
     if previous is None:  # a resubmission says itself which folder each task reruns
-        _announce(first, name, jobs, run_dirs, array)
+        _announce(first, name, jobs, run_dirs, array, tasks)
     return jobs[0].job_id.split("_")[0]
+
+
+def runs_per_task(launcher):
+    """launcher.runs_per_task: a whole number >= 1 (how many runs of a sweep each array task trains)."""
+    value = launcher.get("runs_per_task", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SubmitError(
+            f"launcher.runs_per_task={value!r} is not a whole number >= 1 or auto. It is how many runs of a sweep "
+            f"each array task trains one after another (start-up paid once): e.g. launcher.runs_per_task=5, 1 "
+            f"for one run a task, or auto to fill tasks of launcher.pack_minutes from past runs."
+        )
+    return value
+
+
+def fill_auto(cfgs, sweep=True):
+    """Replace resources.mem/time=auto and launcher.runs_per_task=auto by what the history of runs like these
+    says (mnist.launch.history); returns the lines that say what was chosen, from how many runs, and
+    what conf/ asks. One array asks for one memory: the largest chosen."""
+    from mnist.launch import history
+
+    wanted = [k for k in ("mem", "time") if any(str(c.resources[k]) == "auto" for c in cfgs)]
+    pack = sweep and str(cfgs[0].launcher.get("runs_per_task")) == "auto"
+    if not wanted and not pack:
+        return []
+    lines, choices, pasts, keys = [], {}, {}, {}
+    for cfg in cfgs:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        key = keys[id(cfg)] = repr(history.match_key(config))
+        if key not in pasts:
+            pasts[key] = history.history(cfg.launcher.log_dir, config)
+        asked = cfg.resources.asked
+        choices[id(cfg)] = {"mem": history.choose_mem(pasts[key], asked.mem),
+                            "time": history.choose_time(pasts[key], asked.time, int(cfg.trainer.epochs))}
+        for k in wanted:
+            shown = choices[id(cfg)][k]
+            value = history.clock(shown.value) if k == "time" else shown.value
+            lines.append(f"resources.{k}=auto: {value} ({shown.why}; conf/ asks {asked[k]})")
+    if "mem" in wanted:
+        largest = max((choices[id(c)]["mem"].value for c in cfgs), key=history.to_bytes)
+        for cfg in cfgs:
+            cfg.resources.mem = largest
+    for cfg in cfgs:
+        if "time" in wanted:
+            cfg.resources.time = choices[id(cfg)]["time"].value
+    if pack:
+        lines.append(_pack_auto(cfgs, [pasts[keys[id(cfg)]] for cfg in cfgs]))
+    return list(dict.fromkeys(lines))  # a seed sweep says it once
+
+
+def _pack_auto(cfgs, pasts):
+    """launcher.runs_per_task=auto: tasks of about launcher.pack_minutes of estimated work; 1 without history."""
+    from mnist.launch import history
+
+    minutes = float(cfgs[0].launcher.pack_minutes)
+    work = [history.estimated_work_s(p, int(c.trainer.epochs)) for p, c in zip(pasts, cfgs)]
+    if minutes <= 0:
+        raise SubmitError(f"launcher.pack_minutes={minutes:g} must be above 0, e.g. launcher.pack_minutes=10.")
+    if any(w is None for w in work):
+        per_task, why = 1, f"fewer than {history.MIN_RUNS} completed past runs like these"
+    else:
+        per_task = max(1, int(minutes * 60 // max(max(work), 1.0)))
+        why = f"about {minutes:g} minutes of work at {max(work):.0f} s a run, by the past runs"
+    for cfg in cfgs:
+        cfg.launcher.runs_per_task = per_task
+    return f"launcher.runs_per_task=auto: {per_task} ({why})"
+
+
+def _packed(params, cfg, per_task):
+    """A task of `per_task` runs asks for the sum of their time limits, and its warning signal fits that."""
+    if per_task == 1:
+        return params
+    minutes = params["time"] * per_task
+    delay = resources.signal_delay(int(cfg.launcher.signal_delay_s), minutes * 60)
+    return {**params, "time": minutes, "signal_delay_s": delay}
 
 
 def _log_files(cfg, name, job_id, array):
@@ -194,17 +277,22 @@ def _log_files(cfg, name, job_id, array):
     return fill(out), fill(err)
 
 
-def _record(cfg, name, jobs, runs, array, previous=None):
+def _record(cfg, name, jobs, runs, array, tasks, previous=None):
+    """One entry a run (the runs of a packed task share its job id; `pack` is [place, runs in the task]);
+    `previous`, for a resubmission, is the job id each run had before (the record links them)."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
+    previous = previous or [""] * len(runs)
     entries = []
-    for job, (run_cfg, run_dir), before in zip(jobs, runs, previous or [""] * len(jobs)):
-        out, err = _log_files(cfg, name, job.job_id, array)
-        entries.append({
-            "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
-            "stdout": out, "stderr": err, "submitted": now,
-            "submitit_folder": str(job.paths.folder), **({"previous": before} if before else {}),
-            **_asked(run_cfg.resources),
-        })
+    for job, task in zip(jobs, tasks):
+        for place, i in enumerate(task):
+            run_cfg, run_dir = runs[i]
+            out, err = _log_files(cfg, name, job.job_id, array)
+            entries.append({
+                "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
+                "stdout": out, "stderr": err, "submitted": now, "submitit_folder": str(job.paths.folder),
+                **({"pack": [place, len(task)]} if len(task) > 1 else {}),
+                **({"previous": previous[i]} if previous[i] else {}), **_asked(run_cfg.resources),
+            })
     record.append(cfg.launcher.log_dir, entries)
 
 
@@ -214,14 +302,15 @@ def _asked(res):
             "cpus": int(res.cpus_per_task) * int(res.tasks_per_node) * int(res.nodes)}
 
 
-def _announce(cfg, name, jobs, run_dirs, array):
+def _announce(cfg, name, jobs, run_dirs, array, tasks):
     main_id = jobs[0].job_id.split("_")[0]
     if not array:
         out, err = _log_files(cfg, name, main_id, False)
         print(f"Submitted job {main_id} ({name})\n  run folder: {run_dirs[0]}\n  log:        {out}\n  errors:     {err}")
     else:
         out, _ = _log_files(cfg, name, f"{main_id}_0", True)
-        print(f"Submitted job array {main_id} ({name}): {len(jobs)} runs, at most "
-              f"{cfg.launcher.array_parallelism} at once\n  run folders: {Path(run_dirs[0]).parent}/<task>\n"
+        packing = f" in {len(tasks)} tasks of up to {len(tasks[0])}" if len(tasks[0]) > 1 else ""
+        print(f"Submitted job array {main_id} ({name}): {len(run_dirs)} runs{packing}, at most "
+              f"{cfg.launcher.array_parallelism} at once\n  run folders: {Path(run_dirs[0]).parent}/<{'run' if packing else 'task'}>\n"
               f"  logs:        {out.replace(f'{main_id}_0', f'{main_id}_<task>')}")
     print("  watch with:  python -m mnist.jobs")

@@ -1,0 +1,181 @@
+"""Sweeps: a job's lean start, packed against unpacked time to result, the CPUs' useful share, asked against used.
+
+    python -m benchmarks.sweep_speed [--data-root DIR] [--runs 20] [--pack 5] [--out FILE]
+
+lean start   a job's process (submitit's LocalExecutor: `python -m submitit.local._local`, as a node runs
+             `python -m submitit.core._submit`) from its start to its first training batch's log line,
+             against `python -c "import torch"` + reading the four IDX files into tensors. Medians of
+             rounds, ratio of medians of same-round ratios. Target: at most 1.3x. No Slurm needed.
+sweep        with a Slurm up (`make cluster-up`, then its `export SLURM_CONF=...`): the issue's sweep, N one-epoch
+             MLP runs on Fashion-MNIST (`trainer.seed=range(N)`, launcher.array_parallelism=N), unpacked, then
+             packed (launcher.runs_per_task=P) with resources=auto sized from the unpacked runs. Each: seconds
+             from submit to the last task's end; the useful CPU share (the runs' epoch seconds over wall x
+             the cluster's CPUs); asked (mem x time limit, CPUs x time limit, per task) against used (each
+             run's peak x wall, CPU seconds, from its usage.json). Target: packed at most 0.5x unpacked.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.submit_speed import slurm_unreachable, submitted_job
+
+TARGET_START = 1.3
+TARGET_PACKED = 0.5
+BASELINE = ("import sys, torch\nfrom mnist.data import read_idx\nfrom mnist.datafiles import FILES, raw_folder\n"
+            "for f in FILES: read_idx(raw_folder(sys.argv[1], 'fashion_mnist') / f)\n")
+
+
+def _first_batch_s(cfg, folder):
+    """Seconds from a job process's start to its first 'Train Epoch' line."""
+    import submitit
+    from omegaconf import OmegaConf
+
+    from mnist.launch.job import TrainJob
+
+    executor = submitit.LocalExecutor(folder=folder)
+    started = time.perf_counter()
+    job = executor.submit(TrainJob(OmegaConf.to_container(cfg, resolve=True), Path(folder) / "run", 0))
+    while "Train Epoch: 1 [0/" not in (job.stdout() or ""):
+        if job.done():
+            raise RuntimeError(f"the job ended before its first batch: {job.stderr()}")
+        time.sleep(0.01)
+    seconds = time.perf_counter() - started
+    job.result()  # (one epoch) before its folder goes
+    return seconds
+
+
+def measure_start(data_root, rounds=3):
+    from mnist.config import compose
+
+    cfg = compose(["data=fashion_mnist", f"data.root={data_root}", "trainer.epochs=1", "launcher=slurm"])
+    jobs, bases = [], []
+    with tempfile.TemporaryDirectory(prefix="sweep-speed-") as tmp:
+        for r in range(rounds):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", BASELINE, str(data_root)], check=True)
+            bases.append(time.perf_counter() - start)
+            jobs.append(_first_batch_s(cfg, Path(tmp) / str(r)))
+    return {"rounds": rounds, "import_torch_and_read_s": statistics.median(bases),
+            "job_to_first_batch_s": statistics.median(jobs),
+            "ratio": statistics.median(j / b for j, b in zip(jobs, bases)), "target_ratio": TARGET_START}
+
+
+def _wait(job_id, timeout=1800):
+    """Seconds until every task of the job has ended (sacct, every 0.5 s)."""
+    while timeout > 0:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,End"],
+                             capture_output=True, text=True).stdout
+        rows = [line.split("|") for line in out.splitlines() if line.strip()]
+        if rows and not any("[" in r[0] or r[2] in ("Unknown", "") for r in rows):
+            return
+        time.sleep(0.5)
+        timeout -= 0.5
+    raise RuntimeError(f"job {job_id} did not end")
+
+
+def _cluster_cpus():
+    out = subprocess.run(["sinfo", "-h", "-o", "%C"], capture_output=True, text=True).stdout.split()
+    return int(out[0].split("/")[-1]) if out else 1
+
+
+def _usage(folder, log_dir, job_id):
+    """Used (GB-hours, CPU-hours, epoch seconds) from each run's usage.json and metrics; asked per task."""
+    from mnist import rundir
+    from mnist.launch import record
+    from mnist.launch.resources import time_seconds
+    from mnist.launch.history import to_bytes
+
+    used_gbh = used_cpuh = epochs_s = 0.0
+    for run_dir in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").exists()):
+        for attempt in rundir.read_usage(run_dir):
+            for f in attempt["ranks"].values():
+                used_gbh += f["peak_rss"] / 2**30 * f["wall_s"] / 3600
+                used_cpuh += f["cpu_s"] / 3600
+        epochs_s += sum(row["seconds"] for row in rundir.read_metrics(run_dir))
+    tasks = {e["job_id"]: e for e in record.read(log_dir) if e["job_id"].split("_")[0] == job_id}
+    asked_gbh = asked_cpuh = 0.0
+    for entry in tasks.values():
+        config = rundir.read_config(entry["run_dir"])
+        hours = time_seconds(config["resources"]["time"]) * entry.get("pack", [0, 1])[1] / 3600
+        asked_gbh += to_bytes(config["resources"]["mem"]) / 2**30 * hours
+        asked_cpuh += config["resources"]["cpus_per_task"] * hours
+    return {"asked_gb_h": asked_gbh, "used_gb_h": used_gbh, "asked_cpu_h": asked_cpuh, "used_cpu_h": used_cpuh,
+            "epochs_s": epochs_s, "tasks": len(tasks)}
+
+
+def _sweep(tmp, data_root, runs, name, extra):
+    log_dir, folder = tmp / "logs", tmp / name
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "mnist.run", "-m", "launcher=slurm", "data=fashion_mnist",
+                          f"data.root={data_root}", "trainer.epochs=1", f"trainer.seed=range({runs})",
+                          f"launcher.array_parallelism={runs}", f"launcher.log_dir={log_dir}",
+                          f"hydra.sweep.dir={folder}", *extra], capture_output=True, text=True, cwd=tmp)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    job_id = submitted_job(out.stdout)
+    _wait(job_id)
+    wall = time.perf_counter() - start
+    figures = _usage(folder, log_dir, job_id)
+    chosen = [line for line in out.stdout.splitlines() if "=auto:" in line]
+    return {"wall_s": wall, "cpu_share": figures["epochs_s"] / (wall * _cluster_cpus()), "chosen": chosen, **figures}
+
+
+def measure_sweep(data_root, runs=20, pack=5):
+    why = slurm_unreachable()
+    if why:
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="sweep-speed-", dir=os.getcwd()) as tmp:
+        tmp = Path(tmp)
+        unpacked = _sweep(tmp, data_root, runs, "unpacked", [])
+        packed = _sweep(tmp, data_root, runs, "packed", [f"launcher.runs_per_task={pack}", "resources=auto"])
+        suggested = subprocess.run([sys.executable, "-m", "mnist.jobs", "--logs", str(tmp / "logs"), "suggest",
+                                    "data=fashion_mnist", "model=cnn", "trainer.epochs=1"],
+                                   capture_output=True, text=True).stdout.splitlines()
+    return {"runs": runs, "pack": pack, "unpacked": unpacked, "packed": packed,
+            "ratio": packed["wall_s"] / unpacked["wall_s"], "target_ratio": TARGET_PACKED, "cnn_suggested": suggested}
+
+
+def table(results):
+    lines = []
+    start = results.get("lean_start")
+    if start:
+        lines.append(f"lean start (median of {start['rounds']})  import torch + read data "
+                     f"{start['import_torch_and_read_s']:.2f} s   job start to first batch "
+                     f"{start['job_to_first_batch_s']:.2f} s   {start['ratio']:.2f}x (target <= {TARGET_START}x)")
+    sweep = results.get("packed_sweep")
+    if sweep and "skipped" in sweep:
+        lines.append(f"packed sweep: skipped: {sweep['skipped']}")
+    elif sweep:
+        for name in ("unpacked", "packed"):
+            s = sweep[name]
+            lines.append(f"{sweep['runs']} runs {name:<8} ({s['tasks']:>2} tasks) {s['wall_s']:6.1f} s to result, "
+                         f"useful CPU share {s['cpu_share']:.0%}, asked {s['asked_gb_h']:.3f} GB-h / "
+                         f"{s['asked_cpu_h']:.3f} CPU-h, used {s['used_gb_h']:.3f} GB-h / {s['used_cpu_h']:.3f} CPU-h")
+        lines.append(f"packed/unpacked wall {sweep['ratio']:.2f}x (target <= {TARGET_PACKED}x)")
+        lines += [f"  auto (MLP): {line}" for line in sweep["packed"]["chosen"]]
+        lines += [f"  suggest (CNN): {line}" for line in sweep["cnn_suggested"]]
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=os.environ.get("MNIST_DATA", "data"))
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--pack", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    root = os.path.abspath(args.data_root)
+    results = {"lean_start": measure_start(root), "packed_sweep": measure_sweep(root, args.runs, args.pack)}
+    print("\n".join(table(results)))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

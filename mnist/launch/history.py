@@ -1,0 +1,201 @@
+"""Requests sized from what past runs used: resources.mem=auto and resources.time=auto (resources=auto for
+both), launcher.runs_per_task=auto, and `python -m mnist.jobs suggest [overrides...]`.
+
+The history is the runs in the launcher's record (<launcher.log_dir>/jobs.jsonl) that match this one
+(MATCH: same model, data, batch size, CPUs, GPUs, nodes, tasks and device), read from each run's
+config.yaml and usage.json (written by the run itself: mnist.usage; a packed run's attempts carry
+`task` = {index, runs, startup_s}), and how its job ended: one `sacct` call where accounting exists,
+else the job's .err (Slurm's "exceeded memory limit" / "DUE TO TIME LIMIT" lines).
+
+    mem  = max(p95 of the peaks, the largest peak) x 1.2, rounded up to 256M
+    time = p95 of the runs' own wall times x 1.2 + the start-up, rounded up to a minute, at least 2
+           (each wall time scaled by trainer.epochs / the epochs that run trained)
+    Runs killed for memory or time are lower bounds: at least twice what they had.
+    With fewer than MIN_RUNS completed runs: conf/'s request (resources.asked), and it says so.
+
+Standard library and PyYAML only: the login node's submit path, which never imports torch.
+"""
+import math
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist import rundir
+from mnist.launch import record
+from mnist.launch.resources import memory, time_seconds
+
+MATCH = ("model", "data.name", "data.batch_size", "resources.cpus_per_task", "resources.gpus_per_node",
+         "resources.nodes", "resources.tasks_per_node", "trainer.device")
+MIN_RUNS = 5
+MARGIN = 1.2
+MEM_STEP = 256 * 2**20
+MIN_TIME_S = 120
+KILLED = {"memory": re.compile(r"exceeded memory limit|oom-kill|out of memory", re.I),
+          "time": re.compile(r"DUE TO TIME LIMIT")}
+UNITS = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # sbatch --mem without a unit: megabytes
+
+
+@dataclass
+class Past:
+    """One past run like this one: its peak memory (bytes, per node), its own wall seconds (all attempts,
+    start-up aside) and epochs, the start-ups its attempts measured, how it ended, and what it asked."""
+    peak: int
+    work_s: float
+    epochs: int
+    startups: list
+    ended: str  # completed | memory | time | other
+    asked_mem: int
+    asked_time_s: int
+
+
+def to_bytes(text):
+    number, unit = re.fullmatch(r"(\d+)([KMGT]?)", memory(text)).groups()
+    return int(number) * UNITS[unit]
+
+
+def _select(config, dotted):
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def match_key(config):
+    return [_select(config, key) for key in MATCH]
+
+
+def history(log_dir, config):
+    """The past runs of the record in log_dir that match `config` (a plain dict), oldest first."""
+    entries, seen = [], set()
+    for entry in record.read(log_dir):
+        if entry["run_dir"] not in seen:  # a resubmitted run is one run
+            seen.add(entry["run_dir"])
+            entries.append(entry)
+    configs = {e["run_dir"]: _config(e["run_dir"]) for e in entries}
+    matching = [e for e in entries if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]
+    states = _sacct_states([e["job_id"] for e in matching])
+    pasts = (_past(e, configs[e["run_dir"]], states.get(e["job_id"], "")) for e in matching)
+    return [p for p in pasts if p is not None]
+
+
+def _config(run_dir):
+    try:
+        return rundir.read_config(run_dir)
+    except rundir.RunFolderError:
+        return None
+
+
+def _past(entry, config, slurm_state):
+    attempts = rundir.read_usage(entry["run_dir"])
+    if not attempts:
+        return None
+    peaks, work, startups = [], 0.0, []
+    for attempt in attempts:
+        ranks = list(attempt["ranks"].values())
+        per_host = {}
+        for figures in ranks:
+            per_host[figures.get("host")] = per_host.get(figures.get("host"), 0) + int(figures.get("peak_rss") or 0)
+        peaks.append(max(per_host.values(), default=0))
+        task = attempt.get("task") or {}
+        startup = float(task.get("startup_s") or 0)
+        startups += [startup] if startup else []
+        wall = max(float(f.get("wall_s") or 0) for f in ranks) if ranks else 0.0
+        work += max(wall - (startup if not task.get("index") else 0.0), 0.0)  # a task's first run paid its start-up
+    ended = "completed" if attempts[-1].get("end") == "completed" else _killed(entry, slurm_state)
+    resources = config.get("resources", {})
+    try:
+        asked_mem, asked_time = to_bytes(resources.get("mem")), time_seconds(resources.get("time"))
+    except Exception:  # an "auto" that never resolved, or an older config: not what it had
+        asked_mem, asked_time = 0, 0
+    return Past(max(peaks), work, int(config["trainer"].get("epochs") or 1), startups, ended, asked_mem, asked_time)
+
+
+def _killed(entry, slurm_state):
+    """memory, time or other: how an unfinished run's job ended (Slurm's state, else its .err)."""
+    if slurm_state.startswith("OUT_OF_ME"):
+        return "memory"
+    if slurm_state.startswith("TIMEOUT"):
+        return "time"
+    try:
+        text = Path(entry["stderr"]).read_text(errors="replace")[-20000:]
+    except OSError:
+        return "other"
+    return next((why for why, pattern in KILLED.items() if pattern.search(text)), "other")
+
+
+def _sacct_states(job_ids):
+    """{job id: state} from one sacct call; {} without accounting (or without Slurm)."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
+                             capture_output=True, text=True, timeout=record.SLURM_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    rows = (line.split("|") for line in out.stdout.splitlines() if "|" in line)
+    return {job: state for job, state in rows} if out.returncode == 0 else {}
+
+
+def p95(values):
+    """The 95th percentile, nearest rank."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
+
+
+@dataclass
+class Choice:
+    """What auto chose for one request: the value (sbatch's form), from how many runs, and why."""
+    value: object
+    runs: int
+    why: str
+
+
+def choose_mem(pasts, asked):
+    """resources.mem for a run like these past ones; `asked` is conf/'s (resources.asked.mem)."""
+    done = [p for p in pasts if p.ended == "completed"]
+    floor = max([2 * p.asked_mem for p in pasts if p.ended == "memory"], default=0)
+    if len(done) >= MIN_RUNS:
+        peaks = [p.peak for p in done]
+        wanted = max(p95(peaks), max(peaks)) * MARGIN
+        why = f"the peak of {len(done)} past runs like this, {human(max(peaks))} at most, x{MARGIN}"
+    else:
+        wanted = to_bytes(asked)
+        why = f"conf/'s: only {len(done)} completed past runs like this ({MIN_RUNS} needed)"
+    if floor > wanted:
+        wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {human(floor // 2)}"
+    elif len(done) < MIN_RUNS:
+        return Choice(memory(asked), len(done), why)
+    value = math.ceil(wanted / MEM_STEP) * MEM_STEP // 2**20
+    return Choice(f"{value}M", len(done), why)
+
+
+def choose_time(pasts, asked, epochs):
+    """resources.time (minutes) for a run of `epochs` epochs like these past ones; `asked` is conf/'s."""
+    done = [p for p in pasts if p.ended == "completed"]
+    floor = max([2 * p.asked_time_s for p in pasts if p.ended == "time"], default=0)
+    if len(done) >= MIN_RUNS:
+        work = p95([p.work_s * epochs / p.epochs for p in done])
+        startup = max((s for p in done for s in p.startups), default=0.0)
+        wanted = max(work * MARGIN + startup, MIN_TIME_S)
+        why = (f"p95 of {len(done)} past runs like this, {work:.1f} s for {epochs} epochs, x{MARGIN} "
+               f"+ {startup:.0f} s start-up")
+    else:
+        wanted = time_seconds(asked)
+        why = f"conf/'s: only {len(done)} completed past runs like this ({MIN_RUNS} needed)"
+    if floor > wanted:
+        wanted, why = floor, f"{why}; raised: a run like this ran out of its {floor // 120} minutes"
+    return Choice(math.ceil(wanted / 60), len(done), why)
+
+
+def estimated_work_s(pasts, epochs):
+    """A run's own seconds (p95, start-up aside) by the history; None with too little of it."""
+    done = [p for p in pasts if p.ended == "completed"]
+    return p95([p.work_s * epochs / p.epochs for p in done]) if len(done) >= MIN_RUNS else None
+
+
+def human(n_bytes):
+    return f"{n_bytes / 2**30:.2f}G" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f}M"
+
+
+def clock(minutes):
+    return f"{minutes // 60}:{minutes % 60:02d}:00"
