@@ -43,8 +43,10 @@ else
 	$(PYTHON) -m mnist.data download data=$(DATA) $(ARGS)
 endif
 
-test: $(VENV) ## run the test suite
-	$(PYTHON) -m pytest $(ARGS)
+# Most tests wait on Slurm or on a subprocess: 3 workers (one file each at a time) keep 2 cores busy.
+TEST_WORKERS ?= 3
+test: $(VENV) ## run the test suite (TEST_WORKERS=3 processes)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(VENV) ## the performance record: training vs the course's pipeline and the compute floor, speed switches, data-parallel steps, submitting (ARGS='--device cuda' on a GPU node; '--help')
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)

@@ -217,6 +217,8 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
     saved = checkpoint.load(run_dir, cfg.model.name)  # before writing anything: a bad one changes nothing
     if saved is not None and saved.get("partial") is None and saved["epoch"] >= cfg.trainer.epochs:
         log.info(rundir.nothing_left(run_dir, saved["epoch"], cfg.trainer.epochs))
+        if main:  # (a run stopped between its last checkpoint and metrics.csv: the checkpoint vouches for them)
+            rundir.write_metrics(run_dir, saved["metrics"])
         return saved["metrics"]
     torch.manual_seed(cfg.trainer.seed)  # the same initial weights on every rank
     train_loader, test_loader = data.loaders(cfg.data, cfg.trainer.seed, device, rank, world_size)

@@ -97,7 +97,7 @@ def train_runs(jobs):
     """Train each job's run in turn; a packed task announces each run by one line naming its folder, and
     a run that fails does not stop the others (the task then fails, naming it). Returns their results."""
     from mnist import private_apis, usage
-    from mnist.stopping import StopRequested
+    from mnist.stopping import REQUEUE_SIGNAL, StopRequested
 
     if not any(job.config["trainer"]["compile"] for job in jobs):
         private_apis.defer_dynamo()  # torch.optim imports torch._dynamo (as long as torch itself) for nothing
@@ -122,6 +122,7 @@ def train_runs(jobs):
                 raise
             traceback.print_exc()
             failed.append(job.run_dir)
+    signal.signal(REQUEUE_SIGNAL, signal.SIG_IGN)  # all trained: a late time-limit warning must not requeue or kill it
     if failed:
         raise RuntimeError(f"{len(failed)} of the {len(jobs)} runs of this task failed (see above): {', '.join(failed)}. "
                            f"The others are done; resubmit the failed ones.")

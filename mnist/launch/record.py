@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mnist.errors import UserError
+from mnist.launch import resources
 
 FILE_NAME = "jobs.jsonl"
 FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder", "previous", "mem",
@@ -202,8 +203,8 @@ def _merged(live, past):
 def _squeue(job_list):
     """The jobs the controller knows, and "" or why it could not be asked."""
     conf = os.environ.get("SLURM_CONF")
-    if conf and not Path(conf).is_file():  # squeue would retry for a minute before saying so
-        return {}, f"SLURM_CONF={conf} is not a file"
+    if resources.missing_slurm_conf():
+        return {}, resources.missing_slurm_conf()
     out, error = _call(["squeue", "-r", "-h", "-j", job_list, "-O", ",".join(f + ":|" for f in SQUEUE_FIELDS)])
     # One id squeue has forgotten (or never knew) fails with "Invalid job id specified"; several such
     # ids list nothing. Either way Slurm answered.

@@ -5,6 +5,7 @@ Pure functions of the config (unit-tested), plus `ask_cluster`, which asks the c
 hold before anything is submitted.
 """
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -168,7 +169,16 @@ def parse_sinfo(rows):
                   partition.endswith("*")) for partition, cpus, memory, gres, count in rows]
 
 
+def missing_slurm_conf():
+    """Why Slurm's commands would retry for a minute before failing: SLURM_CONF names no file; else ""."""
+    conf = os.environ.get("SLURM_CONF")
+    return f"SLURM_CONF={conf} is not a file" if conf and not os.path.isfile(conf) else ""
+
+
 def _sinfo(fields):
+    if missing_slurm_conf():
+        raise ResourceError(f"sinfo cannot ask Slurm: {missing_slurm_conf()}. Export the cluster's config (`make "
+                            f"cluster-up` prints the line), or unset SLURM_CONF to use /etc/slurm/slurm.conf.")
     try:
         out = subprocess.run(["sinfo", "-h", "-e", "-o", fields], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
