@@ -201,7 +201,8 @@ def _under(key, prefixes):
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def _select(config, dotted):
+def select(config, dotted):
+    """config's value at a dotted key (`trainer.epochs`), or None; config is a plain dict."""
     for part in dotted.split("."):
         if not isinstance(config, dict) or part not in config:
             return None
@@ -209,7 +210,8 @@ def _select(config, dotted):
     return config
 
 
-def _put(config, dotted, value):
+def put(config, dotted, value):
+    """Set config's value at a dotted key, making the sections on the way."""
     *parents, last = dotted.split(".")
     for part in parents:
         config = config.setdefault(part, {})
@@ -245,7 +247,7 @@ def resume_config(run_dir, config, overrides):
             f"overrides differ from it: {shown}. Leave them out to resume, or start a new run in another folder."
         )
     for key in TAKEN_FROM_COMMAND + (("trainer.epochs",) if "trainer.epochs" in given else ()):
-        _put(saved, key, _select(config, key))
+        put(saved, key, select(config, key))
     for section in config.keys() - saved.keys():
         saved[section] = config[section]
     return saved

@@ -33,7 +33,6 @@ MEM_STEP = 256 * 2**20
 MIN_TIME_S = 120
 KILLED = {"memory": re.compile(r"exceeded memory limit|oom-kill|out of memory", re.I),
           "time": re.compile(r"DUE TO TIME LIMIT")}
-UNITS = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # sbatch --mem without a unit: megabytes
 
 
 @dataclass
@@ -50,18 +49,12 @@ class Past:
 
 
 def to_bytes(text):
-    number, unit = re.fullmatch(r"(\d+)([KMGT]?)", memory(text)).groups()
-    return int(number) * UNITS[unit]
-
-
-def _select(config, dotted):
-    for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
+    """Bytes in a memory request as sbatch takes it (checked; without a unit, megabytes)."""
+    return record.memory_bytes(memory(text), "M")
 
 
 def match_key(config):
-    return [_select(config, key) for key in MATCH]
+    return [rundir.select(config, key) for key in MATCH]
 
 
 def history(log_dir, config):

@@ -117,7 +117,7 @@ def _configs(todo, overrides, more):
         saved = rundir.read_config(folder)
         merged = copy.deepcopy(saved)
         for key in given:
-            _put(merged, key, _select(composed, key))
+            rundir.put(merged, key, rundir.select(composed, key))
         if (saved.get("launcher") or {}).get("name") != "slurm":
             merged["launcher"] = composed["launcher"]
         merged["dry_run"] = composed["dry_run"]
@@ -132,21 +132,6 @@ def _plain(cfg):
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _select(config, dotted):
-    for part in dotted.split("."):
-        if not isinstance(config, dict) or part not in config:
-            return None
-        config = config[part]
-    return config
-
-
-def _put(config, dotted, value):
-    *parents, last = dotted.split(".")
-    for part in parents:
-        config = config.setdefault(part, {})
-    config[last] = value
 
 
 def _more(config, job, given, limits):
