@@ -190,6 +190,12 @@ def _submit(todo, configs, say, dry):
     # submitit submits a batch of one as a plain job: one run is one job (%x_%j logs), more are one array
     array = slurm.submit_array(runs, single=len(runs) == 1, previous=[job["job_id"] if job else "" for _, job, _ in todo])
     if array:
-        what = f"job {array}" if len(runs) == 1 else f"job array {array}: task i reruns the i-th folder above"
-        print(f"Submitted {what}, resuming from its checkpoint.\n  watch with:  python -m mnist.jobs --watch")
+        per_task = configs[0]["launcher"].get("runs_per_task", 1)
+        if len(runs) == 1:
+            what = f"job {array}"
+        elif isinstance(per_task, int) and per_task > 1:  # packed again, as the runs were (launcher.runs_per_task)
+            what = f"job {array}: the folders above in their order, {per_task} a task"
+        else:
+            what = f"job array {array}: task i reruns the i-th folder above"
+        print(f"Submitted {what}, each resuming from its checkpoint.\n  watch with:  python -m mnist.jobs --watch")
     return array
