@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mnist import rundir
 from mnist.launch import record
+from mnist.launch.outcome import human_bytes
 from mnist.launch.resources import memory, time_seconds
 
 MATCH = ("model", "data.name", "data.batch_size", "resources.cpus_per_task", "resources.gpus_per_node",
@@ -150,12 +151,12 @@ def choose_mem(pasts, asked):
     if len(done) >= MIN_RUNS:
         peaks = [p.peak for p in done]
         wanted = max(p95(peaks), max(peaks)) * MARGIN
-        why = f"the peak of {len(done)} past runs like this, {human(max(peaks))} at most, x{MARGIN}"
+        why = f"the peak of {len(done)} past runs like this, {human_bytes(max(peaks))} at most, x{MARGIN}"
     else:
         wanted = to_bytes(asked)
         why = f"conf/'s: only {len(done)} completed past runs like this ({MIN_RUNS} needed)"
     if floor > wanted:
-        wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {human(floor // 2)}"
+        wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {human_bytes(floor // 2)}"
     elif len(done) < MIN_RUNS:
         return Choice(memory(asked), len(done), why)
     value = math.ceil(wanted / MEM_STEP) * MEM_STEP // 2**20
@@ -186,9 +187,3 @@ def estimated_work_s(pasts, epochs):
     return p95([p.work_s * epochs / p.epochs for p in done]) if len(done) >= MIN_RUNS else None
 
 
-def human(n_bytes):
-    return f"{n_bytes / 2**30:.2f}G" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f}M"
-
-
-def clock(minutes):
-    return f"{minutes // 60}:{minutes % 60:02d}:00"

@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from mnist import rundir
-from mnist.launch import record
+from mnist.launch import record, resources
 
 TAIL_BYTES = 16384  # of an .err: a traceback's end
 OUT_TAIL_BYTES = 4096  # of a log: its last lines
@@ -200,8 +200,6 @@ def _asked_mem(entry):
 
 
 def _asked_time(entry):
-    from mnist.launch import resources  # standard library only
-
     try:
         return resources.time_seconds(_asked(entry, "time"))
     except resources.ResourceError:
@@ -233,7 +231,7 @@ def cause(job, err_tail):
     where = progress(job)
     if state == "TIMEOUT":
         limit = job["time_limit_s"]
-        longer = slurm_time(2 * limit) if limit else "2:00:00"
+        longer = resources.time_text(2 * limit) if limit else "2:00:00"
         after = f" after {job['requeues']} requeue{'s' if job['requeues'] != 1 else ''}" if job["requeues"] else ""
         return (f"time limit {clock(limit)} reached{after}{where}; resume, or try resources.time={longer}",
                 f"{resubmit}   (or: {resubmit} resources.time={longer}, or --more)")
@@ -328,13 +326,6 @@ def human_bytes(n):
 def clock(seconds):
     """Seconds as Slurm shows a duration: M:SS, H:MM:SS, D-HH:MM:SS."""
     return record._clock(round(seconds)) if seconds is not None else "?"
-
-
-def slurm_time(seconds):
-    """Seconds as a resources.time value: H:MM:SS, or D-HH:MM:SS."""
-    days, rest = divmod(int(math.ceil(seconds)), 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
 
 
 def shown(job):

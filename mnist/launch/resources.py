@@ -43,6 +43,13 @@ def time_seconds(value):
     return seconds
 
 
+def time_text(seconds):
+    """A time limit as resources.time takes it, H:MM:SS or D-HH:MM:SS: the inverse of time_seconds."""
+    days, rest = divmod(int(math.ceil(seconds)), 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
 def memory(value):
     """A Slurm memory request as sbatch takes it: a whole number with an optional K/M/G/T."""
     text = str(value).strip()

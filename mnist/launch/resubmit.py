@@ -143,7 +143,7 @@ def _more(config, job, given, limits):
         res["mem"] = _mem_text(wanted)
     if job["state"] == "TIMEOUT" and "resources.time" not in given:
         limit = job["time_limit_s"] or resources.time_seconds(res["time"])
-        res["time"] = outcome.slurm_time(min(2 * limit, limits.get("time") or 2 * limit))
+        res["time"] = resources.time_text(min(2 * limit, limits.get("time") or 2 * limit))
 
 
 def _mem_text(n):

@@ -226,7 +226,7 @@ def fill_auto(cfgs, sweep=True):
                             "time": history.choose_time(pasts[key], asked.time, int(cfg.trainer.epochs))}
         for k in wanted:
             shown = choices[id(cfg)][k]
-            value = history.clock(shown.value) if k == "time" else shown.value
+            value = resources.time_text(60 * shown.value) if k == "time" else shown.value
             lines.append(f"resources.{k}=auto: {value} ({shown.why}; conf/ asks {asked[k]})")
     if "mem" in wanted:
         largest = max((choices[id(c)]["mem"].value for c in cfgs), key=history.to_bytes)
