@@ -22,12 +22,16 @@ def jobs(args, cwd, logs):
     return result
 
 
-def row(listing, job_id):
-    """The status table's row of a job as {header: cell}; cells are two or more spaces apart."""
-    lines = listing.splitlines()
+def rows(listing):
+    """The status table's rows as {header: cell}; cells are two or more spaces apart."""
+    lines = [line for line in listing.splitlines() if line.strip()]
     header = re.split(r"\s{2,}", lines[0].strip())
-    line = next(l for l in lines if l.startswith(job_id + " "))
-    return dict(zip(header, re.split(r"\s{2,}", line.strip())))
+    return [dict(zip(header, re.split(r"\s{2,}", line.strip()))) for line in lines[1:] if re.match(r"\d", line)]
+
+
+def row(listing, job_id):
+    """A job's (first) row of the status table."""
+    return next(cells for cells in rows(listing) if cells["JOB"] == job_id)
 
 
 def ended(logs, cwd, job_ids, timeout=180):
@@ -35,8 +39,8 @@ def ended(logs, cwd, job_ids, timeout=180):
     deadline = time.time() + timeout
     while True:
         listing = jobs([], cwd, logs).stdout
-        states = {job: row(listing, job)["STATE"] for job in job_ids}
-        if all(s not in record.LIVE for s in states.values()) or time.time() > deadline:
+        states = [cells["STATE"] for cells in rows(listing) if cells["JOB"] in job_ids]  # a packed task: a row a run
+        if all(s not in record.LIVE for s in states) or time.time() > deadline:
             return listing
         time.sleep(1)
 
@@ -160,6 +164,42 @@ def test_a_sweep_with_two_tasks_cancelled_reruns_them_as_one_array_and_they_resu
 
     assert final(2) == final(3) == final(0) == final(1) and len(final(0)) == 6
     assert "Nothing to rerun" in jobs(["resubmit", sweep], tmp_path, logs).stdout
+
+
+def test_a_packed_task_cancelled_in_its_first_run_is_rerun_packed_again_and_only_its_runs(slurm_env, data, tmp_path):
+    """Four alike runs, two a task (launcher.runs_per_task=2). The second task is cancelled during its first
+    run: resubmit packs that run and the one that never started into one task, in their order; the first
+    resumes, the second trains from its start, and both end as the uninterrupted runs did."""
+    logs, sweep, data = tmp_path / "logs", tmp_path / "sweep", tmp_path / "data"
+    write_dataset(data, "MNIST", n_train=2048, n_test=256)  # epochs of ~1 s: time to cancel one mid-run
+    result = run(["-m", "launcher=slurm", "trainer.log_interval=4,5,6,7", f"data.root={data}", "model=cnn",
+                  "trainer.epochs=4", "trainer.threads=1", "resources.mem=2G", "launcher.runs_per_task=2",
+                  f"launcher.log_dir={logs}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    array = re.search(r"Submitted job array (\d+)", result.stdout).group(1)
+    metrics, deadline = sweep / "2" / "metrics.csv", time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # one epoch of the task's first run
+        assert time.time() < deadline, "run 2 never finished an epoch"
+        time.sleep(0.2)
+    subprocess.run(["scancel", f"{array}_1"], check=True)
+    ended(logs, tmp_path, [f"{array}_0", f"{array}_1"])
+
+    again = jobs(["resubmit", sweep], tmp_path, logs)
+    assert f"Rerunning 2 of 4 runs in {sweep} (2 left alone: 0 completed; 1 completed)" in again.stdout, again.stdout
+    assert "the folders above in their order, 2 a task" in again.stdout
+    new = re.search(r"Submitted job (\d+)", again.stdout).group(1)
+    entries = [e for e in record.read(logs) if e["job_id"] == new]  # one task: a plain job
+    assert [(e["run_dir"], e["pack"], e["previous"]) for e in entries] == [
+        (str(sweep / "2"), [0, 2], f"{array}_1"), (str(sweep / "3"), [1, 2], f"{array}_1")]
+    ended(logs, tmp_path, [new])
+    first, _, second = (logs / f"cnn_{new}.out").read_text().partition(f"Run 2 of 2 in this task: {sweep / '3'}\n")
+    assert f"Run 1 of 2 in this task: {sweep / '2'}\n" in first and "Resuming from" in first
+    assert "Train Epoch: 1 [0/" in second and "Resuming from" not in second
+
+    def final(t):
+        return [(r["epoch"], r["train_loss"], r["test_loss"], r["accuracy"])
+                for r in csv.DictReader(open(sweep / str(t) / "metrics.csv"))]
+
+    assert final(2) == final(3) == final(0) == final(1) and len(final(0)) == 4
 
 
 def test_without_accounting_the_views_still_say_what_happened(slurm_env_no_accounting, data, tmp_path):
