@@ -108,6 +108,14 @@ def read_config(run_dir):
     return config
 
 
+def config_if_readable(run_dir):
+    """The saved config, or None if there is none or it is damaged: for views that show what they can of a run."""
+    try:
+        return read_config(run_dir)
+    except RunFolderError:
+        return None
+
+
 _CONFIG_FIX = ("It is the config the run resumes with: put it back as it was (Hydra's record of the first "
                "start is .hydra/config.yaml beside it), or move the folder away and start the run afresh.")
 

@@ -69,6 +69,17 @@ def read_only_data(tmp_path_factory):
     assert not changes(before, contents(root)), f"a test wrote into the shared {root}: {changes(before, contents(root))}"
 
 
+@pytest.fixture(scope="session")
+def sixteen_batches_data(tmp_path_factory):
+    """A data.root holding an MNIST of 1024 training images (16 batches of 64) and 256 test images: room
+    to stop a run mid-epoch. Shared and read-only, as read_only_data."""
+    root = tmp_path_factory.mktemp("sixteen") / "data"
+    write_dataset(root, "MNIST", n_train=1024, n_test=256)
+    before = contents(root)
+    yield root
+    assert not changes(before, contents(root)), f"a test wrote into the shared {root}: {changes(before, contents(root))}"
+
+
 @pytest.fixture
 def tiny_data(read_only_data):
     """read_only_data, checked after the test: one that wrote into it errors in its teardown, by name."""

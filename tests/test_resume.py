@@ -7,18 +7,16 @@ import sys
 import pytest
 import torch
 
-from conftest import run, write_dataset
+from conftest import run
 
 EPOCHS = 2
 N_TRAIN, BATCHES = 1024, 16
 STOP_AT = "Train Epoch: 2 [320/"  # batch 5 of 16: well inside the epoch
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "MNIST", n_train=N_TRAIN, n_test=256)
-    return root
+@pytest.fixture(scope="session")
+def data(sixteen_batches_data):
+    return sixteen_batches_data
 
 
 def args(data, run_dir, *more):

@@ -8,18 +8,16 @@ import sys
 
 import pytest
 
-from conftest import run, write_dataset
+from conftest import run
 
 N_TRAIN, BATCHES, EPOCHS = 1024, 16, 2
 EPOCH_TAGS = {"train/epoch_loss": "train_loss", "test/loss": "test_loss", "test/accuracy": "accuracy",
               "samples_per_s": "samples_per_s"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_dataset(root, "MNIST", n_train=N_TRAIN, n_test=256)
-    return root
+@pytest.fixture(scope="session")
+def data(sixteen_batches_data):
+    return sixteen_batches_data
 
 
 def args(data, run_dir, *more):

@@ -65,18 +65,11 @@ def history(log_dir, config):
         if entry["run_dir"] not in seen:  # a resubmitted run is one run
             seen.add(entry["run_dir"])
             entries.append(entry)
-    configs = {e["run_dir"]: _config(e["run_dir"]) for e in entries}
+    configs = {e["run_dir"]: rundir.config_if_readable(e["run_dir"]) for e in entries}
     matching = [e for e in entries if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]
     states = _sacct_states([e["job_id"] for e in matching])
     pasts = (_past(e, configs[e["run_dir"]], states.get(e["job_id"], "")) for e in matching)
     return [p for p in pasts if p is not None]
-
-
-def _config(run_dir):
-    try:
-        return rundir.read_config(run_dir)
-    except rundir.RunFolderError:
-        return None
 
 
 def _past(entry, config, slurm_state):

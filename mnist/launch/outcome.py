@@ -183,10 +183,7 @@ def _parse(text):
 
 def _config(entry):
     if "_config" not in entry:
-        try:
-            entry["_config"] = rundir.read_config(entry["run_dir"]) or {}
-        except rundir.RunFolderError:
-            entry["_config"] = {}
+        entry["_config"] = rundir.config_if_readable(entry["run_dir"]) or {}
     return entry["_config"]
 
 
