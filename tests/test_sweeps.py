@@ -62,9 +62,12 @@ def test_a_bad_runs_per_task_names_the_value_and_the_fix(tiny_data, tmp_path, va
 def test_packed_runs_keep_their_folders_and_a_requeued_task_skips_the_finished_one(slurm_env, tmp_path):
     """Two identical runs (they differ in log interval only) in one task; the second is preempted mid-way."""
     write_dataset(tmp_path / "data", "MNIST", n_train=4000, n_test=200)
-    job_id = submitted_id(sweep(["trainer.log_interval=10,11", "trainer.epochs=20", "launcher.runs_per_task=2",
-                                 "launcher.max_requeues=2"], tmp_path, tmp_path / "data"))
+    submitted = sweep(["trainer.log_interval=10,11", "trainer.epochs=20", "launcher.runs_per_task=2",
+                       "launcher.max_requeues=2"], tmp_path, tmp_path / "data")
+    job_id = submitted_id(submitted)
     log, runs = tmp_path / "logs" / f"mlp_{job_id}.out", [tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"]
+    assert f"Submitted job {job_id} (mlp): 2 runs in 1 task, one after another\n" in submitted.stdout
+    assert f"run folders: {tmp_path / 'sweep'}/<run>\n  log:         {log}\n" in submitted.stdout
     deadline = time.time() + 180
     while time.time() < deadline and "Train Epoch: 1 [0/4000" not in read(log).partition("Run 2 of 2")[2]:
         time.sleep(0.5)

@@ -304,7 +304,11 @@ def _asked(res):
 
 def _announce(cfg, name, jobs, run_dirs, array, tasks):
     main_id = jobs[0].job_id.split("_")[0]
-    if not array:
+    if not array and len(run_dirs) > 1:  # a sweep packed into one task: a plain job that trains them all in turn
+        out, _ = _log_files(cfg, name, main_id, False)
+        print(f"Submitted job {main_id} ({name}): {len(run_dirs)} runs in 1 task, one after another\n"
+              f"  run folders: {Path(run_dirs[0]).parent}/<run>\n  log:         {out}")
+    elif not array:
         out, err = _log_files(cfg, name, main_id, False)
         print(f"Submitted job {main_id} ({name})\n  run folder: {run_dirs[0]}\n  log:        {out}\n  errors:     {err}")
     else:
