@@ -40,19 +40,14 @@ def describe(log_dir, entries=None):
     return outcome.describe(entries, known, log_dir)
 
 
-def _cut(text, width):
-    text = text or "-"
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def table(jobs):
     """The status table's lines, and one summary line per array of two or more tasks."""
     lines = []
     for job in jobs:
         cells = outcome.shown(job)
         lines.append((job["job_id"], job["name"] or "-", job["state"], f"{job['requeues']}x" if job["requeues"] else "-",
-                      cells["time"], cells["cpu"], cells["mem"], job["node"] or "-", _cut(job["cause"], CAUSE_WIDTH),
-                      _cut(job["last_line"], LINE_WIDTH), job["run_dir"]))
+                      cells["time"], cells["cpu"], cells["mem"], job["node"] or "-", outcome.cut(job["cause"], CAUSE_WIDTH),
+                      outcome.cut(job["last_line"], LINE_WIDTH), job["run_dir"]))
     widths = [max(len(str(x)) for x in column) for column in zip(HEADER, *lines)]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (HEADER, *lines)]
     arrays = {}

@@ -149,14 +149,6 @@ def _load_yaml(path):
         return None
 
 
-def _get(mapping, dotted, default=None):
-    for key in dotted.split("."):
-        if not isinstance(mapping, dict) or key not in mapping:
-            return default
-        mapping = mapping[key]
-    return mapping
-
-
 def read_overrides(run_dir):
     """The overrides of the command that first started the run as {key: value}, `hydra.*` ones left out
     (a resume's command rewrites Hydra's .hydra/overrides.yaml, not the run's start record)."""
@@ -197,18 +189,18 @@ def read_run(run_dir):
     if config is None and not damaged:  # not written yet (or a local run that stopped before training)
         config = _load_yaml(Path(run_dir) / ".hydra" / "config.yaml")
     config = config if isinstance(config, dict) else {}
-    epochs = _get(config, "trainer.epochs")
+    epochs = rundir.select(config, "trainer.epochs")
     return {
         "run_dir": Path(run_dir),
-        "model": str(_get(config, "model.name", "?")),
-        "optimizer": str(_get(config, "optimizer.name", "?")),
-        "preset": _get(config, "experiment"),
+        "model": str(rundir.select(config, "model.name", "?")),
+        "optimizer": str(rundir.select(config, "optimizer.name", "?")),
+        "preset": rundir.select(config, "experiment"),
         "epochs": epochs if isinstance(epochs, int) else None,
         "metrics": careful(rundir.read_metrics, []),
         "overrides": read_overrides(run_dir),
         "env_job_id": environment_job_id(run_dir),
         "damaged": damaged,
-        "seed": _get(config, "trainer.seed"),
+        "seed": rundir.select(config, "trainer.seed"),
         "batch_losses": batch_losses(run_dir),
     }
 
@@ -401,7 +393,7 @@ def _usage_columns(job):
             "mem_peak_bytes": job["mem_peak"] or "", "mem_asked_bytes": job["mem_asked"] or "",
             "gpu_peak_bytes": job["gpu_peak"] or "", "gpu_total_bytes": job["gpu_total"] or "",
             "time_shown": cells["time"], "cpu_shown": cells["cpu"], "mem_shown": cells["mem"],
-            "cause_shown": (job["cause"][:57] + "...") if len(job["cause"]) > 60 else job["cause"] or "-", "job": job}
+            "cause_shown": outcome.cut(job["cause"], 60), "job": job}
 
 
 def format_table(table):

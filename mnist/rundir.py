@@ -209,11 +209,11 @@ def _under(key, prefixes):
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def select(config, dotted):
-    """config's value at a dotted key (`trainer.epochs`), or None; config is a plain dict."""
+def select(config, dotted, default=None):
+    """config's value at a dotted key (`trainer.epochs`), or `default`; config is a plain dict."""
     for part in dotted.split("."):
         if not isinstance(config, dict) or part not in config:
-            return None
+            return default
         config = config[part]
     return config
 
@@ -366,28 +366,28 @@ def lock(run_dir, job_id=None):
         yield
 
 
-def check_free(run_dir, job_id=None):
-    """Raise RunFolderError if another process trains into the folder now (it takes the lock and lets go)."""
+def _held_by(run_dir):
+    """{host, pid, job_id, since} of the process that holds the folder's lock now, or None (it takes the lock
+    and lets go)."""
     if not (Path(run_dir) / LOCK).exists():
-        return
+        return None
     with open(Path(run_dir) / LOCK, "r+") as lock_file:
-        if _try_lock(lock_file):
-            return  # closing the file lets go
-        holder = _read_holder(lock_file)
-        if job_id is None or str(holder.get("job_id")) != str(job_id):
-            raise _in_use(run_dir, holder)
+        return None if _try_lock(lock_file) else _read_holder(lock_file)  # closing the file lets go
+
+
+def check_free(run_dir, job_id=None):
+    """Raise RunFolderError if another process trains into the folder now."""
+    held = _held_by(run_dir)
+    if held is not None and (job_id is None or str(held.get("job_id")) != str(job_id)):
+        raise _in_use(run_dir, held)
 
 
 def holder(run_dir):
     """Who trains into the folder now ({host, pid, job_id, since}), or None."""
     try:
-        check_free(run_dir)
-    except RunFolderError:
-        with open(Path(run_dir) / LOCK) as lock_file:
-            return _read_holder(lock_file)
+        return _held_by(run_dir)
     except OSError:
         return None
-    return None
 
 
 def unused(run_dir):

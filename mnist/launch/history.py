@@ -17,13 +17,12 @@ Standard library and PyYAML only: the login node's submit path, which never impo
 """
 import math
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist import rundir
 from mnist.launch import record
-from mnist.launch.outcome import human_bytes
+from mnist.launch.outcome import human_bytes, node_peak
 from mnist.launch.resources import memory, time_seconds
 
 MATCH = ("model", "data.name", "data.batch_size", "resources.cpus_per_task", "resources.gpus_per_node",
@@ -67,8 +66,9 @@ def history(log_dir, config):
             entries.append(entry)
     configs = {e["run_dir"]: rundir.config_if_readable(e["run_dir"]) for e in entries}
     matching = [e for e in entries if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]
-    states = _sacct_states([e["job_id"] for e in matching])
-    pasts = (_past(e, configs[e["run_dir"]], states.get(e["job_id"], "")) for e in matching)
+    states = record.accounting([e["job_id"] for e in matching])
+    pasts = (_past(e, configs[e["run_dir"]], states[e["job_id"]].state if e["job_id"] in states else "")
+             for e in matching)
     return [p for p in pasts if p is not None]
 
 
@@ -79,10 +79,7 @@ def _past(entry, config, slurm_state):
     peaks, work, startups = [], 0.0, []
     for attempt in attempts:
         ranks = list(attempt["ranks"].values())
-        per_host = {}
-        for figures in ranks:
-            per_host[figures.get("host")] = per_host.get(figures.get("host"), 0) + int(figures.get("peak_rss") or 0)
-        peaks.append(max(per_host.values(), default=0))
+        peaks.append(node_peak(ranks))
         task = attempt.get("task") or {}
         startup = float(task.get("startup_s") or 0)
         startups += [startup] if startup else []
@@ -108,19 +105,6 @@ def _killed(entry, slurm_state):
     except OSError:
         return "other"
     return next((why for why, pattern in KILLED.items() if pattern.search(text)), "other")
-
-
-def _sacct_states(job_ids):
-    """{job id: state} from one sacct call; {} without accounting (or without Slurm)."""
-    if not job_ids:
-        return {}
-    try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
-                             capture_output=True, text=True, timeout=record.SLURM_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    rows = (line.split("|") for line in out.stdout.splitlines() if "|" in line)
-    return {job: state for job, state in rows} if out.returncode == 0 else {}
 
 
 def p95(values):
@@ -161,7 +145,7 @@ def choose_time(pasts, asked, epochs):
     done = [p for p in pasts if p.ended == "completed"]
     floor = max([2 * p.asked_time_s for p in pasts if p.ended == "time"], default=0)
     if len(done) >= MIN_RUNS:
-        work = p95([p.work_s * epochs / p.epochs for p in done])
+        work = estimated_work_s(pasts, epochs)
         startup = max((s for p in done for s in p.startups), default=0.0)
         wanted = max(work * MARGIN + startup, MIN_TIME_S)
         why = (f"p95 of {len(done)} past runs like this, {work:.1f} s for {epochs} epochs, x{MARGIN} "

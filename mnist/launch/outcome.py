@@ -145,10 +145,7 @@ def _own_figures(attempts):
              "gpu_total": None}
     for attempt in attempts:
         ranks = [r for r in attempt["ranks"].values() if isinstance(r, dict)]
-        per_host = {}
-        for r in ranks:
-            per_host[r.get("host")] = per_host.get(r.get("host"), 0) + (r.get("peak_rss") or 0)
-        found["peak"] = max(found["peak"] or 0, *per_host.values(), 0) or None
+        found["peak"] = max(found["peak"] or 0, node_peak(ranks)) or None
         found["cpu_s"] = (found["cpu_s"] or 0) + sum(r.get("cpu_s") or 0 for r in ranks)
         wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
         found["cpus"] = sum(r.get("cpus") or 0 for r in ranks) or None
@@ -159,6 +156,14 @@ def _own_figures(attempts):
             found["gpu_peak"] = max(found["gpu_peak"] or 0, *(r["gpu_peak"] for r in gpu))
             found["gpu_total"] = max(r.get("gpu_total") or 0 for r in gpu) or None
     return found
+
+
+def node_peak(ranks):
+    """The largest peak memory of one node in an attempt (bytes): the ranks on one host add up. 0 if none."""
+    per_host = {}
+    for figures in ranks:
+        per_host[figures.get("host")] = per_host.get(figures.get("host"), 0) + int(figures.get("peak_rss") or 0)
+    return max(per_host.values(), default=0)
 
 
 def _wait(slurm, attempts, entry):
@@ -323,6 +328,12 @@ def human_bytes(n):
 def clock(seconds):
     """Seconds as Slurm shows a duration: M:SS, H:MM:SS, D-HH:MM:SS."""
     return record._clock(round(seconds)) if seconds is not None else "?"
+
+
+def cut(text, width):
+    """A table cell of at most `width` characters ("-" for none), cut with "..."."""
+    text = text or "-"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def shown(job):

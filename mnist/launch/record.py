@@ -181,7 +181,7 @@ def states(entries):
         return States({}, problem)
     # squeue -r lists every pending job and task. sacct's PENDING for one it does not list is out of
     # date: a task cancelled before it started stays in sacct's folded "N_[1-3%1] PENDING" for a while.
-    accounted = {job: state for job, state in _sacct(",".join(arrays)).items() if state.state != "PENDING"}
+    accounted = {job: state for job, state in accounting(arrays).items() if state.state != "PENDING"}
     found = {}
     for entry in entries:
         job_id = entry["job_id"]
@@ -215,9 +215,12 @@ def _squeue(job_list):
     return parse_squeue(out), ""
 
 
-def _sacct(job_list):
-    """The jobs accounting knows; nothing where accounting is off (sacct fails)."""
-    out, _ = _call(["sacct", "-n", "-P", "-j", job_list, "-o", ",".join(SACCT_FIELDS)])
+def accounting(job_ids):
+    """{job id: JobState} of these jobs (ids of jobs, arrays or tasks) as accounting knows them, in one sacct call;
+    {} where accounting is off (sacct fails) or there is no Slurm."""
+    if not job_ids:
+        return {}
+    out, _ = _call(["sacct", "-n", "-P", "-j", ",".join(sorted(set(job_ids))), "-o", ",".join(SACCT_FIELDS)])
     return parse_sacct(out)
 
 

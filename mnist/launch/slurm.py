@@ -5,6 +5,7 @@ resolved config, renders the sbatch script through submitit (so `dry_run=true` p
 bytes submitit writes), submits, records the job for `python -m mnist.jobs`, and returns.
 It never imports torch and knows nothing about models beyond their name.
 """
+import contextlib
 import datetime
 import os
 import shlex
@@ -127,25 +128,21 @@ def _executor(cfg, params):
     return executor
 
 
+@contextlib.contextmanager
 def _submitting():
     """sbatch's refusal as Slurm words it, not as a traceback from inside submitit."""
-    import contextlib
     import subprocess
 
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as e:
-            text = getattr(e, "output", None) or str(e)
-            if isinstance(text, bytes):
-                text = text.decode(errors="replace")
-            lines = [l.strip() for l in str(text).splitlines() if "error" in l.lower()] or [str(text).strip()]
-            raise SubmitError(f"sbatch refused the job: {' '.join(lines)[:600]}. Fix the request and submit again.") from None
-
-    return guard()
+    try:
+        yield
+    except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError) as e:
+        text = getattr(e, "output", None) or str(e)
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        lines = [l.strip() for l in str(text).splitlines() if "error" in l.lower()] or [str(text).strip()]
+        raise SubmitError(f"sbatch refused the job: {' '.join(lines)[:600]}. Fix the request and submit again.") from None
 
 
 def submit(cfg, run_dir, overrides=None):
