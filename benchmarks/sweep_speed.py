@@ -89,7 +89,7 @@ def _usage(folder, log_dir, job_id):
     from mnist import rundir
     from mnist.launch import record
     from mnist.launch.resources import time_seconds
-    from mnist.launch.history import to_bytes
+    from mnist.launch.resources import memory_bytes_of
 
     used_gbh = used_cpuh = epochs_s = 0.0
     for run_dir in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").exists()):
@@ -103,7 +103,7 @@ def _usage(folder, log_dir, job_id):
     for entry in tasks.values():
         config = rundir.read_config(entry["run_dir"])
         hours = time_seconds(config["resources"]["time"]) * entry.get("pack", [0, 1])[1] / 3600
-        asked_gbh += to_bytes(config["resources"]["mem"]) / 2**30 * hours
+        asked_gbh += memory_bytes_of(config["resources"]["mem"]) / 2**30 * hours
         asked_cpuh += config["resources"]["cpus_per_task"] * hours
     return {"asked_gb_h": asked_gbh, "used_gb_h": used_gbh, "asked_cpu_h": asked_cpuh, "used_cpu_h": used_cpuh,
             "epochs_s": epochs_s, "tasks": len(tasks)}

@@ -12,7 +12,6 @@ the files, so no step is written twice. Events are flushed before each checkpoin
 
 Nothing of TensorBoard is imported unless the logger is on.
 """
-import os
 from pathlib import Path
 
 from mnist import rundir
@@ -75,17 +74,9 @@ def _hparams(cfg):
     """The run's config as {dotted key: number, string or bool}; lists as their text."""
     from omegaconf import OmegaConf
 
-    flat = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            elif value is not None:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    leaves = rundir.leaves(OmegaConf.to_container(cfg, resolve=True))
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in leaves.items() if value is not None}
 
 
 def keep_steps_up_to(folder, steps_done):
@@ -104,12 +95,13 @@ def keep_steps_up_to(folder, steps_done):
         records = list(RawEventFileLoader(str(path)).Load())  # up to a record a killed writer left half-written
         kept = [r for r in records if Event.FromString(r).step <= steps_done]
         if len(kept) < len(records) or path.stat().st_size != _size(records):
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as f:
-                writer = RecordWriter(f)
-                for record in kept:
-                    writer.write(record)
-            os.replace(tmp, path)
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    writer = RecordWriter(f)
+                    for record in kept:
+                        writer.write(record)
+
+            rundir.write_whole(path, write)
     return bool(files)
 
 

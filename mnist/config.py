@@ -236,13 +236,16 @@ def validate(cfg):
     _check_logger(cfg)
 
 
+def _built(key, name, known, what, fix):
+    """Refuse a name mnist/registry.py does not list: `<key>=<name> is no <what> this project builds...<fix>`."""
+    if name not in known:
+        raise ConfigError(f"{key}={name!r} is no {what} this project builds. Choose one of: "
+                          f"{', '.join(known)}{fix}")
+
+
 def _check_model(cfg):
     arch = cfg.model.arch
-    if arch not in registry.ARCHS:
-        raise ConfigError(
-            f"model.arch={arch!r} is no architecture this project builds. Choose one of: "
-            f"{', '.join(registry.ARCHS)}, or pick a model with model=<name> (see conf/model/)."
-        )
+    _built("model.arch", arch, registry.ARCHS, "architecture", ", or pick a model with model=<name> (see conf/model/).")
     outputs = registry.ARCHS[arch]
     if cfg.model.output not in outputs:
         raise ConfigError(
@@ -268,11 +271,8 @@ def _check_model(cfg):
 
 def _check_loss(cfg):
     name, output = cfg.loss.name, cfg.model.output
-    if name not in registry.LOSSES:
-        raise ConfigError(
-            f"loss.name={name!r} is no loss this project builds. Choose one of: {', '.join(registry.LOSSES)} "
-            f"(loss=<name>; conf/loss/), or add it to LOSSES in mnist/registry.py."
-        )
+    _built("loss.name", name, registry.LOSSES, "loss",
+           " (loss=<name>; conf/loss/), or add it to LOSSES in mnist/registry.py.")
     fits = registry.LOSSES[name].fits
     if output not in fits:
         others = [loss for loss, entry in registry.LOSSES.items() if output in entry.fits]
@@ -321,12 +321,8 @@ def _check_optimizer(cfg):
     from omegaconf import OmegaConf
 
     name = cfg.optimizer.name
-    if name not in registry.OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.name={name!r} is no optimizer this project builds. Choose one of: "
-            f"{', '.join(registry.OPTIMIZERS)} (the `name:` in conf/optimizer/<file>.yaml, or "
-            f"optimizer.name=<name>), or add it to OPTIMIZERS in mnist/registry.py."
-        )
+    _built("optimizer.name", name, registry.OPTIMIZERS, "optimizer", " (the `name:` in conf/optimizer/<file>.yaml, "
+           "or optimizer.name=<name>), or add it to OPTIMIZERS in mnist/registry.py.")
     _positive(cfg, "optimizer.lr", (int, float), f"Set e.g. optimizer.lr={_default_lr(name)}.")
     _options(cfg, "optimizer", registry.OPTIMIZERS[name][1])
     scheduler = OmegaConf.to_container(cfg.optimizer).get("scheduler")
@@ -336,11 +332,8 @@ def _check_optimizer(cfg):
         raise ConfigError(f"optimizer.scheduler={scheduler!r} is neither null nor a scheduler's settings. "
                           f"Set optimizer.scheduler=null, or e.g. {_scheduler_example(registry.DEFAULT_SCHEDULER)}.")
     scheduler_name = scheduler.pop("name", registry.DEFAULT_SCHEDULER)
-    if scheduler_name not in registry.SCHEDULERS:
-        raise ConfigError(
-            f"optimizer.scheduler.name={scheduler_name!r} is no scheduler this project builds. Choose one of: "
-            f"{', '.join(registry.SCHEDULERS)}, or set optimizer.scheduler=null."
-        )
+    _built("optimizer.scheduler.name", scheduler_name, registry.SCHEDULERS, "scheduler",
+           ", or set optimizer.scheduler=null.")
     _, options = registry.SCHEDULERS[scheduler_name]
     unknown = sorted(set(scheduler) - set(options))
     if unknown:

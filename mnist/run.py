@@ -48,10 +48,7 @@ def own_config(cfg, run_dir, overrides):
 
 def _finished(cfg, run_dir):
     """A run with every epoch done has nothing left to do: say so and submit nothing."""
-    try:
-        if not rundir.holds_run(run_dir) or not rundir.checkpoint_whole(run_dir) or rundir.epochs_left(run_dir, cfg) > 0:
-            return False
-    except rundir.RunFolderError:  # damaged metrics: training rewrites them from the checkpoint
+    if not rundir.finished(run_dir, cfg) or not rundir.checkpoint_whole(run_dir):
         return False
     print(rundir.nothing_left(run_dir, len(rundir.read_metrics(run_dir)), cfg.trainer.epochs))
     return True

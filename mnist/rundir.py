@@ -198,9 +198,10 @@ def read_start(run_dir):
     return record
 
 
-def _leaves(node, prefix=""):
+def leaves(node, prefix=""):
+    """A nested dict as {dotted key: value} of its leaves (a list is one leaf)."""
     if isinstance(node, dict):
-        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}{key}.").items()}
+        return {k: v for key, child in node.items() for k, v in leaves(child, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): node}
 
 
@@ -242,7 +243,7 @@ def resume_config(run_dir, config, overrides):
     """
     saved = read_config(run_dir)
     given = given_keys(overrides)
-    now, before = _leaves(config), _leaves(saved)
+    now, before = leaves(config), leaves(saved)
     conflicts = sorted(
         key for key in set(now) | set(before)
         if now.get(key) != before.get(key) and key != "trainer.epochs"
@@ -264,6 +265,15 @@ def resume_config(run_dir, config, overrides):
 def epochs_left(run_dir, config):
     """Epochs a resumed run still has to train: config's trainer.epochs less the finished ones."""
     return config["trainer"]["epochs"] - len(read_metrics(run_dir))
+
+
+def finished(run_dir, config):
+    """Whether the folder holds a run with all of config's trainer.epochs done (not if its metrics are damaged:
+    resuming rewrites them from the checkpoint)."""
+    try:
+        return holds_run(run_dir) and epochs_left(run_dir, config) <= 0
+    except RunFolderError:
+        return False
 
 
 def nothing_left(run_dir, epochs_done, epochs):

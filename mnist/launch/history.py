@@ -23,7 +23,7 @@ from pathlib import Path
 from mnist import rundir
 from mnist.launch import record
 from mnist.launch.outcome import human_bytes, node_peak
-from mnist.launch.resources import memory, time_seconds
+from mnist.launch.resources import memory, memory_bytes_of, time_seconds
 
 MATCH = ("model", "data.name", "data.batch_size", "resources.cpus_per_task", "resources.gpus_per_node",
          "resources.nodes", "resources.tasks_per_node", "trainer.device")
@@ -46,11 +46,6 @@ class Past:
     ended: str  # completed | memory | time | other
     asked_mem: int
     asked_time_s: int
-
-
-def to_bytes(text):
-    """Bytes in a memory request as sbatch takes it (checked; without a unit, megabytes)."""
-    return record.memory_bytes(memory(text), "M")
 
 
 def match_key(config):
@@ -88,7 +83,7 @@ def _past(entry, config, slurm_state):
     ended = "completed" if attempts[-1].get("end") == "completed" else _killed(entry, slurm_state)
     resources = config.get("resources", {})
     try:
-        asked_mem, asked_time = to_bytes(resources.get("mem")), time_seconds(resources.get("time"))
+        asked_mem, asked_time = memory_bytes_of(resources.get("mem")), time_seconds(resources.get("time"))
     except Exception:  # an "auto" that never resolved, or an older config: not what it had
         asked_mem, asked_time = 0, 0
     return Past(max(peaks), work, int(config["trainer"].get("epochs") or 1), startups, ended, asked_mem, asked_time)
@@ -130,7 +125,7 @@ def choose_mem(pasts, asked):
         wanted = max(p95(peaks), max(peaks)) * MARGIN
         why = f"the peak of {len(done)} past runs like this, {human_bytes(max(peaks))} at most, x{MARGIN}"
     else:
-        wanted = to_bytes(asked)
+        wanted = memory_bytes_of(asked)
         why = f"conf/'s: only {len(done)} completed past runs like this ({MIN_RUNS} needed)"
     if floor > wanted:
         wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {human_bytes(floor // 2)}"

@@ -37,10 +37,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         """Whether every epoch of the run is done (a requeued packed task skips it)."""
         from mnist import rundir
 
-        try:
-            return rundir.holds_run(self.run_dir) and rundir.epochs_left(self.run_dir, self.config) <= 0
-        except rundir.RunFolderError:
-            return False
+        return rundir.finished(self.run_dir, self.config)
 
     def _train(self):
         from omegaconf import OmegaConf

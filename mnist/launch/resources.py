@@ -271,11 +271,16 @@ def _fitting(resources, most):
     return " ".join(fixes)
 
 
-def memory_mb_of(value):
-    """A Slurm memory request in megabytes (sbatch's unit when none is given)."""
+def memory_bytes_of(value):
+    """A Slurm memory request (checked, as `memory`) in bytes; megabytes, sbatch's unit, when none is given."""
     text = memory(value)
     number, unit = int(text.rstrip("KMGT")), text[-1] if text[-1] in "KMGT" else "M"
-    return math.ceil(number * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}[unit])
+    return number * 2 ** (10 * ("KMGT".index(unit) + 1))
+
+
+def memory_mb_of(value):
+    """A Slurm memory request in whole megabytes."""
+    return math.ceil(memory_bytes_of(value) / 2**20)
 
 
 # slurmctld checks time limits every 30 s and sends --signal's warning at the first check that

@@ -226,7 +226,7 @@ def fill_auto(cfgs, sweep=True):
             value = resources.time_text(60 * shown.value) if k == "time" else shown.value
             lines.append(f"resources.{k}=auto: {value} ({shown.why}; conf/ asks {asked[k]})")
     if "mem" in wanted:
-        largest = max((choices[id(c)]["mem"].value for c in cfgs), key=history.to_bytes)
+        largest = max((choices[id(c)]["mem"].value for c in cfgs), key=resources.memory_bytes_of)
         for cfg in cfgs:
             cfg.resources.mem = largest
     for cfg in cfgs:
