@@ -40,6 +40,11 @@ def job_id():
     return os.environ.get("SLURM_JOB_ID")
 
 
+def restarts():
+    """How many times Slurm has requeued this job so far (0 outside Slurm)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
 def distributed():
     """(rank, local rank, world size) from torch's env:// variables (set by torchrun, or by the
     Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run."""

@@ -13,7 +13,7 @@ Either way, running again in the same folder resumes. Standard library only.
 import signal
 
 REQUEUE_SIGNAL = signal.SIGUSR2
-REQUEUE_SIGNAL_NAME = "USR2"  # as sbatch --signal and the shell's trap/kill spell it
+REQUEUE_SIGNAL_NAME = REQUEUE_SIGNAL.name.removeprefix("SIG")  # USR2, as sbatch --signal and trap/kill spell it
 REQUEUE_EXIT = 3  # "stopped before the time limit, checkpointed: requeue me"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 

@@ -89,14 +89,14 @@ class Recorder:
     """One rank's figures for one attempt, written into the run folder's usage.json."""
 
     def __init__(self, run_dir, task=None):
-        from mnist.env import job_id
+        from mnist.env import job_id, restarts
 
         self.run_dir = run_dir
         self.rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
         # A packed task's later runs count from their own start (the process's start-up is the first run's).
         self.started = task["started"] if task and task.get("index") else process_started()
         self.cpu_before = cpu_seconds() if task and task.get("index") else 0.0  # ... and their own CPU seconds
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        restart = restarts()
         job = job_id()
         since = datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")
         self.attempt = {"id": f"{job}#{restart}" if job else f"local {since} {os.getpid()}", "job_id": job,

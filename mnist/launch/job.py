@@ -6,7 +6,6 @@ has its own folder, lock, checkpoint, metrics and usage.json.
 
 Pickled on the login node, so this module must not import torch at import time.
 """
-import os
 import signal
 import sys
 import time
@@ -42,6 +41,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def _train(self):
         from omegaconf import OmegaConf
 
+        from mnist.env import restarts
         from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested
         from mnist.train import train
 
@@ -51,7 +51,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch, replacing any
             # the submitting shell had set (sbatch passes its environment on); a MASTER_PORT set there is kept
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        requeues = restarts()
         if requeues >= self.max_requeues:
             signal.signal(REQUEUE_SIGNAL, self._last_warning)
             return train(cfg, self.run_dir)
