@@ -144,6 +144,10 @@ def evaluate(model, test_loader, loss, precision=None):
 def build(cfg, device):
     """The model (on `device`, NHWC with trainer.channels_last), its optimizer and scheduler, and
     trainer.precision's autocast and loss scaler."""
+    if device.type == "cuda":
+        # cuDNN's default convolution algorithms may add up the gradients in another order each run; a resumed
+        # run must end bit for bit where an uninterrupted one does (seen on an H200: the CNN's conv1 differed)
+        torch.backends.cudnn.deterministic = True
     model = build_model(cfg.model).to(device)
     if cfg.trainer.channels_last:  # NHWC weights; convolutions then keep their outputs NHWC too
         model = model.to(memory_format=torch.channels_last)

@@ -3,6 +3,7 @@ test run), and a `run` helper that calls `python -m mnist.run` the way a user do
 import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from mnist.idx import write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist")
+# A file's download shown as done: torch's own progress line ("100.0%"), or tqdm's bar ("100%|") where tqdm is installed
+DOWNLOADED = re.compile(r"\b100(?:\.0)?%")
 
 try:  # the real single-node Slurm the integration tests use (cluster/localslurm.py)
     from slurm_fixtures import *  # noqa: F401,F403

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import FASHION_MNIST_DEB, ROOT, run, write_dataset
+from conftest import DOWNLOADED, FASHION_MNIST_DEB, ROOT, run, write_dataset
 from mnist import datafiles
 from mnist.config import compose
 from mnist.data import ensure_dataset
@@ -151,9 +151,10 @@ def test_downloads_started_together_fetch_each_file_once(tmp_path):
         assert process.returncode == 0, err
         assert "mnist: 512 training and 256 test images, checked (sha256 sums match" in out
     assert sorted(fetches) == sorted(f"/{f}.gz" for f in datafiles.FILES)  # once each, by one process
-    shown = [err for _, _, err in results if "100.0%" in err]  # torchvision's download progress, per file
-    assert len(shown) == 1 and shown[0].count("100.0%") == len(datafiles.FILES)
-    assert re.search(r"\b[1-9][0-9]?\.[0-9]%", shown[0])  # and the figures on the way
+    shown = [err for _, _, err in results if DOWNLOADED.search(err)]  # torchvision's download progress, per file
+    assert len(shown) == 1 and len(DOWNLOADED.findall(shown[0])) >= len(datafiles.FILES)
+    if "100.0%" in shown[0]:  # torch's own progress line (tqdm's bar, where installed, may skip them)
+        assert re.search(r"\b[1-9][0-9]?\.[0-9]%", shown[0])  # and the figures on the way
     raw = datafiles.raw_folder(root, "mnist")
     assert_whole(raw, source)
 

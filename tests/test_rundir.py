@@ -38,8 +38,9 @@ def metrics(run_dir):
 
 
 def slow_run(data, run_dir, epochs=3):
-    """A CNN run long enough (seconds) for a second process to try the same folder meanwhile."""
-    return ["model=cnn", f"trainer.epochs={epochs}", "trainer.threads=1", f"data.root={data}",
+    """A CNN run long enough (seconds) for a second process to try the same folder meanwhile (on the CPU: a
+    GPU would end it first)."""
+    return ["model=cnn", f"trainer.epochs={epochs}", "trainer.threads=1", "trainer.device=cpu", f"data.root={data}",
             f"hydra.run.dir={run_dir}"]
 
 

@@ -18,7 +18,8 @@ from mnist.errors import UserError
 
 TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]\tLoss: \d+\.\d{6}$")
 TEST_LINE = re.compile(r"^Test set: Average loss: \d+\.\d{4}, Accuracy: (\d+)/(\d+) \((\d+)%\)$")
-WHERE_LINE = re.compile(r"^Training on cpu, (\d+) CPU threads?, 1 process$")
+# where it trains: the CPU, or a GPU where there is one (trainer.device=auto)
+WHERE_LINE = re.compile(r"^Training on (?:cpu|cuda:\d+ \(.+\)), (\d+) CPU threads?, 1 process$")
 EPOCH_LINE = re.compile(r"^Epoch (\d+): \d+\.\d\d s, \d+ samples/s, lr [\d.e-]+$")
 
 
@@ -59,7 +60,8 @@ def test_a_run_prints_the_course_lines_and_leaves_a_complete_run_folder(tiny_dat
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"]["root"] == str(tiny_data) and config["trainer"]["epochs"] == 2
     environment = json.loads((run_dir / "environment.json").read_text())
-    assert environment["packages"]["torch"].startswith("2.") and environment["device"] == "cpu"
+    assert environment["packages"]["torch"].startswith("2.")
+    assert environment["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # trainer.device=auto
     assert environment["cpu_threads"] >= 1 and "slurm" in environment
 
 
