@@ -102,14 +102,15 @@ def train_epoch(steps, train_loader, epoch, resume=None):
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
-        total_loss += loss.detach() * len(target)
+        total_loss.add_(loss.detach(), alpha=len(target))
         if batch_idx % steps.log_interval == 0:
             progress.clear()
+            value = loss.item()
             steps.log.info(
                 f"Train Epoch: {epoch} [{batch_idx * train_loader.batch_size * world_size}/{train_loader.dataset_size} "
-                f"({100.0 * batch_idx / batches:.0f}%)]\tLoss: {loss.item():.6f}"
+                f"({100.0 * batch_idx / batches:.0f}%)]\tLoss: {value:.6f}"
             )
-            steps.board.batch((epoch - 1) * batches + batch_idx + 1, loss.item())
+            steps.board.batch((epoch - 1) * batches + batch_idx + 1, value)
         progress.update(batch_idx + 1)
         if batch_idx + 1 < batches and stop_here(steps, batch_idx, world_size, train_loader.device):
             progress.close()
