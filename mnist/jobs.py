@@ -154,11 +154,11 @@ def _attempt_line(attempt):
     hosts = ",".join(sorted({str(r.get("host")) for r in ranks}))
     wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
     cpu = sum(r.get("cpu_s") or 0 for r in ranks)
-    peak = sum(r.get("peak_rss") or 0 for r in ranks)
+    peak = outcome.human_bytes(outcome.node_peak(ranks))  # what resources.mem (a node's) must hold, as MEM shows
     end = attempt.get("end") or "no end written (killed, or still running)"
     error = f": {attempt['error']}" if attempt.get("error") else ""
     return (f"started {attempt.get('started')} on {hosts}, {len(ranks)} rank{'s' if len(ranks) != 1 else ''}, "
-            f"{wall:.1f} s, {cpu:.1f} CPU s, peak {outcome.human_bytes(peak)}; {end}{error}")
+            f"{wall:.1f} s, {cpu:.1f} CPU s, peak {peak}{' on one node' if ',' in hosts else ''}; {end}{error}")
 
 
 def tail(log_dir, job_id, lines, follow):
