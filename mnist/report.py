@@ -205,9 +205,6 @@ def read_run(run_dir):
     }
 
 
-TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \(\d+%\)\]\s+Loss: ([-\d.eE+naif]+)$", re.M)
-
-
 def batch_losses(run_dir):
     """[(epoch position, loss)] from the course's `Train Epoch: E [n/N (p%)]  Loss: x` lines of train.log, the
     position being E - 1 + n/N; a resumed run's repeated positions keep their latest loss."""
@@ -216,7 +213,7 @@ def batch_losses(run_dir):
     except OSError:
         return []
     losses = {}
-    for epoch, seen, total, loss in TRAIN_LINE.findall(text):
+    for epoch, seen, total, loss in rundir.TRAIN_LINE.findall(text):
         try:
             losses[int(epoch) - 1 + int(seen) / max(int(total), 1)] = float(loss)
         except ValueError:

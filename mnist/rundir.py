@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 import zipfile
@@ -44,6 +45,8 @@ LOCK = ".lock"
 FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT, USAGE)
 MAX_ATTEMPTS = 100  # usage.json keeps the latest attempts
 
+# The course's line every log_interval batches (train.py writes it): epoch, samples seen, the split's size, loss
+TRAIN_LINE = re.compile(r"^Train Epoch: (\d+) \[(\d+)/(\d+) \(\d+%\)\]\s+Loss: ([-\d.eE+naif]+)$", re.M)
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "accuracy", "seconds", "samples_per_s")
 
 # Where and how a run trains may change when it resumes; what it trains may not.

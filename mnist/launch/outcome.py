@@ -29,7 +29,6 @@ OOM_EVENT = re.compile(r"oom[-_ ]kill", re.IGNORECASE)
 STEPD_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))?")
 ENDED_BY = {None: "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL"}
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*\.\w+): .*")
-TRAIN_LINE = re.compile(r"Train Epoch: (\d+) \[(\d+)/(\d+) \((\d+)%\)\]")
 STOPPED_LINE = re.compile(r"Stopped in epoch (\d+) after batch (\d+)")
 WAITING = {  # squeue's reasons, in a user's words
     "Resources": "waiting for free CPUs, memory or GPUs",
@@ -278,12 +277,12 @@ def resubmit_command(job):
 def progress(job):
     """ " at epoch 3, batch 120/938 (checkpoint: epoch 2)": how far the log says it got."""
     stopped = STOPPED_LINE.findall(job["out_tail"])
-    lines = TRAIN_LINE.findall(job["out_tail"])
+    lines = rundir.TRAIN_LINE.findall(job["out_tail"])
     done = len(_metrics(job["run_dir"]))
     saved = f" (checkpoint: epoch {done})" if done else " (no checkpoint yet)"
     if not lines:
         return saved if job["attempts"] else ""
-    epoch, seen, total, _ = (int(x) for x in lines[-1])
+    epoch, seen, total = (int(x) for x in lines[-1][:3])
     if done > epoch:  # a later submission of the run folder has trained on since
         saved = ""
     config = _config(job)
