@@ -74,10 +74,12 @@ def _removed_if_unused(run_dir):
 def _train_here(cfg, run_dir):
     """Train in this process. Ctrl-C (or USR2, which sbatch scripts forward before the time
     limit) finishes the step, writes a checkpoint and exits: 130 for Ctrl-C, 3 for USR2."""
-    from mnist import datafiles
+    from mnist import datafiles, private_apis
 
     if not datafiles.will_download(cfg.data):  # missing or bad data: said at once, not after torch loads (~2 s)
         datafiles.prepare(cfg.data.root, cfg.data.name)
+    if not cfg.trainer.compile:
+        private_apis.defer_dynamo()  # torch.optim imports torch._dynamo (~1 s, as long as torch itself) for nothing
     from mnist.train import train
 
     stop, received = stopping.StopFlag(), list(stopping.EARLY)

@@ -65,6 +65,17 @@ def test_a_run_prints_the_course_lines_and_leaves_a_complete_run_folder(tiny_dat
     assert environment["cpu_threads"] >= 1 and "slurm" in environment
 
 
+def test_a_local_run_with_its_data_there_imports_neither_torchvision_nor_torch_dynamo(tiny_data, tmp_path):
+    """torchvision is the downloader, torch._dynamo the compiler (trainer.compile): ~1 s each that an eager run
+    with its data in place does without."""
+    result = run([f"data.root={tiny_data}", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                 env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "mnist.train" in imported
+    assert sorted({"torchvision", "torch._dynamo", "torch._inductor"} & imported) == []
+
+
 def test_threads_are_slurms_cpus_per_task_or_the_cpus_the_process_may_use_if_fewer(tiny_data, tmp_path,
                                                                                      monkeypatch):
     one_cpu = min(os.sched_getaffinity(0))  # a job step bound to one CPU of the two its job was given
