@@ -55,11 +55,12 @@ def timeout_job(slurm_cluster, tmp_path_factory):
 @pytest.fixture(scope="module")
 def requeue_job(slurm_cluster, tmp_path_factory):
     """More work than a 1-minute limit holds, with requeues allowed; and the same run, uninterrupted,
-    trained here at the same time for comparison."""
+    trained here at the same time for comparison. (12 epochs of 1536 images: about a minute of one CPU
+    thread. Slurm's signal comes up to ~10 s after its time, so a run must still be training then.)"""
     from conftest import write_dataset
 
     tmp = tmp_path_factory.mktemp("requeue")
-    write_dataset(tmp / "data", "MNIST", n_train=1024, n_test=256)
+    write_dataset(tmp / "data", "MNIST", n_train=1536, n_test=256)
     common = [f"data.root={tmp / 'data'}", "model=cnn", "trainer.epochs=12", "trainer.threads=1"]
     straight = subprocess.Popen([sys.executable, "-m", "mnist.run", *common, f"hydra.run.dir={tmp / 'straight'}"],
                                 cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
