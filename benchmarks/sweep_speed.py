@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.submit_speed import slurm_unreachable, submitted_job
+from benchmarks.submit_speed import median_ratio, slurm_unreachable, submitted_job
 
 TARGET_START = 1.3
 TARGET_PACKED = 0.5
@@ -66,7 +66,7 @@ def measure_start(data_root, rounds=3):
             jobs.append(_first_batch_s(cfg, Path(tmp) / str(r)))
     return {"rounds": rounds, "import_torch_and_read_s": statistics.median(bases),
             "job_to_first_batch_s": statistics.median(jobs),
-            "ratio": statistics.median(j / b for j, b in zip(jobs, bases)), "target_ratio": TARGET_START}
+            "ratio": median_ratio(jobs, bases), "target_ratio": TARGET_START}
 
 
 def _wait(job_id, timeout=1800):
@@ -143,10 +143,12 @@ def measure_sweep(data_root, runs=20, pack=5, rounds=3):
         suggested = subprocess.run([sys.executable, "-m", "mnist.jobs", "--logs", str(tmp / "logs"), "suggest",
                                     "data=fashion_mnist", "model=cnn", "trainer.epochs=1"],
                                    capture_output=True, text=True).stdout.splitlines()
-    ratios = [p["wall_s"] / u["wall_s"] for p, u in zip(sweeps["packed"], sweeps["unpacked"])]
+    walls = {name: [s["wall_s"] for s in done] for name, done in sweeps.items()}
     median_round = {name: sorted(done, key=lambda s: s["wall_s"])[len(done) // 2] for name, done in sweeps.items()}
-    return {"runs": runs, "pack": pack, "rounds": rounds, **median_round, "ratio": statistics.median(ratios),
-            "round_ratios": ratios, "target_ratio": TARGET_PACKED, "cnn_suggested": suggested}
+    return {"runs": runs, "pack": pack, "rounds": rounds, **median_round,
+            "ratio": median_ratio(walls["packed"], walls["unpacked"]),
+            "round_ratios": [p / u for p, u in zip(walls["packed"], walls["unpacked"])],
+            "target_ratio": TARGET_PACKED, "cnn_suggested": suggested}
 
 
 def table(results):
@@ -181,6 +183,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if min(args.runs, args.pack, args.rounds) < 1:
+        parser.error("--runs, --pack and --rounds take a positive count")
     root = os.path.abspath(args.data_root)
     results = {"lean_start": measure_start(root), "packed_sweep": measure_sweep(root, args.runs, args.pack, args.rounds)}
     print("\n".join(table(results)))

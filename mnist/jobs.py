@@ -151,14 +151,15 @@ def _gpu_line(job):
 
 def _attempt_line(attempt):
     ranks = [r for r in attempt["ranks"].values() if isinstance(r, dict)]
-    hosts = ",".join(sorted({str(r.get("host")) for r in ranks}))
+    hosts = sorted({str(r.get("host")) for r in ranks if r.get("host")})
     wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
     cpu = sum(r.get("cpu_s") or 0 for r in ranks)
     peak = outcome.human_bytes(outcome.node_peak(ranks))  # what resources.mem (a node's) must hold, as MEM shows
     end = attempt.get("end") or "no end written (killed, or still running)"
     error = f": {attempt['error']}" if attempt.get("error") else ""
-    return (f"started {attempt.get('started')} on {hosts}, {len(ranks)} rank{'s' if len(ranks) != 1 else ''}, "
-            f"{wall:.1f} s, {cpu:.1f} CPU s, peak {peak}{' on one node' if ',' in hosts else ''}; {end}{error}")
+    return (f"started {attempt.get('started')} on {','.join(hosts) or '?'}, {len(ranks)} "
+            f"rank{'s' if len(ranks) != 1 else ''}, {wall:.1f} s, {cpu:.1f} CPU s, "
+            f"peak {peak}{' on one node' if len(hosts) > 1 else ''}; {end}{error}")
 
 
 def tail(log_dir, job_id, lines, follow):

@@ -27,9 +27,10 @@ class Loss:
         self.log_first = loss_cfg["name"] == "nll" and output == "softmax"  # the sigmoid MLP's probabilities
 
     def __call__(self, output, target, reduction="mean"):
-        if torch.is_autocast_enabled(output.device.type):  # BCE refuses autocast; all get float32
+        if torch.is_autocast_enabled(output.device.type):  # BCE refuses autocast
             with torch.autocast(output.device.type, enabled=False):  # (entered only here: it costs ~4% of an
-                return self(output.float(), target, reduction)       # MLP's CPU step, measured)
+                return self(output, target, reduction)               # MLP's CPU step, measured)
+        output = output.float()  # every loss in float32, a bf16/fp16 output's too (evaluate's, outside autocast)
         if self.log_first:
             output = output.clamp_min(1e-12).log()
         if self.one_hot:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from mnist import callbacks, rundir, stopping, usage
@@ -78,8 +79,10 @@ def _train_here(cfg, run_dir):
 
     if not datafiles.will_download(cfg.data):  # missing or bad data: said at once, not after torch loads (~2 s)
         datafiles.prepare(cfg.data.root, cfg.data.name)
-    if not cfg.trainer.compile:
-        private_apis.defer_dynamo()  # torch.optim imports torch._dynamo (~1 s, as long as torch itself) for nothing
+    # torch.optim imports torch._dynamo (~1 s, as long as torch itself) for nothing in an eager run; not in a local
+    # multirun, whose runs share this process: a later one may compile, and torch keeps what the stand-in said
+    if not cfg.trainer.compile and HydraConfig.get().mode == RunMode.RUN:
+        private_apis.defer_dynamo()
     from mnist.train import train
 
     stop, received = stopping.StopFlag(), list(stopping.EARLY)

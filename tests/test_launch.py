@@ -117,7 +117,7 @@ def test_a_changed_conf_fails_the_script_check_until_the_scripts_are_regenerated
     project = copy_project(tmp_path / "clone")  # a clone of this checkout, so its conf/ and slurm/ may change
     cpu = project / "conf" / "resources" / "cpu.yaml"
     cpu.write_text(cpu.read_text().replace("mem: 3G", "mem: 4G"))
-    env = {"PYTHONPATH": os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
 
     check = run(["--check"], project, env=env, module="mnist.launch.scripts")
     assert check.returncode == 1, check.stderr

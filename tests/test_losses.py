@@ -92,6 +92,24 @@ def test_cross_entropy_on_logits_is_the_course_nll_line_for_line(loss_sweep):
     assert course_lines(loss_sweep["mse"]) != course_lines(loss_sweep["nll"])
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_a_half_precision_output_is_scored_in_float32_inside_autocast_or_not(name):
+    """trainer.precision=bf16: training calls the loss inside autocast, evaluate() outside it (after an
+    autocast forward pass); both score the bfloat16 output in float32, as the loss of its float32 copy."""
+    from mnist.losses import Loss
+
+    output_kind = "none" if name in LOGITS else "softmax" if name in PROBABILITIES else "log_softmax"
+    loss = Loss({"name": name}, output_kind)
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    output = {"none": logits, "softmax": logits.softmax(1), "log_softmax": logits.log_softmax(1)}[output_kind]
+    output, labels = output.bfloat16(), torch.arange(64) % 10
+    expected = loss(output.float(), labels, reduction="sum")
+    assert loss(output, labels, reduction="sum").dtype == torch.float32
+    assert torch.equal(loss(output, labels, reduction="sum"), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(loss(output, labels, reduction="sum"), expected)
+
+
 REFUSE_WITHOUT_TORCH = """
 import sys
 from mnist.run import main
