@@ -91,8 +91,7 @@ def _usage(folder, log_dir, job_id):
     """Used (GB-hours, CPU-hours, epoch seconds) from each run's usage.json and metrics; asked per task."""
     from mnist import rundir
     from mnist.launch import record
-    from mnist.launch.resources import time_seconds
-    from mnist.launch.resources import memory_bytes_of
+    from mnist.launch.resources import memory_bytes_of, time_seconds
 
     used_gbh = used_cpuh = epochs_s = 0.0
     for run_dir in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").exists()):

@@ -24,6 +24,11 @@ except ImportError:
     pass
 
 
+def imported_modules(stderr):
+    """The modules a process imported, from its `python -X importtime` (PYTHONPROFILEIMPORTTIME=1) stderr."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
 def make_images(n, seed):
     """n 28x28 images whose label is readable: a bright 7x7 block at one of ten places, plus noise."""
     rng = random.Random(seed)

@@ -10,7 +10,7 @@ import pytest
 import submitit
 from omegaconf import OmegaConf
 
-from conftest import run, write_dataset
+from conftest import imported_modules, run, write_dataset
 from mnist import rundir
 from mnist.config import compose
 from mnist.launch import record
@@ -25,7 +25,7 @@ def test_a_job_imports_torch_and_nothing_training_does_not_need(tiny_data, tmp_p
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit", python=f"{sys.executable} -X importtime")
     job = executor.submit(TrainJob(OmegaConf.to_container(cfg, resolve=True), tmp_path / "run", 0))
     assert [row["epoch"] for row in job.result()] == [1]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in job.stderr().splitlines() if line.startswith("import time:")}
+    imported = imported_modules(job.stderr())
     assert "torch" in imported and "mnist.train" in imported
     assert sorted(NOT_FOR_TRAINING & imported) == []
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run
+from conftest import imported_modules, run
 from mnist import env
 from mnist.errors import UserError
 
@@ -71,7 +71,7 @@ def test_a_local_run_with_its_data_there_imports_neither_torchvision_nor_torch_d
     result = run([f"data.root={tiny_data}", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
                  env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0, result.stderr
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = imported_modules(result.stderr)
     assert "torch" in imported and "mnist.train" in imported
     assert sorted({"torchvision", "torch._dynamo", "torch._inductor"} & imported) == []
 
