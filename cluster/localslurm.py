@@ -305,6 +305,17 @@ class Cluster:
             return None
         return res.stdout.strip() or None
 
+    def wait_idle(self, timeout: float = 60) -> Optional[str]:
+        """Wait until the node is idle: earlier jobs ended and Slurm done cleaning up after them
+        (a job's node reads 'mixed' or 'completing' for a while after sacct says it ended).
+        Returns the last state seen, 'idle' unless the timeout came first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.node_state()
+            if state == "idle" or time.monotonic() > deadline:
+                return state
+            time.sleep(0.5)
+
     # ---- state on disk
     def _to_json(self) -> dict:
         return {"name": self.name, "port_base": self.port_base,

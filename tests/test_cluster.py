@@ -65,7 +65,8 @@ def test_cluster_is_idle_and_configured(slurm_cluster):
     c = slurm_cluster
     assert c.conf_path.is_file() and c.conf_path.parent == c.folder
     assert c.env == {"SLURM_CONF": str(c.conf_path)}
-    assert c.node_state() == "idle"
+    # the session's cluster: a job of an earlier test may still be ending
+    assert c.wait_idle(timeout=90) == "idle", c.run(["squeue"]).stdout
     res = c.run(["sinfo", "-h", "-o", "%P %G %c"])
     assert res.stdout.split() == [f"{c.partition}*", "gpu:1", str(c.cpus)]
     dbd = c.folder / "slurmdbd.conf"
