@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import imported_modules, run, write_dataset
 from mnist import rundir
 from mnist.config import compose
-from mnist.launch import record
+from mnist.launch import history, record
 from mnist.launch.job import TrainJob
 from test_slurm import submitted_id, wait_for
 
@@ -124,8 +124,24 @@ def test_auto_asks_for_the_largest_peak_and_the_p95_wall_time_with_a_margin(tmp_
     assert "resources.mem=auto: 2048M (" in suggest(tmp_path, "trainer.epochs=2")  # at least twice what it had
 
     few = suggest(tmp_path, "data.batch_size=128")
-    assert "resources.mem=auto: 3G (conf/'s: only 1 completed past runs like this (5 needed)" in few
+    assert "resources.mem=auto: 3G (conf/'s: only 1 completed past run like this (5 needed)" in few
     assert "launcher.runs_per_task=auto: 1 (fewer than 5" in few
+
+
+def test_auto_asks_sacct_only_about_past_runs_that_did_not_record_a_completed_end(tmp_path, monkeypatch):
+    for number in range(5):
+        past_run(tmp_path, number, 400, 20)
+    past_run(tmp_path, 7, 600, 5, ended=None)  # its usage.json has no end: how its job ended is Slurm's to say
+    asked = []
+    monkeypatch.setattr(record, "accounting", lambda job_ids: asked.append(sorted(job_ids)) or {})
+    config = OmegaConf.to_container(compose(["launcher=slurm", "trainer.epochs=1"]), resolve=True)
+    pasts = history.history(tmp_path / "logs", config)
+    assert asked == [["7"]]
+    assert [p.ended for p in pasts] == ["completed"] * 5 + ["memory"]  # (its .err says so)
+
+    (tmp_path / "past" / "7" / "usage.json").unlink()  # now every run it can read completed: no sacct call
+    asked.clear()
+    assert len(history.history(tmp_path / "logs", config)) == 5 and asked == [[]]
 
 
 def chosen(output, key):

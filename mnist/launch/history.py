@@ -4,8 +4,9 @@ both), launcher.runs_per_task=auto, and `python -m mnist.jobs suggest [overrides
 The history is the runs in the launcher's record (<launcher.log_dir>/jobs.jsonl) that match this one
 (MATCH: same model, data, batch size, CPUs, GPUs, nodes, tasks and device), read from each run's
 config.yaml and usage.json (written by the run itself: mnist.usage; a packed run's attempts carry
-`task` = {index, runs, startup_s}), and how its job ended: one `sacct` call where accounting exists,
-else the job's .err (Slurm's "exceeded memory limit" / "DUE TO TIME LIMIT" lines).
+`task` = {index, runs, startup_s}), and how its job ended: "completed" where its usage.json says so, else
+one `sacct` call about such runs where accounting exists, else the job's .err (Slurm's "exceeded memory
+limit" / "DUE TO TIME LIMIT" lines).
 
     mem  = max(p95 of the peaks, the largest peak) x 1.2, rounded up to 256M
     time = p95 of the runs' own wall times x 1.2 + the start-up, rounded up to a minute, at least 2
@@ -60,17 +61,20 @@ def history(log_dir, config):
             seen.add(entry["run_dir"])
             entries.append(entry)
     configs = {e["run_dir"]: rundir.config_if_readable(e["run_dir"]) for e in entries}
-    matching = [e for e in entries if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]
-    states = record.accounting([e["job_id"] for e in matching])
-    pasts = (_past(e, configs[e["run_dir"]], states[e["job_id"]].state if e["job_id"] in states else "")
-             for e in matching)
-    return [p for p in pasts if p is not None]
+    matching = [(e, configs[e["run_dir"]], rundir.read_usage(e["run_dir"])) for e in entries
+                if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]
+    matching = [(e, c, attempts) for e, c, attempts in matching if attempts]
+    # a run whose usage.json says it completed needs no sacct: only the others are asked about, if any
+    states = record.accounting([e["job_id"] for e, _, attempts in matching if not _completed(attempts)])
+    return [_past(e, attempts, c, states[e["job_id"]].state if e["job_id"] in states else "")
+            for e, c, attempts in matching]
 
 
-def _past(entry, config, slurm_state):
-    attempts = rundir.read_usage(entry["run_dir"])
-    if not attempts:
-        return None
+def _completed(attempts):
+    return attempts[-1].get("end") == "completed"
+
+
+def _past(entry, attempts, config, slurm_state):
     peaks, work, startups = [], 0.0, []
     for attempt in attempts:
         ranks = list(attempt["ranks"].values())
@@ -80,7 +84,7 @@ def _past(entry, config, slurm_state):
         startups += [startup] if startup else []
         wall = max(float(f.get("wall_s") or 0) for f in ranks) if ranks else 0.0
         work += max(wall - (startup if not task.get("index") else 0.0), 0.0)  # a task's first run paid its start-up
-    ended = "completed" if attempts[-1].get("end") == "completed" else _killed(entry, slurm_state)
+    ended = "completed" if _completed(attempts) else _killed(entry, slurm_state)
     resources = config.get("resources", {})
     try:
         asked_mem, asked_time = memory_bytes_of(resources.get("mem")), time_seconds(resources.get("time"))
@@ -116,6 +120,10 @@ class Choice:
     why: str
 
 
+def _too_few(done):
+    return f"conf/'s: only {len(done)} completed past run{'' if len(done) == 1 else 's'} like this ({MIN_RUNS} needed)"
+
+
 def choose_mem(pasts, asked):
     """resources.mem for a run like these past ones; `asked` is conf/'s (resources.asked.mem)."""
     done = [p for p in pasts if p.ended == "completed"]
@@ -126,7 +134,7 @@ def choose_mem(pasts, asked):
         why = f"the peak of {len(done)} past runs like this, {human_bytes(max(peaks))} at most, x{MARGIN}"
     else:
         wanted = memory_bytes_of(asked)
-        why = f"conf/'s: only {len(done)} completed past runs like this ({MIN_RUNS} needed)"
+        why = _too_few(done)
     if floor > wanted:
         wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {human_bytes(floor // 2)}"
     elif len(done) < MIN_RUNS:
@@ -143,11 +151,11 @@ def choose_time(pasts, asked, epochs):
         work = estimated_work_s(pasts, epochs)
         startup = max((s for p in done for s in p.startups), default=0.0)
         wanted = max(work * MARGIN + startup, MIN_TIME_S)
-        why = (f"p95 of {len(done)} past runs like this, {work:.1f} s for {epochs} epochs, x{MARGIN} "
-               f"+ {startup:.0f} s start-up")
+        why = (f"p95 of {len(done)} past runs like this, {work:.1f} s for {epochs} epoch{'' if epochs == 1 else 's'}, "
+               f"x{MARGIN} + {startup:.0f} s start-up")
     else:
         wanted = time_seconds(asked)
-        why = f"conf/'s: only {len(done)} completed past runs like this ({MIN_RUNS} needed)"
+        why = _too_few(done)
     if floor > wanted:
         wanted, why = floor, f"{why}; raised: a run like this ran out of its {floor // 120} minutes"
     return Choice(math.ceil(wanted / 60), len(done), why)
