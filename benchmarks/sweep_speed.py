@@ -14,10 +14,13 @@ sweep        with a Slurm up (`make cluster-up`, then its `export SLURM_CONF=...
              time limit, CPUs x time limit, per task) against used (each run's peak x wall, CPU seconds, from
              its usage.json). The ratio is the median of the rounds' packed/unpacked; each one's figures are
              its median round's. Target: packed at most 0.5x unpacked. (One round alone moved from 0.49x to
-             0.56x between runs on the 2-CPU cluster, with the machine's speed.)
+             0.58x between runs on the 2-CPU cluster, with the machine's speed.) Then where the time goes
+             (waves_model): submitting, a task's start-up S and a run R (from the runs' usage.json), and the
+             waves the CPUs run the tasks in; the ratio that predicts, and the S or R that would meet the target.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -94,11 +97,16 @@ def _usage(folder, log_dir, job_id):
     from mnist.launch.resources import memory_bytes_of, time_seconds
 
     used_gbh = used_cpuh = epochs_s = 0.0
+    startups, runs_s = [], []
     for run_dir in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").exists()):
         for attempt in rundir.read_usage(run_dir):
             for f in attempt["ranks"].values():
                 used_gbh += f["peak_rss"] / 2**30 * f["wall_s"] / 3600
                 used_cpuh += f["cpu_s"] / 3600
+            task, wall = attempt.get("task") or {}, max(f["wall_s"] for f in attempt["ranks"].values())
+            first = not task.get("index")  # a task's first run: its wall time includes the task's start-up
+            startups += [task["startup_s"]] if first and task.get("startup_s") else []
+            runs_s.append(wall - (task.get("startup_s") or 0 if first else 0))
         epochs_s += sum(row["seconds"] for row in rundir.read_metrics(run_dir))
     tasks = {e["job_id"]: e for e in record.read(log_dir) if e["job_id"].split("_")[0] == job_id}
     asked_gbh = asked_cpuh = 0.0
@@ -108,7 +116,8 @@ def _usage(folder, log_dir, job_id):
         asked_gbh += memory_bytes_of(config["resources"]["mem"]) / 2**30 * hours
         asked_cpuh += config["resources"]["cpus_per_task"] * hours
     return {"asked_gb_h": asked_gbh, "used_gb_h": used_gbh, "asked_cpu_h": asked_cpuh, "used_cpu_h": used_cpuh,
-            "epochs_s": epochs_s, "tasks": len(tasks)}
+            "epochs_s": epochs_s, "tasks": len(tasks), "task_startup_s": statistics.median(startups or [0]),
+            "run_s": statistics.median(runs_s or [0])}
 
 
 def _sweep(tmp, data_root, runs, name, extra):
@@ -120,12 +129,34 @@ def _sweep(tmp, data_root, runs, name, extra):
                           f"hydra.sweep.dir={folder}", *extra], capture_output=True, text=True, cwd=tmp)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
+    submit_s = time.perf_counter() - start
     job_id = submitted_job(out.stdout)
     _wait(job_id)
     wall = time.perf_counter() - start
     figures = _usage(folder, log_dir, job_id)
     chosen = [line for line in out.stdout.splitlines() if "=auto:" in line]
-    return {"wall_s": wall, "cpu_share": figures["epochs_s"] / (wall * _cluster_cpus()), "chosen": chosen, **figures}
+    return {"wall_s": wall, "submit_s": submit_s, "cpus": _cluster_cpus(),
+            "cpu_share": figures["epochs_s"] / (wall * _cluster_cpus()), "chosen": chosen, **figures}
+
+
+def waves_model(sweep):
+    """Where a sweep's time goes, from its median rounds' own figures: submitting (c), a task's start-up (S, its
+    process start to its first run's start), a run (R), and the waves of tasks the cluster's CPUs run in turn:
+    c + waves x (S + k x R) for k runs a task. The packed/unpacked ratio this predicts, and the S (or R) at
+    which it would meet the target, the other figures as measured (None: no S or R would)."""
+    packed, unpacked, t = sweep["packed"], sweep["unpacked"], TARGET_PACKED
+    c_p, c_u = packed["submit_s"], unpacked["submit_s"]
+    w_p, w_u = (math.ceil(x["tasks"] / x["cpus"]) for x in (packed, unpacked))
+    k_p, k_u = (math.ceil(sweep["runs"] / x["tasks"]) for x in (packed, unpacked))
+    S = statistics.mean([packed["task_startup_s"], unpacked["task_startup_s"]])
+    R = statistics.mean([packed["run_s"], unpacked["run_s"]])
+    # c_p + w_p (S + k_p R) <= t (c_u + w_u (S + k_u R)), solved for S, then for R
+    s_gain, r_cost = t * w_u - w_p, w_p * k_p - t * w_u * k_u
+    return {"submit_packed_s": c_p, "submit_unpacked_s": c_u, "startup_s": S, "run_s": R,
+            "waves": {"packed": w_p, "unpacked": w_u},
+            "predicted_ratio": (c_p + w_p * (S + k_p * R)) / (c_u + w_u * (S + k_u * R)),
+            "startup_for_target_s": (c_p - t * c_u + R * r_cost) / s_gain if s_gain > 0 else None,
+            "run_for_target_s": (t * c_u - c_p + S * s_gain) / r_cost if r_cost > 0 else None}
 
 
 def measure_sweep(data_root, runs=20, pack=5, rounds=3):
@@ -144,10 +175,16 @@ def measure_sweep(data_root, runs=20, pack=5, rounds=3):
                                    capture_output=True, text=True).stdout.splitlines()
     walls = {name: [s["wall_s"] for s in done] for name, done in sweeps.items()}
     median_round = {name: sorted(done, key=lambda s: s["wall_s"])[len(done) // 2] for name, done in sweeps.items()}
-    return {"runs": runs, "pack": pack, "rounds": rounds, **median_round,
-            "ratio": median_ratio(walls["packed"], walls["unpacked"]),
-            "round_ratios": [p / u for p, u in zip(walls["packed"], walls["unpacked"])],
-            "target_ratio": TARGET_PACKED, "cnn_suggested": suggested}
+    result = {"runs": runs, "pack": pack, "rounds": rounds, **median_round,
+              "ratio": median_ratio(walls["packed"], walls["unpacked"]),
+              "round_ratios": [p / u for p, u in zip(walls["packed"], walls["unpacked"])],
+              "target_ratio": TARGET_PACKED, "cnn_suggested": suggested}
+    result["model"] = waves_model(result)
+    return result
+
+
+def _s(seconds):
+    return "-" if seconds is None else f"{seconds:.2f} s"
 
 
 def table(results):
@@ -169,6 +206,13 @@ def table(results):
         rounds = ", ".join(f"{ratio:.2f}" for ratio in sweep["round_ratios"])
         lines.append(f"packed/unpacked wall {sweep['ratio']:.2f}x, median of {sweep['rounds']} rounds ({rounds}) "
                      f"(target <= {TARGET_PACKED}x)")
+        m = sweep["model"]
+        lines.append(
+            f"  where the time goes: submit {m['submit_unpacked_s']:.1f} s unpacked / {m['submit_packed_s']:.1f} s packed, "
+            f"a task's start-up S {m['startup_s']:.2f} s, a run R {m['run_s']:.2f} s; the CPUs run the tasks in "
+            f"{m['waves']['unpacked']} waves of S + R unpacked, {m['waves']['packed']} of S + {sweep['pack']}R packed: "
+            f"{m['predicted_ratio']:.2f}x predicted; {TARGET_PACKED}x would need S >= {_s(m['startup_for_target_s'])} "
+            f"or R <= {_s(m['run_for_target_s'])}")
         lines += [f"  auto (MLP): {line}" for line in sweep["packed"]["chosen"]]
         lines += [f"  suggest (CNN): {line}" for line in sweep["cnn_suggested"]]
     return lines

@@ -75,6 +75,23 @@ def test_the_record_keeps_each_targets_best_value_lower_or_higher():
     assert new["cnn: c"]["commit"] == "abc1234" and record["mlp: a"] == {"value": 1.1}  # the old one untouched
 
 
+def test_the_sweep_waves_model_predicts_the_ratio_and_the_start_up_or_run_time_that_meets_the_target():
+    from benchmarks.sweep_speed import TARGET_PACKED, waves_model
+
+    def sweep(startup_s, run_s):
+        figures = {"cpus": 2, "task_startup_s": startup_s, "run_s": run_s}
+        return {"runs": 20, "pack": 5, "packed": {**figures, "tasks": 4, "submit_s": 2.0},
+                "unpacked": {**figures, "tasks": 20, "submit_s": 1.5}}
+
+    model = waves_model(sweep(2.5, 1.5))
+    assert model["waves"] == {"packed": 2, "unpacked": 10}
+    assert model["predicted_ratio"] == pytest.approx((2 + 2 * (2.5 + 5 * 1.5)) / (1.5 + 10 * (2.5 + 1.5)))
+    at_s = waves_model(sweep(model["startup_for_target_s"], 1.5))["predicted_ratio"]
+    at_r = waves_model(sweep(2.5, model["run_for_target_s"]))["predicted_ratio"]
+    assert at_s == pytest.approx(TARGET_PACKED) and at_r == pytest.approx(TARGET_PACKED)
+    assert model["startup_for_target_s"] > 2.5 and model["run_for_target_s"] < 1.5  # it is above 0.5x as measured
+
+
 @pytest.mark.slow
 def test_the_parallel_section_times_the_stop_agreement_against_a_baseline(tmp_path):
     tiny_fashion_mnist(tmp_path / "data")
