@@ -94,6 +94,7 @@ def _usage(folder, log_dir, job_id):
     """Used (GB-hours, CPU-hours, epoch seconds) from each run's usage.json and metrics; asked per task."""
     from mnist import rundir
     from mnist.launch import record
+    from mnist.launch.history import startup_and_work
     from mnist.launch.resources import memory_bytes_of, time_seconds
 
     used_gbh = used_cpuh = epochs_s = 0.0
@@ -103,10 +104,10 @@ def _usage(folder, log_dir, job_id):
             for f in attempt["ranks"].values():
                 used_gbh += f["peak_rss"] / 2**30 * f["wall_s"] / 3600
                 used_cpuh += f["cpu_s"] / 3600
-            task, wall = attempt.get("task") or {}, max(f["wall_s"] for f in attempt["ranks"].values())
-            first = not task.get("index")  # a task's first run: its wall time includes the task's start-up
-            startups += [task["startup_s"]] if first and task.get("startup_s") else []
-            runs_s.append(wall - (task.get("startup_s") or 0 if first else 0))
+            startup, work = startup_and_work(attempt)
+            first = not (attempt.get("task") or {}).get("index")  # each task's start-up counted once
+            startups += [startup] if first and startup else []
+            runs_s.append(work)
         epochs_s += sum(row["seconds"] for row in rundir.read_metrics(run_dir))
     tasks = {e["job_id"]: e for e in record.read(log_dir) if e["job_id"].split("_")[0] == job_id}
     asked_gbh = asked_cpuh = 0.0
@@ -135,8 +136,9 @@ def _sweep(tmp, data_root, runs, name, extra):
     wall = time.perf_counter() - start
     figures = _usage(folder, log_dir, job_id)
     chosen = [line for line in out.stdout.splitlines() if "=auto:" in line]
-    return {"wall_s": wall, "submit_s": submit_s, "cpus": _cluster_cpus(),
-            "cpu_share": figures["epochs_s"] / (wall * _cluster_cpus()), "chosen": chosen, **figures}
+    cpus = _cluster_cpus()
+    return {"wall_s": wall, "submit_s": submit_s, "cpus": cpus, "cpu_share": figures["epochs_s"] / (wall * cpus),
+            "chosen": chosen, **figures}
 
 
 def waves_model(sweep):
@@ -152,11 +154,12 @@ def waves_model(sweep):
     R = statistics.mean([packed["run_s"], unpacked["run_s"]])
     # c_p + w_p (S + k_p R) <= t (c_u + w_u (S + k_u R)), solved for S, then for R
     s_gain, r_cost = t * w_u - w_p, w_p * k_p - t * w_u * k_u
+    s_needed = (c_p - t * c_u + R * r_cost) / s_gain if s_gain > 0 else None
+    r_needed = (t * c_u - c_p + S * s_gain) / r_cost if r_cost > 0 else None
     return {"submit_packed_s": c_p, "submit_unpacked_s": c_u, "startup_s": S, "run_s": R,
             "waves": {"packed": w_p, "unpacked": w_u},
             "predicted_ratio": (c_p + w_p * (S + k_p * R)) / (c_u + w_u * (S + k_u * R)),
-            "startup_for_target_s": (c_p - t * c_u + R * r_cost) / s_gain if s_gain > 0 else None,
-            "run_for_target_s": (t * c_u - c_p + S * s_gain) / r_cost if r_cost > 0 else None}
+            "startup_for_target_s": s_needed, "run_for_target_s": r_needed if r_needed and r_needed > 0 else None}
 
 
 def measure_sweep(data_root, runs=20, pack=5, rounds=3):

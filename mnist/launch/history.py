@@ -74,16 +74,23 @@ def _completed(attempts):
     return attempts[-1].get("end") == "completed"
 
 
+def startup_and_work(attempt):
+    """(its task's start-up seconds, 0 if not recorded; the attempt's own wall seconds): the first run of
+    a task paid the start-up, so its wall time is counted without it."""
+    task = attempt.get("task") or {}
+    startup = float(task.get("startup_s") or 0)
+    ranks = list(attempt["ranks"].values())
+    wall = max(float(f.get("wall_s") or 0) for f in ranks) if ranks else 0.0
+    return startup, max(wall - (startup if not task.get("index") else 0.0), 0.0)
+
+
 def _past(entry, attempts, config, slurm_state):
     peaks, work, startups = [], 0.0, []
     for attempt in attempts:
-        ranks = list(attempt["ranks"].values())
-        peaks.append(node_peak(ranks))
-        task = attempt.get("task") or {}
-        startup = float(task.get("startup_s") or 0)
+        peaks.append(node_peak(list(attempt["ranks"].values())))
+        startup, own = startup_and_work(attempt)
         startups += [startup] if startup else []
-        wall = max(float(f.get("wall_s") or 0) for f in ranks) if ranks else 0.0
-        work += max(wall - (startup if not task.get("index") else 0.0), 0.0)  # a task's first run paid its start-up
+        work += own
     ended = "completed" if _completed(attempts) else _killed(entry, slurm_state)
     resources = config.get("resources", {})
     try:
