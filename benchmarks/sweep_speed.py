@@ -142,24 +142,27 @@ def _sweep(tmp, data_root, runs, name, extra):
 
 
 def waves_model(sweep):
-    """Where a sweep's time goes, from its median rounds' own figures: submitting (c), a task's start-up (S, its
-    process start to its first run's start), a run (R), and the waves of tasks the cluster's CPUs run in turn:
-    c + waves x (S + k x R) for k runs a task. The packed/unpacked ratio this predicts, and the S (or R) at
-    which it would meet the target, the other figures as measured (None: no S or R would)."""
+    """Where a sweep's time goes, from its median rounds' own figures: submitting (c); each task's own time, Slurm's
+    (G: scheduling it, srun's step, Python's exit) and its start-up (S, its process start to its first run's start);
+    a run (R); and the waves of tasks the cluster's CPUs run in turn: c + waves x (G + S + k x R) for k runs a task.
+    G is what the unpacked sweep's wall time leaves over; the packed wall this predicts from it, its ratio to the
+    unpacked one, and the per-task time G + S (or the R) at which the ratio would meet the target, the other
+    figures as measured (None: none would)."""
     packed, unpacked, t = sweep["packed"], sweep["unpacked"], TARGET_PACKED
     c_p, c_u = packed["submit_s"], unpacked["submit_s"]
     w_p, w_u = (math.ceil(x["tasks"] / x["cpus"]) for x in (packed, unpacked))
     k_p, k_u = (math.ceil(sweep["runs"] / x["tasks"]) for x in (packed, unpacked))
     S = statistics.mean([packed["task_startup_s"], unpacked["task_startup_s"]])
     R = statistics.mean([packed["run_s"], unpacked["run_s"]])
-    # c_p + w_p (S + k_p R) <= t (c_u + w_u (S + k_u R)), solved for S, then for R
-    s_gain, r_cost = t * w_u - w_p, w_p * k_p - t * w_u * k_u
-    s_needed = (c_p - t * c_u + R * r_cost) / s_gain if s_gain > 0 else None
-    r_needed = (t * c_u - c_p + S * s_gain) / r_cost if r_cost > 0 else None
-    return {"submit_packed_s": c_p, "submit_unpacked_s": c_u, "startup_s": S, "run_s": R,
+    G = max(0.0, (unpacked["wall_s"] - c_u) / w_u - S - k_u * R)
+    # c_p + w_p (O + k_p R) <= t (c_u + w_u (O + k_u R)) with O = G + S, solved for O, then for R
+    o_gain, r_cost = t * w_u - w_p, w_p * k_p - t * w_u * k_u
+    o_needed = (c_p - t * c_u + R * r_cost) / o_gain if o_gain > 0 else None
+    r_needed = (t * c_u - c_p + (G + S) * o_gain) / r_cost if r_cost > 0 else None
+    return {"submit_packed_s": c_p, "submit_unpacked_s": c_u, "slurm_per_task_s": G, "startup_s": S, "run_s": R,
             "waves": {"packed": w_p, "unpacked": w_u},
-            "predicted_ratio": (c_p + w_p * (S + k_p * R)) / (c_u + w_u * (S + k_u * R)),
-            "startup_for_target_s": s_needed, "run_for_target_s": r_needed if r_needed and r_needed > 0 else None}
+            "predicted_ratio": (c_p + w_p * (G + S + k_p * R)) / (c_u + w_u * (G + S + k_u * R)),
+            "per_task_for_target_s": o_needed, "run_for_target_s": r_needed if r_needed and r_needed > 0 else None}
 
 
 def measure_sweep(data_root, runs=20, pack=5, rounds=3):
@@ -211,11 +214,12 @@ def table(results):
                      f"(target <= {TARGET_PACKED}x)")
         m = sweep["model"]
         lines.append(
-            f"  where the time goes: submit {m['submit_unpacked_s']:.1f} s unpacked / {m['submit_packed_s']:.1f} s packed, "
-            f"a task's start-up S {m['startup_s']:.2f} s, a run R {m['run_s']:.2f} s; the CPUs run the tasks in "
-            f"{m['waves']['unpacked']} waves of S + R unpacked, {m['waves']['packed']} of S + {sweep['pack']}R packed: "
-            f"{m['predicted_ratio']:.2f}x predicted; {TARGET_PACKED}x would need S >= {_s(m['startup_for_target_s'])} "
-            f"or R <= {_s(m['run_for_target_s'])}")
+            f"  where the time goes: submit {m['submit_unpacked_s']:.1f} s unpacked / {m['submit_packed_s']:.1f} s packed; "
+            f"a task's own time G + S, Slurm's G {m['slurm_per_task_s']:.2f} s (the rest of the unpacked wall: scheduling, "
+            f"srun, exit) + its start-up S {m['startup_s']:.2f} s; a run R {m['run_s']:.2f} s; the CPUs run the tasks "
+            f"in {m['waves']['unpacked']} waves of G + S + R unpacked, {m['waves']['packed']} of G + S + {sweep['pack']}R "
+            f"packed: {m['predicted_ratio']:.2f}x predicted; {TARGET_PACKED}x would need G + S >= "
+            f"{_s(m['per_task_for_target_s'])} or R <= {_s(m['run_for_target_s'])}")
         lines += [f"  auto (MLP): {line}" for line in sweep["packed"]["chosen"]]
         lines += [f"  suggest (CNN): {line}" for line in sweep["cnn_suggested"]]
     return lines

@@ -52,14 +52,14 @@ def cpu_seconds():
 
 
 def process_started():
-    """When this process started (seconds since the epoch), from /proc; now where that cannot be read."""
+    """When this process started (seconds since the epoch): its start in clock ticks since boot (/proc/self/stat)
+    against the boot clock now; /proc/stat's btime is whole seconds, up to 1 s early. Now where /proc cannot be read."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        now = time.time()
+        return min(now, now - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):  # (AttributeError: no CLOCK_BOOTTIME off Linux)
         return time.time()
 
 

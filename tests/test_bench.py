@@ -75,21 +75,23 @@ def test_the_record_keeps_each_targets_best_value_lower_or_higher():
     assert new["cnn: c"]["commit"] == "abc1234" and record["mlp: a"] == {"value": 1.1}  # the old one untouched
 
 
-def test_the_sweep_waves_model_predicts_the_ratio_and_the_start_up_or_run_time_that_meets_the_target():
+def test_the_sweep_waves_model_predicts_the_packed_wall_and_the_per_task_or_run_time_that_meets_the_target():
     from benchmarks.sweep_speed import TARGET_PACKED, waves_model
 
-    def sweep(startup_s, run_s):
+    def sweep(startup_s, run_s, unpacked_wall_s=1.5 + 10 * (1.0 + 2.5 + 1.5)):  # G = 1 s a task
         figures = {"cpus": 2, "task_startup_s": startup_s, "run_s": run_s}
         return {"runs": 20, "pack": 5, "packed": {**figures, "tasks": 4, "submit_s": 2.0},
-                "unpacked": {**figures, "tasks": 20, "submit_s": 1.5}}
+                "unpacked": {**figures, "tasks": 20, "submit_s": 1.5, "wall_s": unpacked_wall_s}}
 
     model = waves_model(sweep(2.5, 1.5))
-    assert model["waves"] == {"packed": 2, "unpacked": 10}
-    assert model["predicted_ratio"] == pytest.approx((2 + 2 * (2.5 + 5 * 1.5)) / (1.5 + 10 * (2.5 + 1.5)))
-    at_s = waves_model(sweep(model["startup_for_target_s"], 1.5))["predicted_ratio"]
-    at_r = waves_model(sweep(2.5, model["run_for_target_s"]))["predicted_ratio"]
-    assert at_s == pytest.approx(TARGET_PACKED) and at_r == pytest.approx(TARGET_PACKED)
-    assert model["startup_for_target_s"] > 2.5 and model["run_for_target_s"] < 1.5  # it is above 0.5x as measured
+    assert model["waves"] == {"packed": 2, "unpacked": 10} and model["slurm_per_task_s"] == pytest.approx(1.0)
+    assert model["predicted_ratio"] == pytest.approx((2 + 2 * (1 + 2.5 + 5 * 1.5)) / (1.5 + 10 * (1 + 2.5 + 1.5)))
+    per_task = model["per_task_for_target_s"]
+    at_per_task = waves_model(sweep(per_task - 1.0, 1.5, 1.5 + 10 * (per_task + 1.5)))["predicted_ratio"]
+    at_r = waves_model(sweep(2.5, model["run_for_target_s"], 1.5 + 10 * (3.5 + model["run_for_target_s"])))
+    assert at_per_task == pytest.approx(TARGET_PACKED) and at_r["predicted_ratio"] == pytest.approx(TARGET_PACKED)
+    assert per_task < 3.5 and model["run_for_target_s"] > 1.5  # these figures are under 0.5x: both have room
+    assert waves_model(sweep(2.5, 1.5, unpacked_wall_s=30.0))["slurm_per_task_s"] == 0.0  # never below nothing
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
 """A run's own record of what it used (mnist/usage.py -> usage.json, owned by mnist/rundir.py)."""
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +16,16 @@ def resident_now():
     """This process's resident memory now (its peak so far may be higher: a long test session's)."""
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmRSS:"))
+
+
+def test_a_process_knows_when_it_started_to_the_clock_tick():
+    """Not to the second: /proc/stat's btime is whole seconds, and a start-up read from it was up to 1 s long."""
+    code = "import time; from mnist import usage; print(usage.process_started(), time.time())"
+    before = time.time()
+    started, child_now = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                    check=True).stdout.split())
+    tick = 1 / os.sysconf("SC_CLK_TCK")  # /proc/self/stat counts whole ticks
+    assert before - 2 * tick <= started <= child_now
 
 
 def test_a_block_records_its_peak_cpu_and_wall_and_how_it_ended(tmp_path, monkeypatch):
