@@ -24,8 +24,7 @@ def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": precision.scaler.state_dict() if precision.scaler.is_enabled() else None,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        **_random_states(device),  # (rank 0's, as `ranks` holds them too: checkpoints before `ranks` had only these)
         "metrics": rows,
         "partial": partial,
     }
@@ -83,10 +82,12 @@ def restore(checkpoint, model, optimizer, scheduler, precision, run_dir):
 
 def rank_state(model, loss_sum=None):
     """What one rank keeps apart from the others: its random states and its partial loss sum (or None)."""
-    device = next(model.parameters()).device
-    return {"rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    return {**_random_states(next(model.parameters()).device),
             "loss_sum": None if loss_sum is None else loss_sum.detach().cpu()}
+
+
+def _random_states(device):
+    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def gather(mine, world_size):

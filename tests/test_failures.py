@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import run, write_dataset
-from mnist.launch import outcome, record
+from mnist.launch import outcome, record, resources
 
 pytestmark = pytest.mark.slurm
 
@@ -58,7 +58,7 @@ def submit(tmp_path, data, run_dir, *args):
 
 
 def mib(cell):
-    return record.memory_bytes(cell.replace(".0", "")) if cell[-1] in "KMG" else None
+    return resources.memory_bytes(cell.replace(".0", "")) if cell[-1] in "KMG" else None
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_a_job_over_its_memory_is_explained_with_asked_and_peak(slurm_env, finis
     assert shown["CAUSE"].startswith(f"killed for memory: peak {shown['MEM'].split('/')[0]} > "
                                      f"{outcome.human_bytes(asked << 20)} asked; try resources.mem="), shown["CAUSE"]
     fit = shown["CAUSE"].rsplit("resources.mem=", 1)[1]
-    assert record.memory_bytes(fit) >= 1.2 * max(peak, own["peak_rss"])  # what would have fitted, with a margin
+    assert resources.memory_bytes(fit) >= 1.2 * max(peak, own["peak_rss"])  # what would have fitted, with a margin
     details = jobs(["show", job], tmp_path, tmp_path / "logs").stdout
     assert f"\n  fix:         python -m mnist.jobs resubmit {job} resources.mem={fit} " in details, details  # ./logs
     assert "own record" in details

@@ -197,7 +197,7 @@ def _asked(entry, key):
 
 
 def _asked_mem(entry):
-    return record.memory_bytes(_asked(entry, "mem") or "", "M")
+    return resources.memory_bytes(_asked(entry, "mem") or "", "M")
 
 
 def _asked_time(entry):

@@ -267,7 +267,7 @@ def parse_sacct(text):
         job_id, state, exit_code, elapsed, total_cpu, max_rss, tasks, limit, submit, start, end, tres, node, reason = \
             fields[:len(SACCT_FIELDS)]
         if "." in job_id:
-            rss = memory_bytes(max_rss)
+            rss = resources.memory_bytes(max_rss)
             if rss is not None:
                 job = job_id.split(".")[0]
                 steps[job] = max(steps.get(job, 0), rss * (_int(tasks) or 1))
@@ -315,17 +315,6 @@ def duration_s(text):
     return seconds + 86400 * int(match.group(1) or 0) + (float("0." + match.group(3)) if match.group(3) else 0)
 
 
-UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-
-
-def memory_bytes(text, default_unit=""):
-    """Bytes in a Slurm memory figure (806660K, 2G, 100M, 0); None if not one."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)[nc]?", str(text).strip(), re.IGNORECASE)
-    if not match:
-        return None
-    return int(float(match.group(1)) * UNITS[(match.group(2) or default_unit).upper()])
-
-
 def _tres(text):
     """{cpu: 4, mem: bytes, node: 1, gpu: 1} from a TRES list (cpu=4,mem=16G,node=1,gres/gpu=1)."""
     found = {}
@@ -333,7 +322,7 @@ def _tres(text):
         key, _, value = item.partition("=")
         key = "gpu" if key == "gres/gpu" else key
         if key == "mem":
-            found[key] = memory_bytes(value, "M")
+            found[key] = resources.memory_bytes(value, "M")
         elif key in ("cpu", "node", "gpu") and value.isdigit():
             found[key] = int(value)
     return found

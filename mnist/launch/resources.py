@@ -271,11 +271,20 @@ def _fitting(resources, most):
     return " ".join(fixes)
 
 
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def memory_bytes(text, default_unit=""):
+    """Bytes in a Slurm memory figure (sacct's 806660K, 2G, 100M, 0); None if not one."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)[nc]?", str(text).strip(), re.IGNORECASE)
+    if not match:
+        return None
+    return int(float(match.group(1)) * UNITS[(match.group(2) or default_unit).upper()])
+
+
 def memory_bytes_of(value):
     """A Slurm memory request (checked, as `memory`) in bytes; megabytes, sbatch's unit, when none is given."""
-    text = memory(value)
-    number, unit = int(text.rstrip("KMGT")), text[-1] if text[-1] in "KMGT" else "M"
-    return number * 2 ** (10 * ("KMGT".index(unit) + 1))
+    return memory_bytes(memory(value), "M")
 
 
 def memory_mb_of(value):

@@ -138,7 +138,7 @@ def _more(config, job, given, limits):
     """--more: twice the memory of a run killed for memory, twice the time of one that timed out."""
     res = config["resources"]
     if (job["memory_kill"] or job["state"] == "OUT_OF_MEMORY") and "resources.mem" not in given:
-        asked = job["mem_asked"] or record.memory_bytes(res["mem"], "M")
+        asked = job["mem_asked"] or resources.memory_bytes(res["mem"], "M")
         wanted = min(2 * asked, limits.get("mem") or 2 * asked)
         res["mem"] = _mem_text(wanted)
     if job["state"] == "TIMEOUT" and "resources.time" not in given:
@@ -153,7 +153,7 @@ def _mem_text(n):
 
 def _one_request(configs):
     """A job array asks once for all its tasks: the largest memory of its runs (the longest time is the launcher's rule)."""
-    largest = max((c["resources"]["mem"] for c in configs), key=lambda m: record.memory_bytes(m, "M") or 0)
+    largest = max((c["resources"]["mem"] for c in configs), key=lambda m: resources.memory_bytes(m, "M") or 0)
     for c in configs:
         c["resources"]["mem"] = largest
 
@@ -168,7 +168,7 @@ def _partition_limits():
     for line in out.stdout.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
         limit = {"time": record.duration_s(fields.get("MaxTime", "")),
-                 "mem": record.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}
+                 "mem": resources.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}
         limits[fields.get("PartitionName")] = limit
         if fields.get("Default") == "YES":
             limits[None] = limit
