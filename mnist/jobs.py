@@ -217,7 +217,7 @@ def suggest(log_dir, overrides):
                                                        "resources.time=", "launcher.runs_per_task="))]
     cfg = compose(["launcher=slurm", f"launcher.log_dir={log_dir}", *given, "resources.mem=auto",
                    "resources.time=auto", "launcher.runs_per_task=auto"])
-    print("\n".join(fill_auto([cfg])))
+    print("\n".join(fill_auto([cfg], whole=False)))
 
 
 def main(argv=None):

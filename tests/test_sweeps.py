@@ -128,6 +128,24 @@ def test_auto_asks_for_the_largest_peak_and_the_p95_wall_time_with_a_margin(tmp_
     assert "launcher.runs_per_task=auto: 1 (fewer than 5" in few
 
 
+def test_auto_packs_into_no_fewer_tasks_than_the_array_may_run_at_once(tiny_data, tmp_path):
+    for number in range(5):
+        past_run(tmp_path, number, 400, 60)  # 1-epoch runs of a minute: 10 to a task of 10 minutes
+
+    def packing(*overrides):
+        result = sweep(["trainer.epochs=1", "trainer.seed=range(20)", "launcher.runs_per_task=auto", "dry_run=true",
+                        *overrides], tmp_path, tiny_data)
+        assert result.returncode == 0, result.stderr
+        return next(line for line in result.stderr.splitlines() if line.startswith("launcher.runs_per_task=auto"))
+
+    eight = packing("launcher.array_parallelism=8")  # 2 tasks of 10 would leave 6 of the 8 idle
+    assert eight.startswith("launcher.runs_per_task=auto: 3 (20 runs as 7 tasks, all at once within "
+                            "launcher.array_parallelism=8: about 3 minutes of work each at 60 s a run"), eight
+    assert packing("launcher.array_parallelism=2").startswith(
+        "launcher.runs_per_task=auto: 10 (about 10 minutes of work at 60 s a run")
+    assert "launcher.runs_per_task=auto: 10 (about 10 minutes" in suggest(tmp_path, "trainer.epochs=1")  # no size to fill
+
+
 def test_auto_asks_sacct_only_about_past_runs_that_did_not_record_a_completed_end(tmp_path, monkeypatch):
     for number in range(5):
         past_run(tmp_path, number, 400, 20)

@@ -7,6 +7,7 @@ It never imports torch and knows nothing about models beyond their name.
 """
 import contextlib
 import datetime
+import math
 import os
 import shlex
 import sys
@@ -202,10 +203,11 @@ def runs_per_task(launcher):
     return value
 
 
-def fill_auto(cfgs, sweep=True):
+def fill_auto(cfgs, sweep=True, whole=True):
     """Replace resources.mem/time=auto and launcher.runs_per_task=auto by what the history of runs like these
     says (mnist.launch.history); returns the lines that say what was chosen, from how many runs, and
-    what conf/ asks. One array asks for one memory: the largest chosen."""
+    what conf/ asks. One array asks for one memory: the largest chosen. `whole`: cfgs are all of the sweep's
+    runs (not so for `mnist.jobs suggest`'s one config)."""
     from mnist.launch import history
 
     wanted = [k for k in ("mem", "time") if any(str(c.resources[k]) == "auto" for c in cfgs)]
@@ -233,12 +235,13 @@ def fill_auto(cfgs, sweep=True):
         if "time" in wanted:
             cfg.resources.time = choices[id(cfg)]["time"].value
     if pack:
-        lines.append(_pack_auto(cfgs, [pasts[keys[id(cfg)]] for cfg in cfgs]))
+        lines.append(_pack_auto(cfgs, [pasts[keys[id(cfg)]] for cfg in cfgs], whole))
     return list(dict.fromkeys(lines))  # a seed sweep says it once
 
 
-def _pack_auto(cfgs, pasts):
-    """launcher.runs_per_task=auto: tasks of about launcher.pack_minutes of estimated work; 1 without history."""
+def _pack_auto(cfgs, pasts, whole=True):
+    """launcher.runs_per_task=auto: tasks of about launcher.pack_minutes of estimated work, 1 without history; for
+    a sweep, no fewer tasks than launcher.array_parallelism lets run at once (fuller ones would leave those idle)."""
     from mnist.launch import history
 
     minutes = float(cfgs[0].launcher.pack_minutes)
@@ -248,8 +251,18 @@ def _pack_auto(cfgs, pasts):
     if any(w is None for w in work):
         per_task, why = 1, f"fewer than {history.MIN_RUNS} completed past runs like these"
     else:
-        per_task = max(1, int(minutes * 60 // max(max(work), 1.0)))
+        run_s = max(max(work), 1.0)
+        per_task = max(1, int(minutes * 60 // run_s))
         why = f"about {minutes:g} minutes of work at {max(work):.0f} s a run, by the past runs"
+        parallel = cfgs[0].launcher.array_parallelism  # (checked later, with the rest of the request)
+        filling = math.ceil(len(cfgs) / parallel) if whole and isinstance(parallel, int) and parallel > 0 else per_task
+        if filling < per_task:
+            per_task = filling
+            each = filling * run_s
+            each = f"{each:.0f} s" if each < 120 else f"{each / 60:.0f} minutes"
+            why = (f"{len(cfgs)} runs as {math.ceil(len(cfgs) / filling)} tasks, all at once within "
+                   f"launcher.array_parallelism={parallel}: about {each} of work each at {max(work):.0f} s a run; "
+                   f"tasks of launcher.pack_minutes={minutes:g} would leave some of those slots idle")
     for cfg in cfgs:
         cfg.launcher.runs_per_task = per_task
     return f"launcher.runs_per_task=auto: {per_task} ({why})"
