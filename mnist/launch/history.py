@@ -17,12 +17,10 @@ limit" / "DUE TO TIME LIMIT" lines).
 Standard library and PyYAML only: the login node's submit path, which never imports torch.
 """
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from mnist import rundir
-from mnist.launch import record
+from mnist.launch import outcome, record
 from mnist.launch.outcome import human_bytes, node_peak
 from mnist.launch.resources import memory, memory_bytes_of, time_seconds
 
@@ -32,10 +30,6 @@ MIN_RUNS = 5
 MARGIN = 1.2
 MEM_STEP = 256 * 2**20
 MIN_TIME_S = 120
-KILLED = {"memory": re.compile(r"exceeded memory limit|oom-kill|out of memory", re.I),
-          "time": re.compile(r"DUE TO TIME LIMIT")}
-
-
 @dataclass
 class Past:
     """One past run like this one: its peak memory (bytes, per node), its own wall seconds (all attempts,
@@ -106,11 +100,7 @@ def _killed(entry, slurm_state):
         return "memory"
     if slurm_state.startswith("TIMEOUT"):
         return "time"
-    try:
-        text = Path(entry["stderr"]).read_text(errors="replace")[-20000:]
-    except OSError:
-        return "other"
-    return next((why for why, pattern in KILLED.items() if pattern.search(text)), "other")
+    return outcome.killed_for(outcome.tail(entry.get("stderr") or "")) or "other"
 
 
 def p95(values):

@@ -59,19 +59,19 @@ def describe(entries, known, log_dir="logs"):
 
 def _job(entry, known, attempts, log_dir):
     slurm = known.by_job.get(entry["job_id"])
-    out_tail = _tail(entry["stdout"], OUT_TAIL_BYTES)
+    out_tail = tail(entry["stdout"], OUT_TAIL_BYTES)
     job = {**entry, "slurm": slurm, "attempts": attempts, "out_tail": out_tail, "last_line": _last_line(out_tail),
            "node": (slurm.node if slurm else "") or _hosts(attempts), "exit_code": slurm.exit_code if slurm else "",
            "reason": slurm.reason if slurm else "", "log_dir": str(log_dir)}
     state = slurm.state if slurm else ""
     ended = known.unreachable or state not in record.LIVE | {"COMPLETED"}
-    err_tail = _tail(entry.get("stderr") or "") if ended else ""
+    err_tail = tail(entry.get("stderr") or "") if ended else ""
     job["memory_kill"] = _memory_kill(err_tail)
     job["state"] = "?" if known.unreachable else (
         state if slurm and slurm.source != "result" else _state_from_run(entry, state, attempts, err_tail))
     if entry.get("pack"):  # one of a packed task's runs: its own state and last line, not the task's
         job["state"] = packed_run_state(entry["run_dir"], job["state"])
-        job["last_line"] = _last_line(_tail(str(Path(entry["run_dir"]) / rundir.LOG), OUT_TAIL_BYTES))
+        job["last_line"] = _last_line(tail(str(Path(entry["run_dir"]) / rundir.LOG), OUT_TAIL_BYTES))
     job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
                        else max((a.get("restart") or 0 for a in attempts), default=0))
     job.update(figures(slurm, attempts, job["memory_kill"], entry))
@@ -108,6 +108,14 @@ def _state_from_run(entry, result_state, attempts, err_tail):
     if end in ("completed", "error"):
         return {"completed": "COMPLETED", "error": "FAILED"}[end]
     return "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
+
+
+def killed_for(err_tail):
+    """"memory" or "time" where slurmstepd's last words in a job's .err say it was killed for one; else None."""
+    if MEMORY_KILL.search(err_tail) or OOM_EVENT.search(err_tail):
+        return "memory"
+    ended = STEPD_END.search(err_tail)
+    return "time" if ended and ended.group(1) == "TIME LIMIT" else None
 
 
 def _memory_kill(err_tail):
@@ -363,7 +371,7 @@ def summary(jobs):
             f"CPU-hours {used:.3f} used of {held:.3f} held (elapsed x CPUs)")
 
 
-def _tail(path, size=TAIL_BYTES):
+def tail(path, size=TAIL_BYTES):
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
