@@ -99,6 +99,8 @@ def _state_from_run(entry, result_state, attempts, err_tail):
     or slurmstepd's last words in the .err say it; ENDED (a log) or UNKNOWN (none) otherwise."""
     if MEMORY_KILL.search(err_tail):
         return "FAILED"  # as Slurm says it with OverMemoryKill (its .err also says the step was CANCELLED)
+    if OOM_EVENT.search(err_tail):
+        return "OUT_OF_MEMORY"  # as Slurm says it when the cgroup's OOM killer ended a step
     ended = STEPD_END.search(err_tail)
     if ended:
         return ENDED_BY[ended.group(1)]
