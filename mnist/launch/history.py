@@ -5,8 +5,8 @@ The history is the runs in the launcher's record (<launcher.log_dir>/jobs.jsonl)
 (MATCH: same model, data, batch size, CPUs, GPUs, nodes, tasks and device), read from each run's
 config.yaml and usage.json (written by the run itself: mnist.usage; a packed run's attempts carry
 `task` = {index, runs, startup_s}), and how its job ended: "completed" where its usage.json says so, else
-one `sacct` call about such runs where accounting exists, else the job's .err (Slurm's "exceeded memory
-limit" / "DUE TO TIME LIMIT" lines).
+one `sacct` call about such runs where accounting exists, else slurmstepd's last words in the job's .err
+(mnist.launch.outcome.killed_for).
 
     mem  = max(p95 of the peaks, the largest peak) x 1.2, rounded up to 256M
     time = p95 of the runs' own wall times x 1.2 + the start-up, rounded up to a minute, at least 2
@@ -30,6 +30,8 @@ MIN_RUNS = 5
 MARGIN = 1.2
 MEM_STEP = 256 * 2**20
 MIN_TIME_S = 120
+
+
 @dataclass
 class Past:
     """One past run like this one: its peak memory (bytes, per node), its own wall seconds (all attempts,
