@@ -162,7 +162,8 @@ def waves_model(sweep):
     return {"submit_packed_s": c_p, "submit_unpacked_s": c_u, "slurm_per_task_s": G, "startup_s": S, "run_s": R,
             "waves": {"packed": w_p, "unpacked": w_u},
             "predicted_ratio": (c_p + w_p * (G + S + k_p * R)) / (c_u + w_u * (G + S + k_u * R)),
-            "per_task_for_target_s": o_needed, "run_for_target_s": r_needed if r_needed and r_needed > 0 else None}
+            "per_task_for_target_s": o_needed if o_needed and o_needed > 0 else None,
+            "run_for_target_s": r_needed if r_needed and r_needed > 0 else None}
 
 
 def measure_sweep(data_root, runs=20, pack=5, rounds=3):

@@ -79,32 +79,6 @@ def finished(slurm_cluster, data, tmp_path_factory):
     return job, tmp
 
 
-
-@pytest.mark.parametrize("err, killed", [
-    ("slurmstepd: error: StepId=12.0 exceeded memory limit (826019840 > 419430400), being killed\n", "memory"),
-    ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.batch. Some of your processes may have been "
-     "killed by the cgroup out-of-memory handler.\n", "memory"),
-    ("slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT 2026-11-30T10:00:00 DUE TO TIME LIMIT ***\n", "time"),
-    ("slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT 2026-11-30T10:00:00 ***\n", None),  # scancel: neither
-    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n", None),  # the GPU's, not --mem's
-])
-def test_what_a_job_was_killed_for_is_read_from_slurmstepds_last_words(err, killed):
-    assert outcome.killed_for("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.3\n" + err) == killed
-
-
-@pytest.mark.parametrize("err, state", [
-    ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.batch.\n", "OUT_OF_MEMORY"),
-    ("slurmstepd: error: StepId=12.0 exceeded memory limit (826019840 > 419430400), being killed\n", "FAILED"),
-    ("slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT 2026-11-30T10:00:00 DUE TO TIME LIMIT ***\n", "TIMEOUT"),
-])
-def test_without_slurm_a_jobs_end_is_read_from_its_err_as_slurm_would_say_it(tmp_path, err, state):
-    (tmp_path / "job.out").write_text("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.3\n")
-    (tmp_path / "job.err").write_text(err)
-    entry = {"job_id": "12", "run_dir": str(tmp_path / "run"), "stdout": str(tmp_path / "job.out"),
-             "stderr": str(tmp_path / "job.err"), "mem": "1G", "time": "5", "cpus": 1}
-    [job] = outcome.describe([entry], record.States(by_job={}))
-    assert job["state"] == state
-
 def test_the_figures_of_a_finished_job_agree_with_its_usage_json(slurm_env, finished):
     job, tmp = finished
     listing = jobs([], tmp, tmp / "logs").stdout

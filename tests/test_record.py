@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run
-from mnist.launch import record
+from mnist.launch import outcome, record
 
 WRITERS, SUBMISSIONS, TASKS = 8, 40, 20
 
@@ -164,9 +164,9 @@ def test_jobs_slurm_does_not_know_are_read_from_their_results_not_called_unreach
     logs = tmp_path / "logs"
     outcomes = {"11": ("success", [{"epoch": 1, "accuracy": 0.9}]), "12": ("error", "Traceback ...")}
     entries = [entry(job, tmp_path / "run" / job, logs) for job in ids]
-    for job, outcome in outcomes.items():
+    for job, pickled in outcomes.items():
         (logs / "submitit" / job).mkdir(parents=True)
-        cloudpickle_dump(outcome, logs / "submitit" / job / f"{job}_0_result.pkl")
+        cloudpickle_dump(pickled, logs / "submitit" / job / f"{job}_0_result.pkl")
     record.append(logs, entries)
     result = jobs(["--logs", logs], tmp_path)
     assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -196,3 +196,37 @@ def test_sacct_and_squeue_lines_give_states_reasons_requeues_and_usage():
     assert (squeue["9_1"].state, squeue["9_1"].reason, squeue["9_1"].start) == ("PENDING", "JobArrayTaskLimit", "")
     assert (squeue["9_0"].restarts, squeue["9_0"].elapsed_s, squeue["9_0"].limit_s, squeue["9_0"].mem) == (
         2, 62, 300, 2 << 30)
+
+
+MEMORY_KILL = "slurmstepd: error: StepId=12.0 exceeded memory limit (826019840 > 419430400), being killed\n"
+OOM_KILL = ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.batch. Some of your processes may have "
+            "been killed by the cgroup out-of-memory handler.\n")
+CANCELLED = "slurmstepd: error: *** JOB 12 ON n1 CANCELLED AT 2026-11-30T10:00:00{} ***\n"
+
+
+@pytest.mark.parametrize("err, killed", [
+    (MEMORY_KILL + CANCELLED.format(""), "memory"),  # OverMemoryKill: the step is then CANCELLED, for that
+    (OOM_KILL, "memory"),
+    (CANCELLED.format(" DUE TO TIME LIMIT"), "time"),
+    ("srun: error: *** STEP 12.0 CANCELLED AT 2026-11-30T10:00:00 DUE TO TIME LIMIT ***\n", "time"),
+    (CANCELLED.format(" DUE TO JOB REQUEUE") + CANCELLED.format(" DUE TO TIME LIMIT"), "time"),  # its last attempt's
+    (OOM_KILL + CANCELLED.format(" DUE TO JOB REQUEUE") + CANCELLED.format(" DUE TO TIME LIMIT"), "time"),
+    (CANCELLED.format(" DUE TO TIME LIMIT") + MEMORY_KILL, "memory"),
+    (CANCELLED.format(""), None),  # scancel: neither
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n", None),  # the GPU's, not --mem's
+])
+def test_what_a_job_was_killed_for_is_read_from_slurmstepds_last_words(err, killed):
+    assert outcome.killed_for("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.3\n" + err) == killed
+
+
+@pytest.mark.parametrize("err, state", [
+    (OOM_KILL, "OUT_OF_MEMORY"),
+    (MEMORY_KILL + CANCELLED.format(""), "FAILED"),
+    (CANCELLED.format(" DUE TO TIME LIMIT"), "TIMEOUT"),
+])
+def test_without_slurm_a_jobs_end_is_read_from_its_err_as_slurm_would_say_it(tmp_path, err, state):
+    job = entry("12", tmp_path / "run", tmp_path)
+    Path(job["stdout"]).write_text("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.3\n")
+    Path(job["stderr"]).write_text(err)
+    [job] = outcome.describe([job], record.States(by_job={}))
+    assert job["state"] == state

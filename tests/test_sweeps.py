@@ -139,8 +139,10 @@ def test_auto_packs_into_no_fewer_tasks_than_the_array_may_run_at_once(tiny_data
         return next(line for line in result.stderr.splitlines() if line.startswith("launcher.runs_per_task=auto"))
 
     eight = packing("launcher.array_parallelism=8")  # 2 tasks of 10 would leave 6 of the 8 idle
-    assert eight.startswith("launcher.runs_per_task=auto: 3 (20 runs as 7 tasks, all at once within "
-                            "launcher.array_parallelism=8: about 3 minutes of work each at 60 s a run"), eight
+    assert eight.startswith("launcher.runs_per_task=auto: 3 (the 20 runs as 7 tasks, which "
+                            "launcher.array_parallelism=8 lets all run at once: about 3 minutes of work each"), eight
+    assert packing("launcher.array_parallelism=20") == (
+        "launcher.runs_per_task=auto: 1 (the 20 runs can all run at once within launcher.array_parallelism=20)")
     assert packing("launcher.array_parallelism=2").startswith(
         "launcher.runs_per_task=auto: 10 (about 10 minutes of work at 60 s a run")
     assert "launcher.runs_per_task=auto: 10 (about 10 minutes" in suggest(tmp_path, "trainer.epochs=1")  # no size to fill

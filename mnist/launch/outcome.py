@@ -26,7 +26,7 @@ TAIL_BYTES = 16384  # of an .err: a traceback's end
 OUT_TAIL_BYTES = 4096  # of a log: its last lines
 MEMORY_KILL = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
 OOM_EVENT = re.compile(r"oom[-_ ]kill", re.IGNORECASE)
-STEPD_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))?")
+STEPD_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))?")
 ENDED_BY = {None: "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL"}
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*\.\w+): .*")
 STOPPED_LINE = re.compile(r"Stopped in epoch (\d+) after batch (\d+)")
@@ -113,11 +113,11 @@ def _state_from_run(entry, result_state, attempts, err_tail):
 
 
 def killed_for(err_tail):
-    """"memory" or "time" where slurmstepd's last words in a job's .err say it was killed for one; else None."""
-    if MEMORY_KILL.search(err_tail) or OOM_EVENT.search(err_tail):
-        return "memory"
-    ended = STEPD_END.search(err_tail)
-    return "time" if ended and ended.group(1) == "TIME LIMIT" else None
+    """"memory" or "time" where slurmstepd's last words in a job's .err say it was killed for one; else None.
+    A requeued job's attempts write one .err: its last such line is its last attempt's."""
+    kills = [(m.start(), "memory") for pattern in (MEMORY_KILL, OOM_EVENT) for m in pattern.finditer(err_tail)]
+    kills += [(m.start(), "time") for m in STEPD_END.finditer(err_tail) if m.group(1) == "TIME LIMIT"]
+    return max(kills)[1] if kills else None
 
 
 def _memory_kill(err_tail):

@@ -241,7 +241,8 @@ def fill_auto(cfgs, sweep=True, whole=True):
 
 def _pack_auto(cfgs, pasts, whole=True):
     """launcher.runs_per_task=auto: tasks of about launcher.pack_minutes of estimated work, 1 without history; for
-    a sweep, no fewer tasks than launcher.array_parallelism lets run at once (fuller ones would leave those idle)."""
+    a sweep, never so few tasks that fewer run at once than launcher.array_parallelism allows (ceil(runs / it) runs
+    a task at most: all the tasks can then run in one wave)."""
     from mnist.launch import history
 
     minutes = float(cfgs[0].launcher.pack_minutes)
@@ -251,21 +252,31 @@ def _pack_auto(cfgs, pasts, whole=True):
     if any(w is None for w in work):
         per_task, why = 1, f"fewer than {history.MIN_RUNS} completed past runs like these"
     else:
-        run_s = max(max(work), 1.0)
+        run_s, runs = max(max(work), 1.0), len(cfgs)
         per_task = max(1, int(minutes * 60 // run_s))
         why = f"about {minutes:g} minutes of work at {max(work):.0f} s a run, by the past runs"
-        parallel = cfgs[0].launcher.array_parallelism  # (checked later, with the rest of the request)
-        filling = math.ceil(len(cfgs) / parallel) if whole and isinstance(parallel, int) and parallel > 0 else per_task
+        parallel = _whole_number(cfgs[0].launcher.array_parallelism)  # (a bad one: check() says so, later)
+        filling = math.ceil(runs / parallel) if whole and parallel else per_task
         if filling < per_task:
             per_task = filling
             each = filling * run_s
             each = f"{each:.0f} s" if each < 120 else f"{each / 60:.0f} minutes"
-            why = (f"{len(cfgs)} runs as {math.ceil(len(cfgs) / filling)} tasks, all at once within "
-                   f"launcher.array_parallelism={parallel}: about {each} of work each at {max(work):.0f} s a run; "
-                   f"tasks of launcher.pack_minutes={minutes:g} would leave some of those slots idle")
+            why = (f"the {runs} runs as {math.ceil(runs / filling)} tasks, which launcher.array_parallelism={parallel} "
+                   f"lets all run at once: about {each} of work each at {max(work):.0f} s a run; tasks of "
+                   f"launcher.pack_minutes={minutes:g} would be fewer" if filling > 1 else
+                   f"the {runs} run{'s' * (runs > 1)} can all run at once within launcher.array_parallelism={parallel}")
     for cfg in cfgs:
         cfg.launcher.runs_per_task = per_task
     return f"launcher.runs_per_task=auto: {per_task} ({why})"
+
+
+def _whole_number(value):
+    """A positive whole number (as int() reads it), else None."""
+    try:
+        number = int(value) if not isinstance(value, bool) else 0
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
 
 
 def _packed(params, cfg, per_task):
