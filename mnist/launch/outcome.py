@@ -82,11 +82,11 @@ def _job(entry, known, attempts, log_dir):
 def packed_run_state(run_dir, task_state):
     """COMPLETED once the run's epochs are done; WAITING while its running task trains the runs before it."""
     try:
-        config = rundir.read_config(run_dir) or {}
-        if config and rundir.holds_run(run_dir) and rundir.epochs_left(run_dir, config) <= 0:
-            return "COMPLETED"
+        config = rundir.read_config(run_dir)
     except rundir.RunFolderError:
         return task_state
+    if config and rundir.finished(run_dir, config):
+        return "COMPLETED"
     if task_state == "RUNNING" and not (Path(run_dir) / rundir.LOG).exists():
         return "WAITING"
     return task_state
