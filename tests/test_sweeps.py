@@ -110,6 +110,17 @@ def suggest(tmp_path, *overrides):
     return result.stdout
 
 
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_array_parallelism_names_the_value_and_the_fix(tiny_data, tmp_path, value):
+    for number in range(5):
+        past_run(tmp_path, number, 400, 60)  # with a history, runs_per_task=auto reads it first
+    for packing in ("launcher.runs_per_task=1", "launcher.runs_per_task=auto"):
+        result = sweep(["trainer.epochs=1", "trainer.seed=1,2", f"launcher.array_parallelism={value}", packing,
+                        "dry_run=true"], tmp_path, tiny_data)
+        assert result.returncode == 2 and f"launcher.array_parallelism={value} must be at least 1" in result.stderr
+        assert "e.g. launcher.array_parallelism=8" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_auto_asks_for_the_largest_peak_and_the_p95_wall_time_with_a_margin(tmp_path):
     for number, (peak, work) in enumerate([(400, 20), (410, 22), (420, 24), (430, 26), (440, 28), (1000, 60)]):
         past_run(tmp_path, number, peak, work)

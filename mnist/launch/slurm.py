@@ -95,8 +95,7 @@ def check(cfg, asked=None):
     resources.sbatch_options(cfg.resources)
     resources.extra_options(cfg.resources)
     resources.check_gpus(cfg.resources, cfg.trainer.device)
-    if int(cfg.launcher.array_parallelism) < 1:
-        raise SubmitError(f"launcher.array_parallelism={cfg.launcher.array_parallelism} must be at least 1.")
+    array_parallelism(cfg.launcher)
     runs_per_task(cfg.launcher)
     data = ("data", cfg.data.root, cfg.data.name)
     if data not in asked:
@@ -191,6 +190,19 @@ def submit_array(runs, single=False, overrides=None, previous=None):
     return jobs[0].job_id.split("_")[0]
 
 
+def array_parallelism(launcher):
+    """launcher.array_parallelism as a number: at least 1 (how many array tasks may run at once)."""
+    value = launcher.array_parallelism
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise SubmitError(f"launcher.array_parallelism={value} must be at least 1: how many array tasks may run "
+                          f"at once, e.g. launcher.array_parallelism=8.")
+    return number
+
+
 def runs_per_task(launcher):
     """launcher.runs_per_task: a whole number >= 1 (how many runs of a sweep each array task trains)."""
     value = launcher.get("runs_per_task", 1)
@@ -255,28 +267,20 @@ def _pack_auto(cfgs, pasts, whole=True):
         run_s, runs = max(max(work), 1.0), len(cfgs)
         per_task = max(1, int(minutes * 60 // run_s))
         why = f"about {minutes:g} minutes of work at {max(work):.0f} s a run, by the past runs"
-        parallel = _whole_number(cfgs[0].launcher.array_parallelism)  # (a bad one: check() says so, later)
-        filling = math.ceil(runs / parallel) if whole and parallel else per_task
-        if filling < per_task:
-            per_task = filling
-            each = filling * run_s
-            each = f"{each:.0f} s" if each < 120 else f"{each / 60:.0f} minutes"
+        parallel = array_parallelism(cfgs[0].launcher)
+        filling = math.ceil(runs / parallel) if whole else per_task
+        if filling == 1 < per_task:
+            per_task = 1
+            why = f"the {runs} run{'s' * (runs > 1)} can all run at once within launcher.array_parallelism={parallel}"
+        elif filling < per_task:
+            per_task, task_s = filling, filling * run_s
+            each = f"{task_s:.0f} s" if task_s < 120 else f"{task_s / 60:.0f} minutes"
             why = (f"the {runs} runs as {math.ceil(runs / filling)} tasks, which launcher.array_parallelism={parallel} "
                    f"lets all run at once: about {each} of work each at {max(work):.0f} s a run; tasks of "
-                   f"launcher.pack_minutes={minutes:g} would be fewer" if filling > 1 else
-                   f"the {runs} run{'s' * (runs > 1)} can all run at once within launcher.array_parallelism={parallel}")
+                   f"launcher.pack_minutes={minutes:g} would be fewer")
     for cfg in cfgs:
         cfg.launcher.runs_per_task = per_task
     return f"launcher.runs_per_task=auto: {per_task} ({why})"
-
-
-def _whole_number(value):
-    """A positive whole number (as int() reads it), else None."""
-    try:
-        number = int(value) if not isinstance(value, bool) else 0
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
 
 
 def _packed(params, cfg, per_task):
