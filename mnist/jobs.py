@@ -83,7 +83,7 @@ def _table_text(log_dir):
     if not jobs:
         return (f"No jobs submitted from here yet ({record.path(log_dir)} is empty). "
                 f"Submit one with: python -m mnist.run launcher=slurm"), 0
-    live = sum(job["state"] in record.LIVE or job["state"] == "?" for job in jobs)
+    live = sum(job["state"] in outcome.GOING or job["state"] == "?" for job in jobs)
     return "\n".join(table(jobs)), live
 
 

@@ -59,9 +59,7 @@ files; imports no torch, and matplotlib (Agg, no display needed) only to draw th
 import argparse
 import csv
 import datetime
-import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -74,7 +72,6 @@ from mnist.launch import outcome, record
 CSV_NAME = "report.csv"
 LOSS_PNG = "report_loss.png"
 ACCURACY_PNG = "report_accuracy.png"
-MAX_DEPTH = 4  # multirun/<date>/<time>/<n> is three levels below multirun/
 CSV_COLUMNS = [
     "run", "run_dir", "model", "optimizer", "overrides", "label", "state", "epochs_done", "epochs", "accuracy",
     "test_loss", "train_loss", "best_epoch", "best_accuracy", "seconds_per_epoch", "samples_per_s",
@@ -92,37 +89,6 @@ TABLE_COLUMNS = [  # (header, key, right-aligned)
 
 # ---------------------------------------------------------------- finding and reading run folders
 
-def is_run_folder(path):
-    path = Path(path)
-    return (path / rundir.CONFIG).is_file() or (path / rundir.METRICS).is_file() or (path / ".hydra").is_dir()
-
-
-def _natural(path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
-def find_runs(path):
-    """The run folders at or below `path` (not inside another run folder), in natural order."""
-    path = Path(path)
-    if is_run_folder(path):
-        return [path]
-    found = []
-
-    def walk(folder, depth):
-        try:
-            children = sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural)
-        except OSError:
-            return
-        for child in children:
-            if is_run_folder(child):
-                found.append(child)
-            elif depth < MAX_DEPTH:
-                walk(child, depth + 1)
-
-    walk(path, 1)
-    return sorted(found, key=lambda p: _natural(p.relative_to(path)))
-
-
 def latest_folder(base="."):
     """The run folder of ./outputs or sweep folder of ./multirun whose runs started last, or None.
 
@@ -130,7 +96,7 @@ def latest_folder(base="."):
     time: a report written into a folder, or a resume, does not make it the latest."""
     candidates = [p for p in Path(base, "outputs").glob("*/*") if p.is_dir()]
     candidates += [p for p in Path(base, "multirun").glob("*/*") if p.is_dir()]
-    started = {p: [_started(run) for run in find_runs(p)] for p in candidates}
+    started = {p: [_started(run) for run in rundir.find_runs(p)] for p in candidates}
     return max((p for p in candidates if started[p]), key=lambda p: min(started[p]), default=None)
 
 
@@ -164,16 +130,6 @@ def read_overrides(run_dir):
     return result
 
 
-def environment_job_id(run_dir):
-    try:
-        slurm = json.loads((Path(run_dir) / "environment.json").read_text()).get("slurm") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    if slurm.get("SLURM_ARRAY_JOB_ID") and slurm.get("SLURM_ARRAY_TASK_ID"):
-        return f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
-    return slurm.get("SLURM_JOB_ID")
-
-
 def read_run(run_dir):
     """What the table needs of a run folder; a damaged file is noted in "damaged", the rest still read."""
     damaged = []
@@ -198,7 +154,7 @@ def read_run(run_dir):
         "epochs": epochs if isinstance(epochs, int) else None,
         "metrics": careful(rundir.read_metrics, []),
         "overrides": read_overrides(run_dir),
-        "env_job_id": environment_job_id(run_dir),
+        "env_job_id": rundir.environment_job_id(run_dir),
         "damaged": damaged,
         "seed": rundir.select(config, "trainer.seed"),
         "batch_losses": batch_losses(run_dir),
@@ -567,11 +523,11 @@ def report(path, out_dir=None, log_dir=None, figures=True):
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a folder. Give the run folder or sweep folder that holds it: "
                         f"python -m mnist.report {path.parent}")
-    folders = find_runs(path)
+    folders = rundir.find_runs(path)
     if not folders:
         raise UserError(
             f"{path} holds no run folders (a folder with config.yaml, metrics.csv or .hydra/, up to "
-            f"{MAX_DEPTH} levels down). Give a run folder (outputs/<date>/<time>) or a sweep folder "
+            f"{rundir.MAX_DEPTH} levels down). Give a run folder (outputs/<date>/<time>) or a sweep folder "
             f"(multirun/<date>/<time>)."
         )
     if log_dir is None and Path("logs").is_dir():

@@ -42,7 +42,6 @@ USAGE = "usage.json"
 USAGE_LOCK = ".usage.lock"
 TENSORBOARD = "tensorboard"  # a folder
 LOCK = ".lock"
-FILES = (CONFIG, START, LOG, METRICS, CHECKPOINT, ENVIRONMENT, USAGE)
 MAX_ATTEMPTS = 100  # usage.json keeps the latest attempts
 
 # The course's line every log_interval batches (train.py writes it): epoch, samples seen, the split's size, loss
@@ -270,18 +269,90 @@ def epochs_left(run_dir, config):
     return config["trainer"]["epochs"] - len(read_metrics(run_dir))
 
 
+def all_done(epochs_done, epochs):
+    """The one rule of a finished run: a row in metrics.csv for every epoch of trainer.epochs."""
+    return isinstance(epochs, int) and epochs_done >= epochs
+
+
 def finished(run_dir, config):
     """Whether the folder holds a run with all of config's trainer.epochs done (not if its metrics are damaged:
     resuming rewrites them from the checkpoint)."""
     try:
-        return holds_run(run_dir) and epochs_left(run_dir, config) <= 0
+        return holds_run(run_dir) and all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"])
     except RunFolderError:
         return False
+
+
+# A run folder's state, as the folder alone tells it (its job's state is Slurm's: mnist.launch.outcome)
+FINISHED, RESUMABLE, NEW = "finished", "resumable", "new"
+
+
+def state(run_dir, config):
+    """FINISHED (every epoch done), RESUMABLE (a checkpoint to resume from) or NEW (nothing trained yet);
+    RunFolderError where its metrics are damaged."""
+    if config is not None and holds_run(run_dir) and all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"]):
+        return FINISHED
+    return RESUMABLE if holds_run(run_dir) else NEW
 
 
 def nothing_left(run_dir, epochs_done, epochs):
     return (f"Nothing left to do: {run_dir} has all {epochs_done} epochs of trainer.epochs={epochs} done. To "
             f"train on, raise it, e.g. `python -m mnist.run hydra.run.dir={run_dir} trainer.epochs={epochs_done + 3}`.")
+
+
+# ---------------------------------------------------------------- finding run folders
+
+MAX_DEPTH = 4  # multirun/<date>/<time>/<n> is three levels below multirun/
+
+
+def is_run_folder(path):
+    """A folder holding config.yaml, metrics.csv or Hydra's .hydra/."""
+    path = Path(path)
+    return (path / CONFIG).is_file() or (path / METRICS).is_file() or (path / ".hydra").is_dir()
+
+
+def _natural(path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_runs(path):
+    """The run folders at or below `path` (not inside another run folder, up to MAX_DEPTH levels down), in
+    natural order."""
+    path = Path(path)
+    if is_run_folder(path):
+        return [path]
+    found = []
+
+    def walk(folder, depth):
+        try:
+            children = sorted((c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural)
+        except OSError:
+            return
+        for child in children:
+            if is_run_folder(child):
+                found.append(child)
+            elif depth < MAX_DEPTH:
+                walk(child, depth + 1)
+
+    walk(path, 1)
+    return sorted(found, key=lambda p: _natural(p.relative_to(path)))
+
+
+def environment_job_id(run_dir):
+    """The Slurm job (`123`, or `120_3` for an array task) environment.json says last started the run, or None."""
+    try:
+        slurm = json.loads((Path(run_dir) / ENVIRONMENT).read_text()).get("slurm") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if slurm.get("SLURM_ARRAY_JOB_ID") and slurm.get("SLURM_ARRAY_TASK_ID"):
+        return f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
+    return slurm.get("SLURM_JOB_ID")
+
+
+def job_ids(run_dir):
+    """Every Slurm job that trained in the folder, as its own usage.json and environment.json name them."""
+    ids = {a["job_id"] for a in read_usage(run_dir) if a.get("job_id")}
+    return ids | ({environment_job_id(run_dir)} - {None})
 
 
 # ---------------------------------------------------------------- usage

@@ -198,6 +198,20 @@ def test_sacct_and_squeue_lines_give_states_reasons_requeues_and_usage():
         2, 62, 300, 2 << 30)
 
 
+def test_a_multi_node_jobs_peak_is_its_fullest_nodes_not_all_its_tasks(tmp_path):
+    """Two nodes of 3G each, one rank on each, each rank's peak 3G: MaxRSS is one task's, so a node held 3G (the
+    job's 6G would read as twice what each node was asked for); two ranks on one node add up."""
+    line = ("20|COMPLETED|0:0|60|01:00.000|||5|2026-11-25T14:03:07|2026-11-25T14:03:09|2026-11-25T14:04:09|"
+            "billing=2,cpu=2,mem=6G,node=2|n[1-2]|None|2\n"
+            "20.0|COMPLETED|0:0|60|01:00.000|3G|{tasks}||2026-11-25T14:03:09|2026-11-25T14:03:09|2026-11-25T14:04:09|"
+            "cpu=2,mem=6G,node=2|n[1-2]||{nodes}\n")
+    assert record.parse_sacct(line.format(tasks=2, nodes=2))["20"].max_rss == 3 << 30
+    assert record.parse_sacct(line.format(tasks=4, nodes=2))["20"].max_rss == 6 << 30
+    job = entry("20", tmp_path / "run", tmp_path)
+    [job] = outcome.describe([job], record.States(record.parse_sacct(line.format(tasks=2, nodes=2))))
+    assert outcome.shown(job)["mem"] == "3.0G/3.0G"
+
+
 MEMORY_KILL = "slurmstepd: error: StepId=12.0 exceeded memory limit (826019840 > 419430400), being killed\n"
 OOM_KILL = ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.batch. Some of your processes may have "
             "been killed by the cgroup out-of-memory handler.\n")
@@ -223,6 +237,11 @@ def test_what_a_job_was_killed_for_is_read_from_slurmstepds_last_words(err, kill
     (OOM_KILL, "OUT_OF_MEMORY"),
     (MEMORY_KILL + CANCELLED.format(""), "FAILED"),
     (CANCELLED.format(" DUE TO TIME LIMIT"), "TIMEOUT"),
+    # a requeued job's .err: the state is its last attempt's (it read CANCELLED, the requeue's line)
+    (CANCELLED.format(" DUE TO JOB REQUEUE") + CANCELLED.format(" DUE TO TIME LIMIT"), "TIMEOUT"),
+    (MEMORY_KILL + CANCELLED.format("") + CANCELLED.format(" DUE TO JOB REQUEUE") + CANCELLED.format(" DUE TO TIME LIMIT"),
+     "TIMEOUT"),
+    (CANCELLED.format(" DUE TO JOB REQUEUE") + OOM_KILL, "OUT_OF_MEMORY"),
 ])
 def test_without_slurm_a_jobs_end_is_read_from_its_err_as_slurm_would_say_it(tmp_path, err, state):
     job = entry("12", tmp_path / "run", tmp_path)

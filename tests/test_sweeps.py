@@ -51,6 +51,14 @@ def test_a_packed_sweep_asks_for_one_task_per_n_runs_with_their_summed_time(tiny
     assert "#SBATCH --time=10" in script.stdout  # two runs of the MLP's 5 minutes
 
 
+def test_a_single_run_with_runs_per_task_auto_is_one_task(tiny_data, tmp_path):
+    """launcher.runs_per_task=auto is for sweeps; a single run (one task, nothing to pack) takes it too."""
+    script = run(["launcher=slurm", "launcher.runs_per_task=auto", f"data.root={tiny_data}", "dry_run=true",
+                  f"launcher.log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
+    assert script.returncode == 0, script.stderr
+    assert "#SBATCH --time=5" in script.stdout and "--array" not in script.stdout
+
+
 @pytest.mark.parametrize("value", ["0", "two", "1.5"])
 def test_a_bad_runs_per_task_names_the_value_and_the_fix(tiny_data, tmp_path, value):
     result = sweep(["trainer.seed=1,2", f"launcher.runs_per_task={value}", "dry_run=true"], tmp_path, tiny_data)
@@ -173,6 +181,21 @@ def test_auto_asks_sacct_only_about_past_runs_that_did_not_record_a_completed_en
     (tmp_path / "past" / "7" / "usage.json").unlink()  # now every run it can read completed: no sacct call
     asked.clear()
     assert len(history.history(tmp_path / "logs", config)) == 5 and asked == [[]]
+
+
+def test_auto_judges_a_resubmitted_run_by_its_latest_job(tmp_path, monkeypatch):
+    """Job 30 timed out; its run was resubmitted as 31, which was killed for memory: the run ended for memory."""
+    past_run(tmp_path, 30, 600, 5, ended=None)
+    err = tmp_path / "logs" / "mlp_30.err"
+    err.write_text("slurmstepd: error: *** JOB 30 ON n1 CANCELLED AT 2026-11-30T10:00:00 DUE TO TIME LIMIT ***\n")
+    (tmp_path / "logs" / "mlp_31.err").write_text("slurmstepd: error: StepId=31.0 exceeded memory limit (9 > 1), "
+                                                  "being killed\n")
+    [first] = record.read(tmp_path / "logs")
+    record.append(tmp_path / "logs", [{**first, "job_id": "31", "stderr": str(tmp_path / "logs" / "mlp_31.err"),
+                                       "previous": "30"}])
+    monkeypatch.setattr(record, "accounting", lambda job_ids: {})
+    config = OmegaConf.to_container(compose(["launcher=slurm", "trainer.epochs=1"]), resolve=True)
+    assert [p.ended for p in history.history(tmp_path / "logs", config)] == ["memory"]
 
 
 def chosen(output, key):

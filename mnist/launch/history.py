@@ -51,11 +51,8 @@ def match_key(config):
 
 def history(log_dir, config):
     """The past runs of the record in log_dir that match `config` (a plain dict), oldest first."""
-    entries, seen = [], set()
-    for entry in record.read(log_dir):
-        if entry["run_dir"] not in seen:  # a resubmitted run is one run
-            seen.add(entry["run_dir"])
-            entries.append(entry)
+    # a resubmitted run is one run, and how it ended is its latest job's
+    entries = [submissions[-1] for submissions in record.by_run(record.read(log_dir)).values()]
     configs = {e["run_dir"]: rundir.config_if_readable(e["run_dir"]) for e in entries}
     matching = [(e, configs[e["run_dir"]], rundir.read_usage(e["run_dir"])) for e in entries
                 if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]

@@ -26,10 +26,13 @@ TAIL_BYTES = 16384  # of an .err: a traceback's end
 OUT_TAIL_BYTES = 4096  # of a log: its last lines
 MEMORY_KILL = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
 OOM_EVENT = re.compile(r"oom[-_ ]kill", re.IGNORECASE)
-STEPD_END = re.compile(r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))?")
-ENDED_BY = {None: "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL"}
+STEPD_END = re.compile(
+    r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE|JOB REQUEUE))?")
+ENDED_BY = {None: "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL",
+            "JOB REQUEUE": "REQUEUED"}
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*\.\w+): .*")
 STOPPED_LINE = re.compile(r"Stopped in epoch (\d+) after batch (\d+)")
+GOING = record.LIVE | {"WAITING"}  # not ended: a job Slurm has not ended, or a packed run its running task has not reached
 WAITING = {  # squeue's reasons, in a user's words
     "Resources": "waiting for free CPUs, memory or GPUs",
     "Priority": "other jobs go first",
@@ -70,7 +73,7 @@ def _job(entry, known, attempts, log_dir):
     job["state"] = "?" if known.unreachable else (
         state if slurm and slurm.source != "result" else _state_from_run(entry, state, attempts, err_tail))
     if entry.get("pack"):  # one of a packed task's runs: its own state and last line, not the task's
-        job["state"] = packed_run_state(entry["run_dir"], job["state"])
+        job["state"] = packed_run_state(entry["run_dir"], job["state"], attempts)
         job["last_line"] = _last_line(tail(str(Path(entry["run_dir"]) / rundir.LOG), OUT_TAIL_BYTES))
     job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
                        else max((a.get("restart") or 0 for a in attempts), default=0))
@@ -79,31 +82,28 @@ def _job(entry, known, attempts, log_dir):
     return job
 
 
-def packed_run_state(run_dir, task_state):
-    """COMPLETED once the run's epochs are done; WAITING while its running task trains the runs before it."""
-    try:
-        config = rundir.read_config(run_dir)
-    except rundir.RunFolderError:
-        return task_state
+def packed_run_state(run_dir, task_state, attempts):
+    """One of a packed task's runs, by its own record of this task's attempts: COMPLETED once its epochs are done;
+    while the task runs, WAITING until the task starts it, FAILED if it failed (the task goes on with the next)."""
+    config = rundir.config_if_readable(run_dir)
     if config and rundir.finished(run_dir, config):
         return "COMPLETED"
-    if task_state == "RUNNING" and not (Path(run_dir) / rundir.LOG).exists():
-        return "WAITING"
+    if task_state in GOING and task_state != "PENDING":
+        if not attempts:
+            return "WAITING"
+        if attempts[-1].get("end") == "error":
+            return "FAILED"
     return task_state
 
 
 # ---------------------------------------------------------------- states without Slurm
 
 def _state_from_run(entry, result_state, attempts, err_tail):
-    """Where Slurm no longer knows a job (no accounting): its end as submitit's result, the run's usage.json
-    or slurmstepd's last words in the .err say it; ENDED (a log) or UNKNOWN (none) otherwise."""
-    if MEMORY_KILL.search(err_tail):
-        return "FAILED"  # as Slurm says it with OverMemoryKill (its .err also says the step was CANCELLED)
-    if OOM_EVENT.search(err_tail):
-        return "OUT_OF_MEMORY"  # as Slurm says it when the cgroup's OOM killer ended a step
-    ended = STEPD_END.search(err_tail)
-    if ended:
-        return ENDED_BY[ended.group(1)]
+    """Where Slurm no longer knows a job (no accounting): its end as slurmstepd's last words in the .err (its last
+    attempt's), submitit's result or the run's usage.json say it; ENDED (a log) or UNKNOWN (none) otherwise."""
+    said = last_end(err_tail)
+    if said and said != "REQUEUED":
+        return said
     if result_state:
         return result_state
     end = attempts[-1].get("end") if attempts else None
@@ -112,29 +112,58 @@ def _state_from_run(entry, result_state, attempts, err_tail):
     return "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
 
 
+def last_end(err_tail):
+    """How slurmstepd's words in a job's .err say its LAST attempt ended, as Slurm would name it: FAILED (killed
+    for memory by OverMemoryKill, whose CANCELLED line follows), OUT_OF_MEMORY (the cgroup's OOM killer), TIMEOUT,
+    CANCELLED, PREEMPTED, NODE_FAIL; REQUEUED where its last words are a requeue's; None where it says nothing.
+    A requeued job's attempts append to one .err: each requeue ends an attempt."""
+    last = last_attempt(err_tail)
+    if MEMORY_KILL.search(last):
+        return "FAILED"  # as Slurm says it with OverMemoryKill (its .err also says the step was CANCELLED)
+    if OOM_EVENT.search(last):
+        return "OUT_OF_MEMORY"
+    ends = list(STEPD_END.finditer(last))
+    if ends:
+        return ENDED_BY[ends[-1].group(1)]
+    return "REQUEUED" if last != err_tail else None
+
+
+def last_attempt(err_tail):
+    """The part of a job's .err its last attempt wrote: what follows its last requeue's line."""
+    requeues = [m.end() for m in STEPD_END.finditer(err_tail) if m.group(1) == "JOB REQUEUE"]
+    return err_tail[requeues[-1]:] if requeues else err_tail
+
+
 def killed_for(err_tail):
-    """"memory" or "time" where slurmstepd's last words in a job's .err say it was killed for one; else None.
-    A requeued job's attempts write one .err: its last such line is its last attempt's."""
-    kills = [(m.start(), "memory") for pattern in (MEMORY_KILL, OOM_EVENT) for m in pattern.finditer(err_tail)]
-    kills += [(m.start(), "time") for m in STEPD_END.finditer(err_tail) if m.group(1) == "TIME LIMIT"]
-    return max(kills)[1] if kills else None
+    """"memory" or "time" where slurmstepd's words in a job's .err say its last attempt was killed for one; else None."""
+    return {"FAILED": "memory", "OUT_OF_MEMORY": "memory", "TIMEOUT": "time"}.get(last_end(err_tail))
 
 
 def _memory_kill(err_tail):
-    """(bytes used, bytes allowed) from slurmstepd's "exceeded memory limit (A > B)", else None."""
-    kills = MEMORY_KILL.findall(err_tail)
+    """(bytes used, bytes allowed) from slurmstepd's "exceeded memory limit (A > B)" of the last attempt, else None."""
+    kills = MEMORY_KILL.findall(last_attempt(err_tail))
     return (int(kills[-1][0]), int(kills[-1][1])) if kills else None
 
 
 # ---------------------------------------------------------------- figures
 
 def figures(slurm, attempts, memory_kill, entry):
-    """time_used_s, time_limit_s, wait_s, cpus, cpu_s, cpu_pct, mem_peak, mem_asked, gpu_peak, gpu_total
-    (None where unknown): the run's usage.json first, Slurm's accounting for what it lacks."""
+    """time_used_s, time_limit_s, task_limit_s (a packed run's task's), held_cpu_s and held_by_task (CPU seconds
+    the allocation held, and whether that is a packed task's, shared by its runs), wait_s, cpus, cpu_s, cpu_pct,
+    mem_peak, mem_asked, gpu_peak, gpu_total (None where unknown): the run's usage.json first, Slurm's accounting
+    for what it lacks. A packed run's time is its own."""
     own = _own_figures(attempts)
     slurm = slurm or record.JobState("")
-    elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
     cpus = slurm.cpus or own["cpus"] or entry.get("cpus") or None
+    packed = bool(entry.get("pack"))
+    elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
+    # CPU time held: the allocation's, counted once however many packed runs it trained (held_by_task); a run of
+    # a packed task Slurm does not account for holds what its own time held
+    held = {"held_cpu_s": elapsed * cpus if elapsed and cpus else None, "held_by_task": packed and bool(slurm.elapsed_s)}
+    if packed:  # one of a packed task's runs: its own time and limit, not the task's
+        elapsed = own["wall_s"]
+        if not slurm.elapsed_s:
+            held["held_cpu_s"] = elapsed * cpus if elapsed and cpus else None
     if own["cpu_s"] is not None and own["reserved_s"]:
         cpu_s, pct = own["cpu_s"], 100 * own["cpu_s"] / own["reserved_s"]
     else:
@@ -142,7 +171,10 @@ def figures(slurm, attempts, memory_kill, entry):
         pct = 100 * cpu_s / (elapsed * cpus) if cpu_s is not None and elapsed and cpus else None
     peaks = [p for p in (own["peak"], slurm.max_rss, memory_kill and memory_kill[0]) if p]
     asked = slurm.mem // (slurm.nodes or 1) if slurm.mem else (memory_kill and memory_kill[1]) or _asked_mem(entry)
-    return {"time_used_s": elapsed, "time_limit_s": slurm.limit_s or _asked_time(entry), "wait_s": _wait(slurm, attempts, entry),
+    limit = (_asked_time(entry) or (slurm.limit_s and slurm.limit_s // entry["pack"][1])) if packed else (
+        slurm.limit_s or _asked_time(entry))
+    return {"time_used_s": elapsed, "time_limit_s": limit, "task_limit_s": slurm.limit_s if packed else None,
+            **held, "wait_s": _wait(slurm, attempts, entry),
             "cpus": cpus, "cpu_s": cpu_s, "cpu_pct": pct, "mem_peak": max(peaks) if peaks else None,
             "mem_peak_own": own["peak"], "mem_asked": asked, "gpu_peak": own["gpu_peak"], "gpu_total": own["gpu_total"]}
 
@@ -233,18 +265,22 @@ def cause(job, err_tail):
         if not reason:
             return "pending (not yet looked at by Slurm's scheduler)", ""
         return f"pending: {reason}" + (f" ({WAITING[reason]})" if reason in WAITING else ""), ""
-    if state in record.LIVE or state in ("COMPLETED", "?", ""):
+    if state in GOING or state in ("COMPLETED", "?", ""):
         return "", ""
     if job["memory_kill"] or state == "OUT_OF_MEMORY":
-        fit = fitting_memory(job["mem_peak"])
+        fit = memory_text(memory_after_kill(job["mem_peak"], job["mem_asked"]))
+        if fit is None:
+            return "killed for memory; ask for more", f"{resubmit} --more"
         return (f"killed for memory: peak {human_bytes(job['mem_peak'])} > {human_bytes(job['mem_asked'])} asked; "
                 f"try resources.mem={fit}", f"{resubmit} resources.mem={fit}   (or: {resubmit} --more)")
     where = progress(job)
     if state == "TIMEOUT":
-        limit = job["time_limit_s"]
+        limit = job["time_limit_s"]  # a packed run's own: what resources.time sets, each run of a task adding its own
         longer = resources.time_text(2 * limit) if limit else "2:00:00"
         after = f" after {job['requeues']} requeue{'s' if job['requeues'] != 1 else ''}" if job["requeues"] else ""
-        return (f"time limit {clock(limit)} reached{after}{where}; resume, or try resources.time={longer}",
+        reached = (f"its packed task's time limit {clock(job['task_limit_s'])}" if job["task_limit_s"]
+                   else f"time limit {clock(limit)}")
+        return (f"{reached} reached{after}{where}; resume, or try resources.time={longer}",
                 f"{resubmit}   (or: {resubmit} resources.time={longer}, or --more)")
     if state == "CANCELLED":
         if not job["attempts"] and not Path(job["stdout"]).exists():
@@ -313,11 +349,19 @@ def _metrics(run_dir):
         return []
 
 
-def fitting_memory(peak):
-    """A resources.mem that fits this peak with a margin of a quarter: whole G above 768M, else 256M steps."""
-    if not peak:
-        return "4G"
-    mib = peak * 1.25 / 2**20
+def memory_after_kill(peak, asked):
+    """The memory (bytes) to ask for after a kill for memory: twice what the job asked, or its peak and a quarter
+    if more. Never less than it asked: a peak sampled before a kill is only a lower bound (the allocation that
+    crossed the limit is never seen). None where neither is known."""
+    wanted = max(2 * (asked or 0), 1.25 * (peak or 0))
+    return wanted or None
+
+
+def memory_text(n):
+    """Bytes as a resources.mem at or above them: whole G above 768M, else 256M steps; None for None."""
+    if not n:
+        return None
+    mib = n / 2**20
     if mib > 768:
         return f"{math.ceil(mib / 1024)}G"
     return f"{256 * math.ceil(mib / 256)}M"
@@ -366,7 +410,8 @@ def summary(jobs):
         return "/".join(show(v) for v in (min(values), statistics.median(values), max(values)))
 
     used = sum(j["cpu_s"] or 0 for j in jobs) / 3600
-    held = sum((j["time_used_s"] or 0) * (j["cpus"] or 0) for j in jobs) / 3600
+    tasks = {j["job_id"]: j["held_cpu_s"] or 0 for j in jobs if j["held_by_task"]}  # each allocation once
+    held = (sum(tasks.values()) + sum(j["held_cpu_s"] or 0 for j in jobs if not j["held_by_task"])) / 3600
     return (f"{len(jobs)} runs, min/median/max: CPU {spread([j['cpu_pct'] for j in jobs], lambda v: f'{v:.0f}%')}, "
             f"MEM {spread([j['mem_peak'] for j in jobs], human_bytes)}, "
             f"TIME {spread([j['time_used_s'] for j in jobs], clock)}; "

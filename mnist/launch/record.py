@@ -18,6 +18,7 @@ says why. Standard library only: the login node's commands import no torch throu
 """
 import fcntl
 import json
+import math
 import os
 import pickletools
 import re
@@ -121,6 +122,18 @@ def _warn_damaged(file, numbers):
           file=sys.stderr)
 
 
+def by_run(entries):
+    """{run folder (resolved, as text): its entries, oldest first}: a resubmitted run has several, and its latest
+    submission is its last."""
+    runs, resolved = {}, {}
+    for entry in entries:
+        folder = entry["run_dir"]
+        if folder not in resolved:
+            resolved[folder] = str(Path(folder).resolve())
+        runs.setdefault(resolved[folder], []).append(entry)
+    return runs
+
+
 def find(log_dir, job_id=None):
     """The entry of a job or array task; an array's id gives its latest task; None: the latest job."""
     entries = read(log_dir)
@@ -155,7 +168,7 @@ class JobState(NamedTuple):
     mem: int = None  # allocated memory (AllocTRES mem=), the whole job's
     nodes: int = None
     cpu_s: float = None  # accounting's TotalCPU (finished steps only)
-    max_rss: int = None  # accounting's MaxRSS, the largest step's, times its tasks
+    max_rss: int = None  # accounting's MaxRSS, the largest step's, times its tasks on one node (a node's peak)
     source: str = ""  # squeue, sacct or result
 
 
@@ -167,7 +180,7 @@ class States(NamedTuple):
 SQUEUE_FIELDS = ("JobArrayID", "State", "TimeUsed", "NodeList", "Reason", "RestartCnt", "TimeLimit", "SubmitTime",
                  "StartTime", "tres-alloc")
 SACCT_FIELDS = ("JobID", "State", "ExitCode", "ElapsedRaw", "TotalCPU", "MaxRSS", "NTasks", "TimelimitRaw", "Submit",
-                "Start", "End", "AllocTRES", "NodeList", "Reason")
+                "Start", "End", "AllocTRES", "NodeList", "Reason", "NNodes")
 
 
 def states(entries):
@@ -205,7 +218,7 @@ def _squeue(job_list):
     conf = os.environ.get("SLURM_CONF")
     if resources.missing_slurm_conf():
         return {}, resources.missing_slurm_conf()
-    out, error = _call(["squeue", "-r", "-h", "-j", job_list, "-O", ",".join(f + ":|" for f in SQUEUE_FIELDS)])
+    out, error = call(["squeue", "-r", "-h", "-j", job_list, "-O", ",".join(f + ":|" for f in SQUEUE_FIELDS)])
     # One id squeue has forgotten (or never knew) fails with "Invalid job id specified"; several such
     # ids list nothing. Either way Slurm answered.
     if error and "Invalid job id" not in error:
@@ -220,11 +233,11 @@ def accounting(job_ids):
     {} where accounting is off (sacct fails) or there is no Slurm."""
     if not job_ids:
         return {}
-    out, _ = _call(["sacct", "-n", "-P", "-j", ",".join(sorted(set(job_ids))), "-o", ",".join(SACCT_FIELDS)])
+    out, _ = call(["sacct", "-n", "-P", "-j", ",".join(sorted(set(job_ids))), "-o", ",".join(SACCT_FIELDS)])
     return parse_sacct(out)
 
 
-def _call(command):
+def call(command):
     """(stdout, "") or ("", what went wrong)."""
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
@@ -258,19 +271,21 @@ def parse_squeue(text):
 
 def parse_sacct(text):
     """{job id: JobState} from `sacct -n -P` lines (SACCT_FIELDS): a job's line, then its steps' (N.batch,
-    N.0), whose MaxRSS (times their tasks) gives the job's peak. Pending array tasks may be folded (N_[1-3%1])."""
+    N.0), whose MaxRSS (one task's, times the step's tasks per node) gives the job's peak per node. Pending array tasks may be folded (N_[1-3%1])."""
     found, steps = {}, {}
     for line in text.splitlines():
         fields = [field.strip() for field in line.split("|")]
-        if len(fields) < len(SACCT_FIELDS) or not fields[1]:
+        if len(fields) < len(SACCT_FIELDS) - 1 or not fields[1]:  # (NNodes, the last, is new: older lines lack it)
             continue
-        job_id, state, exit_code, elapsed, total_cpu, max_rss, tasks, limit, submit, start, end, tres, node, reason = \
-            fields[:len(SACCT_FIELDS)]
+        fields += [""] * (len(SACCT_FIELDS) - len(fields))
+        job_id, state, exit_code, elapsed, total_cpu, max_rss, tasks, limit, submit, start, end, tres, node, reason, \
+            nodes = fields[:len(SACCT_FIELDS)]
         if "." in job_id:
             rss = resources.memory_bytes(max_rss)
-            if rss is not None:
+            if rss is not None:  # MaxRSS is one task's: a node holds its share of the step's tasks
                 job = job_id.split(".")[0]
-                steps[job] = max(steps.get(job, 0), rss * (_int(tasks) or 1))
+                per_node = math.ceil((_int(tasks) or 1) / (_int(nodes) or 1))
+                steps[job] = max(steps.get(job, 0), rss * per_node)
             continue
         allocated = _tres(tres)
         seconds = _int(elapsed)

@@ -8,12 +8,11 @@ own run folder, where it resumes from its checkpoint with its own config (mnist.
 overrides may change where and how it runs (resources.*, launcher.*, trainer.epochs, ...), not what
 it trains. `--more` doubles what ran out, per run: the memory of one killed for memory, the time of
 one that timed out, within the partition's limits (`scontrol show partition`); the array asks for the
-largest of its runs' requests. Runs still pending or running, or completed, are left alone. The record
+largest of its runs' requests, and a packed array packs fewer runs a task where their summed time would be over
+the partition's MaxTime. Runs still pending or running, or completed, are left alone. The record
 links each new job to the one it reruns (`previous`), so `show` and the report follow a run.
 """
 import copy
-import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,24 +20,21 @@ from mnist import rundir
 from mnist.errors import UserError
 from mnist.launch import outcome, record, resources
 
-RERUN = "did not complete"
-
-
 def resubmit(log_dir, target, overrides, more=False):
     """Submit the unfinished runs of TARGET as one job array; returns its id, or None (nothing to rerun, dry run)."""
     entries = record.read(log_dir)
     folders = _run_folders(entries, target, log_dir)
-    latest = _latest_entries(entries)
-    jobs = _jobs([latest[f] for f in folders if f in latest], log_dir)
+    submissions = _submissions(entries, folders)
+    jobs = _jobs(submissions, log_dir)
     todo, left = [], []
     for folder in folders:
-        job = jobs.get(folder)
-        why = _why_not(folder, job)
-        (left if why else todo).append((folder, job, why))
+        mine = [jobs[id(e)] for e in submissions.get(folder, [])]
+        why = _why_not(folder, mine)
+        (left if why else todo).append((folder, mine[-1] if mine else None, why))
     if not todo:
         print(f"Nothing to rerun in {target}: " + "; ".join(f"{f} {why}" for f, _, why in left) + ".")
         return None
-    configs = _configs(todo, overrides, more)
+    configs = _configs(todo, overrides, more, log_dir)
     dry = bool(configs[0].get("dry_run"))
     say = (lambda text: print(text, file=sys.stderr)) if dry else print
     say(f"{'Would rerun' if dry else 'Rerunning'} {len(todo)} of {len(folders)} runs in {target}"
@@ -56,47 +52,58 @@ def _run_folders(entries, target, log_dir):
             raise UserError(f"Job {target} was not submitted from here ({record.path(log_dir)}; recent jobs: "
                             f"{recent}). Give a job id, an array id, or a sweep folder (multirun/<date>/<time>).")
         return list(dict.fromkeys(str(Path(f).resolve()) for f in found))
-    from mnist.report import find_runs
-
     path = Path(target)
     if not path.is_dir():
         raise UserError(f"{target} is neither a job id (like 123456 or 123456_3) nor a folder. Give a job id, an array "
                         f"id, or a sweep folder: python -m mnist.jobs resubmit multirun/<date>/<time>")
-    folders = [str(f.resolve()) for f in find_runs(path)]
+    folders = [str(f.resolve()) for f in rundir.find_runs(path)]
     if not folders:
         raise UserError(f"{target} holds no run folders (a folder with config.yaml). Give a sweep folder "
                         f"(multirun/<date>/<time>), a run folder, or a job id.")
     return folders
 
 
-def _latest_entries(entries):
-    latest = {}
-    for entry in entries:
-        latest[str(Path(entry["run_dir"]).resolve())] = entry
-    return latest
+def _submissions(entries, folders):
+    """{folder: its record entries, oldest first}. A folder moved since (a sweep folder renamed or copied) is found
+    by the jobs that trained in it, as its own usage.json and environment.json name them."""
+    runs = record.by_run(entries)
+    found = {}
+    for folder in folders:
+        if folder in runs:
+            found[folder] = runs[folder]
+            continue
+        ids = rundir.job_ids(folder)
+        moved = [{**e, "run_dir": folder} for e in entries if e["job_id"] in ids]
+        if moved:
+            found[folder] = moved
+    return found
 
 
-def _jobs(entries, log_dir):
+def _jobs(submissions, log_dir):
+    """{id(entry): its job, described} for every submission of the folders: one squeue and one sacct call."""
+    entries = [e for folder_entries in submissions.values() for e in folder_entries]
     known = record.states(entries)
     if known.unreachable:
         raise UserError(f"Cannot tell which runs are still going: Slurm cannot be reached ({known.unreachable}). "
                         f"Check that `squeue` answers (SLURM_CONF, the controller), then resubmit again.")
-    return {str(Path(job["run_dir"]).resolve()): job for job in outcome.describe(entries, known, log_dir)}
+    return {id(e): job for e, job in zip(entries, outcome.describe(entries, known, log_dir))}
 
 
-def _why_not(folder, job):
-    """Why this run is not rerun ("completed", "still RUNNING as 123_4", ...), or "" to rerun it."""
+def _why_not(folder, jobs):
+    """Why this run is not rerun ("completed", "still RUNNING as 123_4", ...), or "" to rerun it. `jobs`: every
+    job that was submitted for it; one still queued, waiting its turn in a packed task or running leaves it alone."""
     try:
         config = rundir.read_config(folder)
-        done = len(rundir.read_metrics(folder))
+        state = rundir.state(folder, config)
     except rundir.RunFolderError as e:
         return f"is damaged ({e.damaged})"
     if config is None:
         return "has no config.yaml"
-    if done >= config["trainer"]["epochs"]:
+    if state == rundir.FINISHED:
         return "completed"
-    if job and job["state"] in record.LIVE:
-        return f"is still {job['state']} as {job['job_id']}"
+    going = [job for job in jobs if job["state"] in outcome.GOING]
+    if going:
+        return f"is still {going[-1]['state']} as {going[-1]['job_id']}"
     holder = rundir.holder(folder)
     if holder:
         return f"is in use (process {holder.get('pid')} on {holder.get('host')})"
@@ -105,8 +112,9 @@ def _why_not(folder, job):
 
 # ---------------------------------------------------------------- configs
 
-def _configs(todo, overrides, more):
-    """Each run's config: its own, with the command's where-and-how (and --more) applied, as resume_config rules."""
+def _configs(todo, overrides, more, log_dir):
+    """Each run's config: its own, with the command's where-and-how (and --more) applied, as resume_config rules.
+    The new jobs are recorded where the old ones were read (log_dir), wherever the runs' configs say."""
     from mnist.config import compose
 
     composed = _plain(compose(["launcher=slurm", *overrides]))
@@ -121,11 +129,30 @@ def _configs(todo, overrides, more):
         if (saved.get("launcher") or {}).get("name") != "slurm":
             merged["launcher"] = composed["launcher"]
         merged["dry_run"] = composed["dry_run"]
+        if "launcher.log_dir" not in given:
+            merged["launcher"]["log_dir"] = str(log_dir)
         if more and job:
-            _more(merged, job, given, limits.get(merged["resources"].get("partition"), limits.get(None, {})))
+            _more(merged, job, given, _limits_of(limits, merged))
         configs.append(rundir.resume_config(folder, merged, overrides))
     _one_request(configs)
+    if more:
+        _fit_packing(configs, _limits_of(limits, configs[0]).get("time"))
     return configs
+
+
+def _limits_of(limits, config):
+    return limits.get(config["resources"].get("partition"), limits.get(None, {}))
+
+
+def _fit_packing(configs, max_time_s):
+    """A packed task asks for the sum of its runs' times: pack fewer runs a task where that sum would be over the
+    partition's MaxTime (--more may have doubled them)."""
+    per_task = configs[0]["launcher"].get("runs_per_task", 1)
+    packing = min(per_task, len(configs)) if isinstance(per_task, int) else 1
+    longest = max(resources.time_seconds(c["resources"]["time"]) for c in configs)
+    if max_time_s and packing > 1 and packing * longest > max_time_s:
+        for c in configs:
+            c["launcher"]["runs_per_task"] = max(1, max_time_s // longest)
 
 
 def _plain(cfg):
@@ -135,19 +162,22 @@ def _plain(cfg):
 
 
 def _more(config, job, given, limits):
-    """--more: twice the memory of a run killed for memory, twice the time of one that timed out."""
+    """--more: for a run killed for memory, what its cause says to ask (twice its memory, or more for a larger
+    peak); for one that timed out, twice its own time limit (not its packed task's). Within the partition's limits."""
     res = config["resources"]
     if (job["memory_kill"] or job["state"] == "OUT_OF_MEMORY") and "resources.mem" not in given:
         asked = job["mem_asked"] or resources.memory_bytes(res["mem"], "M")
-        wanted = min(2 * asked, limits.get("mem") or 2 * asked)
-        res["mem"] = _mem_text(wanted)
+        wanted = outcome.memory_after_kill(job["mem_peak"], asked)
+        cap = limits.get("mem")
+        res["mem"] = _mem_text(cap) if cap and wanted > cap else outcome.memory_text(wanted)
     if job["state"] == "TIMEOUT" and "resources.time" not in given:
-        limit = job["time_limit_s"] or resources.time_seconds(res["time"])
-        res["time"] = resources.time_text(min(2 * limit, limits.get("time") or 2 * limit))
+        own = resources.time_seconds(res["time"])  # the run's own limit (a packed task's is the sum of its runs')
+        cap = limits.get("time")
+        res["time"] = resources.time_text(min(2 * own, cap) if cap else 2 * own)
 
 
 def _mem_text(n):
-    mib = math.ceil(n / 2**20)
+    mib = n // 2**20
     return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
 
 
@@ -159,13 +189,13 @@ def _one_request(configs):
 
 
 def _partition_limits():
-    """{partition name (None: the default): {"time": s, "mem": bytes per node}} from `scontrol show partition -o`."""
-    try:
-        out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    """{partition name (None: the default): {"time": s, "mem": bytes per node}} from `scontrol show partition -o`;
+    {} where Slurm does not answer."""
+    if resources.missing_slurm_conf():
         return {}
+    out, _ = record.call(["scontrol", "show", "partition", "-o"])
     limits = {}
-    for line in out.stdout.splitlines():
+    for line in out.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
         limit = {"time": record.duration_s(fields.get("MaxTime", "")),
                  "mem": resources.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}

@@ -223,7 +223,9 @@ def fill_auto(cfgs, sweep=True, whole=True):
     from mnist.launch import history
 
     wanted = [k for k in ("mem", "time") if any(str(c.resources[k]) == "auto" for c in cfgs)]
-    pack = sweep and str(cfgs[0].launcher.get("runs_per_task")) == "auto"
+    pack = str(cfgs[0].launcher.get("runs_per_task")) == "auto"
+    if pack and not sweep:  # one run is one task: nothing to pack
+        cfgs[0].launcher.runs_per_task, pack = 1, False
     if not wanted and not pack:
         return []
     lines, choices, pasts, keys = [], {}, {}, {}
