@@ -47,9 +47,23 @@ def restarts():
 
 def distributed():
     """(rank, local rank, world size) from torch's env:// variables (set by torchrun, or by the
-    Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run."""
+    Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run, and for a Slurm job of one
+    task, whatever the submitting shell had set (sbatch passes its environment on)."""
+    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS", "1") == "1":
+        return 0, 0, 1
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def cpus_given():
+    """The CPUs this process may use: Slurm's CPUs per task, else its affinity."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isdigit() else len(os.sched_getaffinity(0))
+
+
+def cuda_index(local_rank, device_count):
+    """The GPU a rank trains on: one per rank on its node, in turn."""
+    return local_rank % device_count
 
 
 # The oldest NVIDIA driver (Linux) each CUDA major version runs on, minor-version compatibility included
@@ -82,7 +96,7 @@ def pick_device(setting, local_rank=0):
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError(no_gpu(f"Slurm gave this job {_gpus(given)}" if given else "trainer.device=cuda"))
     if setting == "cuda":
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
     return torch.device(setting)
 
 

@@ -7,7 +7,7 @@
     checkpoint.pt     where training is (written and read by mnist.checkpoint)
     environment.json  versions, host, device, Slurm ids
     usage.json        what each attempt used (peak memory, CPU and wall seconds, GPU memory), per rank,
-                      written by the run itself while it runs (mnist.usage)
+                      written by the run itself while it runs (mnist.usage); usage.rank<N>.json: rank N's
     tensorboard/      TensorBoard's event files, with logger=tensorboard (written by mnist.board)
     .lock             held by the one process that trains into the folder (host, pid, job id)
 
@@ -24,6 +24,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -39,7 +40,7 @@ METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 ENVIRONMENT = "environment.json"
 USAGE = "usage.json"
-USAGE_LOCK = ".usage.lock"
+RANK_USAGE = "usage.rank{}.json"  # ranks but the first write their own
 TENSORBOARD = "tensorboard"  # a folder
 LOCK = ".lock"
 MAX_ATTEMPTS = 100  # usage.json keeps the latest attempts
@@ -71,8 +72,8 @@ def _damaged(path, problem, fix):
 
 def write_whole(path, write):
     """`write(tmp)` a temporary file, then rename it to `path`: a file on disk is always a whole one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    path = Path(path)  # a temporary name of this writer's own: ranks on several nodes may write one file at once
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -358,11 +359,23 @@ def job_ids(run_dir):
 # ---------------------------------------------------------------- usage
 
 def read_usage(run_dir):
-    """usage.json's attempts, oldest first: [{id, job_id, restart, started, end, error, user_error, ranks:
-    {rank: {host, peak_rss, cpu_s, wall_s, cpus, gpu_peak, gpu_total, updated}}}]; [] when there is none
-    or it cannot be read (the figures are then Slurm's, or unknown)."""
+    """The attempts of usage.json and its ranks' files, oldest first: [{id, job_id, restart, started, end, error,
+    user_error, task, ranks: {rank: {host, peak_rss, cpu_s, wall_s, cpus, gpu_peak, gpu_total, updated}}}]; []
+    when there is none or it cannot be read (the figures are then Slurm's, or unknown)."""
+    attempts = _read_attempts(Path(run_dir) / USAGE)
+    by_id = {a.get("id"): a for a in attempts}
+    for file in sorted(Path(run_dir).glob(RANK_USAGE.format("*"))):
+        for attempt in _read_attempts(file):
+            if attempt.get("id") in by_id:
+                by_id[attempt["id"]]["ranks"].update(attempt["ranks"])
+            else:
+                attempts.append(by_id.setdefault(attempt.get("id"), attempt))
+    return sorted(attempts, key=lambda a: str(a.get("started") or "")) if len(by_id) > 1 else attempts
+
+
+def _read_attempts(path):
     try:
-        attempts = json.loads((Path(run_dir) / USAGE).read_text()).get("attempts")
+        attempts = json.loads(path.read_text()).get("attempts")
     except (OSError, ValueError, AttributeError):
         return []
     return [a for a in attempts if isinstance(a, dict) and isinstance(a.get("ranks"), dict)] \
@@ -370,20 +383,20 @@ def read_usage(run_dir):
 
 
 def record_usage(run_dir, attempt, rank, figures):
-    """Put one rank's figures into its attempt (`attempt`: a dict with an "id"; its other keys are
-    the attempt's own, such as "end"). The ranks of a data-parallel run write one after another."""
-    with open(os.open(Path(run_dir) / USAGE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)) as lock_file:
-        with contextlib.suppress(OSError):
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        attempts = read_usage(run_dir)
-        mine = next((a for a in attempts if a.get("id") == attempt["id"]), None)
-        if mine is None:
-            mine = {"ranks": {}}
-            attempts.append(mine)
-        mine.update(attempt)
-        mine["ranks"][str(rank)] = figures
-        text = json.dumps({"attempts": attempts[-MAX_ATTEMPTS:]}, indent=1) + "\n"
-        write_whole(Path(run_dir) / USAGE, lambda tmp: Path(tmp).write_text(text))
+    """Put one rank's figures into its attempt (`attempt`: a dict with an "id"; its other keys are the
+    attempt's own, such as "end"). Rank 0 writes usage.json, each other rank a file of its own
+    (RANK_USAGE): ranks on several nodes never write one file, so no file system's locks are needed
+    (NFS mounted nolock, Lustre's localflock). One process's writes must not overlap (mnist.usage's are in turn)."""
+    path = Path(run_dir) / (USAGE if str(rank) == "0" else RANK_USAGE.format(rank))
+    attempts = _read_attempts(path)
+    mine = next((a for a in attempts if a.get("id") == attempt["id"]), None)
+    if mine is None:
+        mine = {"ranks": {}}
+        attempts.append(mine)
+    mine.update(attempt)
+    mine["ranks"][str(rank)] = figures
+    text = json.dumps({"attempts": attempts[-MAX_ATTEMPTS:]}, indent=1) + "\n"
+    write_whole(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------- the lock
@@ -406,13 +419,13 @@ def _read_holder(lock_file):
 
 
 def _try_lock(lock_file):
-    """True if taken; False if another process holds it."""
+    """True if taken (or the file system has no locks); False if another process holds it."""
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without locks
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # NFS mounted nolock, Lustre's localflock
             return True
         raise
     return True
@@ -481,5 +494,5 @@ def unused(run_dir):
         entries = list(Path(run_dir).iterdir())
     except OSError:
         return False
-    bookkeeping = (".hydra", LOCK, START, USAGE, USAGE_LOCK)
-    return all(e.name in bookkeeping or (e.name == LOG and e.stat().st_size == 0) for e in entries)
+    bookkeeping = (".hydra", LOCK, START, USAGE)
+    return all(e.name in bookkeeping or e.match(RANK_USAGE.format("*")) or (e.name == LOG and e.stat().st_size == 0) for e in entries)

@@ -2,7 +2,8 @@
 
 Slurm samples a job's memory every 30 s by default, so a short job has no MaxRSS at all, and sites
 without accounting have none of it. So each process that trains records, for each attempt (a
-requeue or a resubmission is a new one) and each rank: its peak resident memory (VmHWM), its
+requeue or a resubmission is a new one) and each rank: its peak resident memory (VmHWM; a packed task's later
+runs start it afresh, so each run's peak is its own), its
 user+system CPU seconds, its wall time since the process started, the CPUs it was given and, on a
 GPU, `torch.cuda.max_memory_allocated` against the device's memory. A thread samples every
 SAMPLE_S and writes when the peak has grown or every WRITE_EVERY_S, so a job killed for its memory
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 
-from mnist import rundir
+from mnist import env, rundir
 from mnist.errors import UserError
 from mnist.stopping import StopRequested
 
@@ -33,16 +34,33 @@ WRITE_EVERY_S = 5.0
 GROWTH = 1.02  # a peak 2% above the last written one is written at once
 
 
-def peak_rss():
-    """This process's peak resident memory in bytes (VmHWM; getrusage's maxrss where /proc lacks it)."""
+def _status(field):
+    """A memory figure of /proc/self/status ("VmHWM", "VmRSS") in bytes, or None."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes since it started or since reset_peak (VmHWM; getrusage's
+    maxrss where /proc lacks it)."""
+    peak = _status("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak():
+    """Start VmHWM afresh from the memory resident now (Linux >= 4.0: clear_refs 5); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_seconds():
@@ -63,21 +81,16 @@ def process_started():
 
 
 def gpu_memory():
-    """(peak allocated, device total) in bytes, if this process uses a GPU through torch; else (None, None)."""
+    """(peak allocated, device total) in bytes of the GPU this rank trains on, if this process uses one through torch;
+    else (None, None). (Not torch's current device: that is each thread's own, and this runs in the watcher's.)"""
     torch = sys.modules.get("torch")
     try:
         if torch is None or not torch.cuda.is_initialized():
             return None, None
-        device = torch.cuda.current_device()
+        device = env.cuda_index(env.distributed()[1], torch.cuda.device_count())
         return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.get_device_properties(device).total_memory)
     except Exception:  # a GPU that went away must not stop the run
         return None, None
-
-
-def cpus_given():
-    """The CPUs this process may use: Slurm's CPUs per task, else its affinity."""
-    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return int(value) if value.isdigit() else len(os.sched_getaffinity(0))
 
 
 def _now():
@@ -88,40 +101,51 @@ class Recorder:
     """One rank's figures for one attempt, written into the run folder's usage.json."""
 
     def __init__(self, run_dir, task=None):
-        from mnist.env import job_id, restarts
-
         self.run_dir = run_dir
-        self.rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+        self.rank = env.distributed()[0]
         # A packed task's later runs count from their own start (the process's start-up is the first run's).
         self.started = task["started"] if task and task.get("index") else process_started()
         self.cpu_before = cpu_seconds() if task and task.get("index") else 0.0  # ... and their own CPU seconds
-        restart = restarts()
-        job = job_id()
+        restart = env.restarts()
+        job = env.job_id()
         since = datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")
         self.attempt = {"id": f"{job}#{restart}" if job else f"local {since} {os.getpid()}", "job_id": job,
                         "restart": restart, "started": since}
         if task:  # one of a packed task's runs: {index, runs, startup_s} (mnist.launch.job)
             self.attempt["task"] = {k: v for k, v in task.items() if k != "started"}
+        # A packed task's later runs measure their own peak, not the largest of the runs before them: VmHWM reset
+        # at their start, else the largest resident memory the watcher samples
+        self.own_hwm = not (task and task.get("index")) or reset_peak()
+        self.sampled_peak = 0
         self.written_peak, self.written_at = 0, 0.0
         self.done = threading.Event()
+        self.writing = threading.RLock()  # (re-entrant: Slurm's SIGTERM may come while the main thread writes)
         self.thread = threading.Thread(target=self._watch, name="usage", daemon=True)
         self.previous = None  # the SIGTERM handler before ours
 
     def figures(self):
         gpu_peak, gpu_total = gpu_memory()
-        return {"host": socket.gethostname(), "peak_rss": peak_rss(), "cpu_s": round(cpu_seconds() - self.cpu_before, 3),
-                "wall_s": round(time.time() - self.started, 3), "cpus": cpus_given(), "gpu_peak": gpu_peak,
+        return {"host": socket.gethostname(), "peak_rss": self.peak(), "cpu_s": round(cpu_seconds() - self.cpu_before, 3),
+                "wall_s": round(time.time() - self.started, 3), "cpus": env.cpus_given(), "gpu_peak": gpu_peak,
                 "gpu_total": gpu_total, "updated": _now()}
 
     def write(self, **end):
-        figures = self.figures()
-        self.written_peak, self.written_at = figures["peak_rss"], time.monotonic()
-        with contextlib.suppress(OSError):  # a full disk must not stop the training
-            rundir.record_usage(self.run_dir, {**self.attempt, **end}, self.rank, figures)
+        with self.writing:  # the watcher's and the main thread's writes, in turn
+            figures = self.figures()
+            self.written_peak, self.written_at = figures["peak_rss"], time.monotonic()
+            with contextlib.suppress(OSError):  # a full disk must not stop the training
+                rundir.record_usage(self.run_dir, {**self.attempt, **end}, self.rank, figures)
+
+    def peak(self):
+        """This run's peak resident memory so far (bytes)."""
+        if self.own_hwm:
+            return peak_rss()
+        self.sampled_peak = max(self.sampled_peak, _status("VmRSS") or 0)
+        return self.sampled_peak
 
     def _watch(self):
         while not self.done.wait(SAMPLE_S):
-            if peak_rss() > self.written_peak * GROWTH or time.monotonic() - self.written_at > WRITE_EVERY_S:
+            if self.peak() > self.written_peak * GROWTH or time.monotonic() - self.written_at > WRITE_EVERY_S:
                 self.write()
 
     def start(self):

@@ -1,8 +1,11 @@
 """A run's own record of what it used (mnist/usage.py -> usage.json, owned by mnist/rundir.py)."""
+import errno
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -47,6 +50,33 @@ def test_a_block_records_its_peak_cpu_and_wall_and_how_it_ended(tmp_path, monkey
     del block
 
 
+PACKED_RUNS = """
+import sys, time
+from mnist import usage
+if sys.argv[2] == "sampled":
+    usage.reset_peak = lambda: False  # a kernel without clear_refs: the watcher's samples
+task = {"runs": 2, "startup_s": 1.0, "started": time.time()}
+with usage.recording(sys.argv[1] + "/big", {**task, "index": 0}):
+    block = bytearray(300 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])
+    del block
+with usage.recording(sys.argv[1] + "/small", {**task, "index": 1, "started": time.time()}):
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.parametrize("how", ["reset", "sampled"])
+def test_each_packed_run_records_its_own_peak_not_the_largest_before_it(tmp_path, how):
+    """Two runs of one packed task, a big one then a small one: the small one's peak is its own (it read the
+    big one's 300M: VmHWM is the whole process's)."""
+    for name in ("big", "small"):
+        (tmp_path / name).mkdir()
+    subprocess.run([sys.executable, "-c", PACKED_RUNS, str(tmp_path), how], check=True, timeout=60)
+    [big], [small] = (rundir.read_usage(tmp_path / name) for name in ("big", "small"))
+    assert big["ranks"]["0"]["peak_rss"] > 300 * 2**20
+    assert small["ranks"]["0"]["peak_rss"] < big["ranks"]["0"]["peak_rss"] - 250 * 2**20, (small, big)
+
+
 @pytest.mark.parametrize("error, recorded, user", [
     (ValueError("first line\nbad value 3"), "ValueError: bad value 3", False),
     (UserError("data.root=/x holds no MNIST. Run `python -m mnist.data download`."),
@@ -62,12 +92,83 @@ def test_an_error_is_recorded_as_its_last_line_or_its_paragraph(tmp_path, error,
 
 def test_each_rank_writes_its_own_figures_into_the_same_attempt(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
     for rank in ("0", "1"):
-        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("RANK", rank)  # (submitit exports it for each task of a data-parallel job)
         with usage.recording(tmp_path):
             pass
     [attempt] = rundir.read_usage(tmp_path)
     assert sorted(attempt["ranks"]) == ["0", "1"]
+
+
+def test_a_one_task_job_is_rank_0_whatever_rank_the_submitting_shell_had(tmp_path, monkeypatch):
+    """sbatch passes the submitting shell's environment on: a RANK=3 left there is not this job's rank."""
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("RANK", "3")
+    with usage.recording(tmp_path):
+        pass
+    [attempt] = rundir.read_usage(tmp_path)
+    assert list(attempt["ranks"]) == ["0"]
+
+
+def test_ranks_on_nodes_without_shared_locks_keep_each_others_figures(tmp_path, monkeypatch):
+    """Where flock fails (ENOLCK: NFS mounted nolock), each rank's write between another's read and write lost
+    that one's figures; each rank now writes a file of its own, and the lock of the run folder still works."""
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    attempt = {"id": "5#0", "job_id": "5", "restart": 0}
+    write_whole = rundir.write_whole
+
+    def meanwhile(path, write):  # rank 1 writes between rank 0's read and write, as on another node
+        if not (tmp_path / rundir.RANK_USAGE.format(1)).exists() and path.name == rundir.USAGE:
+            rundir.record_usage(tmp_path, attempt, 1, {"host": "n2", "peak_rss": 2})
+        write_whole(path, write)
+
+    monkeypatch.setattr(rundir, "write_whole", meanwhile)
+    rundir.record_usage(tmp_path, attempt, 0, {"host": "n1", "peak_rss": 1})
+    [read] = rundir.read_usage(tmp_path)
+    assert {rank: figures["host"] for rank, figures in read["ranks"].items()} == {"0": "n1", "1": "n2"}
+    with rundir.lock(tmp_path, "5"):
+        assert rundir.holder(tmp_path) is None  # no lock to see: no holder, and no refusal
+
+
+class FakeCuda:
+    """torch.cuda as the watcher thread sees it on a node of 2 GPUs: its current device is device 0 (each
+    thread's own), whichever GPU the rank trains on."""
+    @staticmethod
+    def is_initialized():
+        return True
+
+    @staticmethod
+    def device_count():
+        return 2
+
+    @staticmethod
+    def current_device():
+        return 0
+
+    @staticmethod
+    def max_memory_allocated(device):
+        return {0: 100, 1: 200}[device]
+
+    @staticmethod
+    def get_device_properties(device):
+        return type("Properties", (), {"total_memory": 1000})
+
+
+def test_each_rank_records_the_gpu_it_trains_on_not_its_watchers_current_one(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", type("FakeTorch", (), {"cuda": FakeCuda}))
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = []
+    watcher = threading.Thread(target=lambda: seen.append(usage.gpu_memory()))
+    watcher.start()
+    watcher.join()
+    assert seen == [(200, 1000)]
 
 
 def test_a_damaged_usage_record_reads_as_none(tmp_path):
