@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from mnist import rundir
 from mnist.errors import UserError
 from mnist.launch import outcome, record
 
@@ -121,7 +122,18 @@ def _details(job, history):
         lines.append((f"attempt {attempt.get('restart', 0)}", _attempt_line(attempt)))
     lines.append(("submissions", " -> ".join(f"{h['job_id']} {h['state']}" for h in history)
                   + f"  (of {Path(job['run_dir']).name})"))
+    lines.append(("trained by", _trained_by(job["run_dir"])))
     return "\n".join(line if isinstance(line, str) else f"  {line[0] + ':':<12} {line[1]}" for line in lines)
+
+
+def _trained_by(run_dir):
+    """The job and attempt that last trained in the run folder, by the run's own record (usage.json)."""
+    attempts = rundir.read_usage(run_dir)
+    if not attempts:
+        return "- (no attempt recorded yet)"
+    last = attempts[-1]
+    where = f"job {last['job_id']}, attempt {last.get('restart') or 0}" if last.get("job_id") else "a local run"
+    return f"{where}, started {last.get('started')}; {last.get('end') or 'no end written (killed, or still running)'}"
 
 
 def _cpu_line(job):

@@ -179,46 +179,40 @@ def batch_losses(run_dir):
 
 # ---------------------------------------------------------------- Slurm
 
-def job_ids(runs, log_dir):
-    """{run folder: job id} from the launcher's record (latest submission wins), else environment.json.
-    Each run also gets its record entries in order ("history"): a resubmitted run has several."""
-    entries, history = {}, {}
-    if log_dir is not None:
-        for entry in record.read(log_dir):
-            key = Path(entry["run_dir"]).resolve()
-            entries[key] = entry
-            history.setdefault(key, []).append(entry["job_id"])
+def submissions(runs, log_dir):
+    """{run folder: its record entries, oldest first} from the launcher's record, else one made of the job its
+    environment.json names (`sbatch slurm/*.sh`); each run also gets its job ids in order ("history")."""
+    recorded = record.by_run(record.read(log_dir)) if log_dir is not None else {}
     found = {}
     for run in runs:
-        key = run["run_dir"].resolve()
-        entry = entries.get(key)
-        run["job_entry"] = entry
-        run["history"] = history.get(key, [])
-        job = entry["job_id"] if entry else run["env_job_id"]
-        if job:
-            found[run["run_dir"]] = str(job)
+        mine = recorded.get(str(run["run_dir"].resolve()), [])
+        run["history"] = [e["job_id"] for e in mine]
+        if not mine and run["env_job_id"]:
+            mine = [_bare_entry(run, str(run["env_job_id"]))]
+        if mine:
+            found[run["run_dir"]] = mine
     return found
 
 
 def slurm_lookup(runs, log_dir):
-    """Set each run's job_id, slurm_state and job (mnist.launch.outcome's description: cause, usage);
-    asks Slurm once, and only when some run has a job. A run without a job gets its usage.json's figures."""
-    ids = job_ids(runs, log_dir)
-    with_job = [run for run in runs if run["run_dir"] in ids]
-    entries = [run["job_entry"] or _bare_entry(run, ids[run["run_dir"]]) for run in with_job]
+    """Set each run's job_id, slurm_state and job (mnist.launch.outcome's description: cause, usage) of the job
+    that trained it (outcome.trained_by); asks Slurm once, and only when some run has a job. A run without a job
+    gets its usage.json's figures."""
+    found = submissions(runs, log_dir)
+    with_job = [run for run in runs if run["run_dir"] in found]
+    entries = [e for run in with_job for e in found[run["run_dir"]]]
     known = record.states(entries)
     if known.unreachable:
         print(f"Cannot reach Slurm, so states are read from the run folders only: {known.unreachable}.",
               file=sys.stderr)
-    described = outcome.describe(entries, known, log_dir or "logs")
-    for run, job in zip(with_job, described):
-        run["job"] = job
+    described = iter(outcome.describe(entries, known, log_dir or "logs"))
+    for run in with_job:
+        job = outcome.trained_by([next(described) for _ in found[run["run_dir"]]])
+        run["job"], run["job_id"] = job, job["job_id"]
         run["slurm_state"] = None if known.unreachable or job["state"] in ("UNKNOWN", "ENDED") else job["state"]
-    alone = [run for run in runs if run["run_dir"] not in ids]
+    alone = [run for run in runs if run["run_dir"] not in found]
     for run, job in zip(alone, outcome.describe([_bare_entry(run, None) for run in alone], record.States({}))):
-        run["job"] = {**job, "state": "", "cause": "", "fix": ""}  # a local run: its figures only
-    for run in runs:
-        run["job_id"] = ids.get(run["run_dir"])
+        run["job"], run["job_id"] = {**job, "state": "", "cause": "", "fix": ""}, None  # a local run: its figures only
 
 
 def _bare_entry(run, job_id):

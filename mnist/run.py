@@ -49,7 +49,7 @@ def own_config(cfg, run_dir, overrides):
 
 def _finished(cfg, run_dir):
     """A run with every epoch done has nothing left to do: say so and submit nothing."""
-    if not rundir.finished(run_dir, cfg) or not rundir.checkpoint_whole(run_dir):
+    if not rundir.complete(run_dir, cfg):
         return False
     print(rundir.nothing_left(run_dir, len(rundir.read_metrics(run_dir)), cfg.trainer.epochs))
     return True

@@ -284,6 +284,11 @@ def finished(run_dir, config):
         return False
 
 
+def complete(run_dir, config):
+    """Whether a submission would leave the run nothing to do: every epoch done, and its checkpoint whole."""
+    return finished(run_dir, config) and checkpoint_whole(run_dir)
+
+
 # A run folder's state, as the folder alone tells it (its job's state is Slurm's: mnist.launch.outcome)
 FINISHED, RESUMABLE, NEW = "finished", "resumable", "new"
 

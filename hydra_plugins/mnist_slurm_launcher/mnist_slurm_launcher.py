@@ -16,6 +16,7 @@ submits, so a bad override stops the sweep at the same point with the same error
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -116,14 +117,19 @@ def _is_value(override, parsed, config_loader):
 
 
 def _prepare(cfg):
-    """Hydra's task function for each sweep run: check and resolve its config, and record the run's
-    overrides as its start (mnist.rundir); the launcher then saves the config and submits."""
+    """Hydra's task function for each sweep run: check and resolve its config, apply the run-folder rules a
+    single run's submission applies (a run already in the folder resumes with its own config; a complete or
+    busy one is left alone), and record the run's overrides as its start (mnist.rundir). Returns (config or
+    None, run folder, why it is left alone); the launcher then saves the configs and submits."""
     from mnist import rundir
     from mnist.config import finalize
+    from mnist.launch.slurm import folder_rules
 
-    cfg, run_dir = finalize(cfg), HydraConfig.get().runtime.output_dir
-    rundir.record_start(run_dir, list(HydraConfig.get().overrides.task))
-    return cfg, run_dir
+    run_dir, overrides = HydraConfig.get().runtime.output_dir, list(HydraConfig.get().overrides.task)
+    existed = (Path(run_dir) / rundir.CONFIG).is_file()
+    cfg, why = folder_rules(finalize(cfg), run_dir, overrides)
+    rundir.record_start(run_dir, overrides)
+    return cfg, run_dir, why, existed
 
 
 class MnistSlurmLauncher(Launcher):
@@ -157,5 +163,29 @@ class MnistSlurmLauncher(Launcher):
                                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
                 runs.append(result.return_value)  # re-raises a config error from _prepare
                 returns.append(result)
-            submit_array(runs)
+            todo = _left_alone(runs, self.config)
+            if todo:
+                submit_array(todo)
         return returns or [JobReturn(status=JobStatus.COMPLETED, _return_value=None)]
+
+
+def _left_alone(runs, config):
+    """The runs to submit, (config, run folder) each; says which runs of a sweep submitted again into its folder
+    are left alone (complete, in use, or still queued or running as a job the record names) and why."""
+    if all(len(run) == 2 for run in runs):  # a dry run: no folders
+        return runs
+    from mnist.launch.slurm import still_queued
+
+    queued = still_queued(config.launcher.log_dir, [d for cfg, d, _, existed in runs if cfg is not None and existed])
+    todo, left = [], []
+    for cfg, run_dir, why, _ in runs:
+        why = why or queued.get(str(Path(run_dir).resolve()), "")
+        (left if why else todo).append((cfg, run_dir) if not why else (run_dir, why))
+    if left:
+        sweep = Path(left[0][0]).parent
+        complete = sum(why == "complete" for _, why in left)
+        others = [f"{Path(d).name} {why}" for d, why in left if why != "complete"]
+        print(f"{sweep}: {complete} of {len(runs)} runs already complete" + (f"; left alone: {'; '.join(others)}"
+                                                                              if others else "")
+              + (f". Submitting the other {len(todo)}." if todo else ". Nothing to submit."))
+    return todo

@@ -30,7 +30,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self):
-        return train_runs([self])[0]
+        results = train_runs([self])
+        return results[0] if results else None
 
     def finished(self):
         """Whether every epoch of the run is done (a requeued packed task skips it)."""
@@ -93,7 +94,7 @@ class PackedJob(submitit.helpers.Checkpointable):
 def train_runs(jobs):
     """Train each job's run in turn; a packed task announces each run by one line naming its folder, and
     a run that fails does not stop the others (the task then fails, naming it). Returns their results."""
-    from mnist import private_apis, usage
+    from mnist import private_apis, rundir, usage
     from mnist.stopping import REQUEUE_SIGNAL, StopRequested
 
     if not any(job.config["trainer"]["compile"] for job in jobs):
@@ -103,8 +104,10 @@ def train_runs(jobs):
     startup_s = round(time.time() - usage.process_started(), 3)
     packed, results, failed = len(jobs) > 1, [], []
     for index, job in enumerate(jobs):
-        if packed and job.finished():
-            print(f"Run {index + 1} of {len(jobs)} in this task: {job.run_dir} (done; skipped)", flush=True)
+        if job.finished():  # (a requeued task's finished runs; a run finished since it was submitted): no attempt
+            print(f"Run {index + 1} of {len(jobs)} in this task: {job.run_dir} (done; skipped)" if packed else
+                  rundir.nothing_left(job.run_dir, job.config["trainer"]["epochs"], job.config["trainer"]["epochs"]),
+                  flush=True)
             continue
         if packed:
             print(f"Run {index + 1} of {len(jobs)} in this task: {job.run_dir}", flush=True)

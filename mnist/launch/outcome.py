@@ -82,6 +82,14 @@ def _job(entry, known, attempts, log_dir):
     return job
 
 
+def trained_by(jobs):
+    """Of the jobs submitted for one run folder (described, oldest first), the one to show for it: the latest
+    that is still going or that trained in it (its usage.json has its attempts), else the latest. A later job
+    that ended without training there (it found nothing left to do, or was cancelled before it started) does
+    not hide the one that trained it."""
+    return next((job for job in reversed(jobs) if job["state"] in GOING or job["attempts"]), jobs[-1])
+
+
 def packed_run_state(run_dir, task_state, attempts):
     """One of a packed task's runs, by its own record of this task's attempts: COMPLETED once its epochs are done;
     while the task runs, WAITING until the task starts it, FAILED if it failed (the task goes on with the next)."""

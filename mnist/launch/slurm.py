@@ -118,6 +118,37 @@ def prepare(cfg, run_dir, overrides=None):
     return run_dir
 
 
+def folder_rules(cfg, run_dir, overrides):
+    """The run-folder rules every submission applies, as a single run's does (mnist.run): a folder that holds a run
+    resumes it with its own config (rundir.resume_config refuses an override that changes what it trains).
+    Returns (the config to submit, "") or (None, why it is left alone: complete, or in use)."""
+    if rundir.holds_run(run_dir):
+        cfg = OmegaConf.create(rundir.resume_config(run_dir, OmegaConf.to_container(cfg), overrides))
+    held = rundir.holder(run_dir)
+    if held:
+        return None, f"in use (process {held.get('pid')} on {held.get('host')})"
+    if rundir.complete(run_dir, cfg):
+        return None, "complete"
+    return cfg, ""
+
+
+def still_queued(log_dir, run_dirs):
+    """{run folder: why it is left alone} for those of run_dirs a job recorded in log_dir still has queued or
+    running (one squeue call, only where the record names one of them)."""
+    from mnist.launch import outcome
+
+    wanted = {str(Path(d).resolve()) for d in run_dirs}
+    entries = [e for folder, mine in record.by_run(record.read(log_dir)).items() if folder in wanted for e in mine]
+    if not entries:
+        return {}
+    known = record.states(entries)
+    found = {}
+    for job in outcome.describe(entries, known, log_dir):
+        if known.unreachable or job["state"] in outcome.GOING:
+            found[str(Path(job["run_dir"]).resolve())] = f"still {job['state'] or '?'} as job {job['job_id']}"
+    return found
+
+
 def _executor(cfg, params):
     import submitit
 
