@@ -40,7 +40,7 @@ def ended(logs, cwd, job_ids, timeout=180):
     while True:
         listing = jobs([], cwd, logs).stdout
         states = [cells["STATE"] for cells in rows(listing) if cells["JOB"] in job_ids]  # a packed task: a row a run
-        if all(s not in record.LIVE for s in states) or time.time() > deadline:
+        if all(s not in outcome.GOING for s in states) or time.time() > deadline:
             return listing
         time.sleep(1)
 
