@@ -112,11 +112,12 @@ def test_a_job_over_its_memory_is_explained_with_asked_and_peak(slurm_env, finis
                                      f"{outcome.human_bytes(asked << 20)} asked; try resources.mem="), shown["CAUSE"]
     fit = shown["CAUSE"].rsplit("resources.mem=", 1)[1]
     assert resources.memory_bytes(fit) >= 1.2 * max(peak, own["peak_rss"])  # what would have fitted, with a margin
+    assert resources.memory_bytes(fit) >= 2 * (asked << 20)  # the peak before a kill is a lower bound
     details = jobs(["show", job], tmp_path, tmp_path / "logs").stdout
     assert f"\n  fix:         python -m mnist.jobs resubmit {job} resources.mem={fit} " in details, details  # ./logs
     assert "own record" in details
     more = jobs(["resubmit", job, "--more", "dry_run=true"], tmp_path, tmp_path / "logs")
-    assert f"#SBATCH --mem={2 * asked}M" in more.stdout and more.stdout.startswith("#!/bin/bash")
+    assert f"#SBATCH --mem={fit}\n" in more.stdout and more.stdout.startswith("#!/bin/bash")  # what the cause says
 
 
 def test_a_sweep_with_two_tasks_cancelled_reruns_them_as_one_array_and_they_resume(slurm_env, data, tmp_path):
