@@ -94,26 +94,24 @@ def _usage(folder, log_dir, job_id):
     """Used (GB-hours, CPU-hours, epoch seconds) from each run's usage.json and metrics; asked per task."""
     from mnist import rundir
     from mnist.launch import record
-    from mnist.launch.history import startup_and_work
     from mnist.launch.resources import memory_bytes_of, time_seconds
 
     used_gbh = used_cpuh = epochs_s = 0.0
     startups, runs_s = [], []
     for run_dir in sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").exists()):
         for attempt in rundir.read_usage(run_dir):
-            for f in attempt["ranks"].values():
-                used_gbh += f["peak_rss"] / 2**30 * f["wall_s"] / 3600
-                used_cpuh += f["cpu_s"] / 3600
-            startup, work = startup_and_work(attempt)
-            first = not (attempt.get("task") or {}).get("index")  # each task's start-up counted once
-            startups += [startup] if first and startup else []
-            runs_s.append(work)
+            for f in attempt.ranks.values():
+                used_gbh += f.peak_rss / 2**30 * f.wall_s / 3600
+                used_cpuh += f.cpu_s / 3600
+            first = attempt.task is None or attempt.task.index == 0  # each task's start-up counted once
+            startups += [attempt.startup_s] if first and attempt.startup_s else []
+            runs_s.append(attempt.work_s)
         epochs_s += sum(row["seconds"] for row in rundir.read_metrics(run_dir))
-    tasks = {e["job_id"]: e for e in record.read(log_dir) if e["job_id"].split("_")[0] == job_id}
+    tasks = {e.job_id: e for e in record.read(log_dir) if e.job_id.split("_")[0] == job_id}
     asked_gbh = asked_cpuh = 0.0
     for entry in tasks.values():
-        config = rundir.read_config(entry["run_dir"])
-        hours = time_seconds(config["resources"]["time"]) * entry.get("pack", [0, 1])[1] / 3600
+        config = rundir.read_config(entry.run_dir)
+        hours = time_seconds(config["resources"]["time"]) * (entry.pack or (0, 1))[1] / 3600
         asked_gbh += memory_bytes_of(config["resources"]["mem"]) / 2**30 * hours
         asked_cpuh += config["resources"]["cpus_per_task"] * hours
     return {"asked_gb_h": asked_gbh, "used_gb_h": used_gbh, "asked_cpu_h": asked_cpuh, "used_cpu_h": used_cpuh,

@@ -94,13 +94,13 @@ def show(log_dir, job_id):
     if not record.JOB_ID.fullmatch(job_id):
         raise UserError(f"'{job_id}' is not a Slurm job id (like 123456 or 123456_3). List them with: python -m mnist.jobs")
     entries = record.read(log_dir)
-    chosen = [e for e in entries if e["job_id"] == job_id] or [e for e in entries if e["job_id"].split("_")[0] == job_id]
+    chosen = [e for e in entries if e.job_id == job_id] or [e for e in entries if e.job_id.split("_")[0] == job_id]
     if not chosen:
         record.find(log_dir, job_id)  # says which jobs there are
-    runs = {e["run_dir"] for e in chosen}
-    history = [e for e in entries if e["run_dir"] in runs]
+    runs = {e.run_dir for e in chosen}
+    history = [e for e in entries if e.run_dir in runs]
     jobs = {job["job_id"]: job for job in describe(log_dir, history)}
-    print("\n\n".join(_details(jobs[e["job_id"]], [jobs[h["job_id"]] for h in history if h["run_dir"] == e["run_dir"]])
+    print("\n\n".join(_details(jobs[e.job_id], [jobs[h.job_id] for h in history if h.run_dir == e.run_dir])
                       for e in chosen))
 
 
@@ -119,7 +119,7 @@ def _details(job, history):
              ("run folder", job["run_dir"]), ("log", job["stdout"]), ("errors", job["stderr"] or "-"),
              ("last line", job["last_line"] or "-")]
     for attempt in job["attempts"]:
-        lines.append((f"attempt {attempt.get('restart', 0)}", _attempt_line(attempt)))
+        lines.append((f"attempt {attempt.restart}", _attempt_line(attempt)))
     lines.append(("submissions", " -> ".join(f"{h['job_id']} {h['state']}" for h in history)
                   + f"  (of {Path(job['run_dir']).name})"))
     lines.append(("trained by", _trained_by(job["run_dir"])))
@@ -132,8 +132,8 @@ def _trained_by(run_dir):
     if not attempts:
         return "- (no attempt recorded yet)"
     last = attempts[-1]
-    where = f"job {last['job_id']}, attempt {last.get('restart') or 0}" if last.get("job_id") else "a local run"
-    return f"{where}, started {last.get('started')}; {last.get('end') or 'no end written (killed, or still running)'}"
+    where = f"job {last.job_id}, attempt {last.restart}" if last.job_id else "a local run"
+    return f"{where}, started {last.started}; {last.end or 'no end written (killed, or still running)'}"
 
 
 def _cpu_line(job):
@@ -162,24 +162,21 @@ def _gpu_line(job):
 
 
 def _attempt_line(attempt):
-    ranks = [r for r in attempt["ranks"].values() if isinstance(r, dict)]
-    hosts = sorted({str(r.get("host")) for r in ranks if r.get("host")})
-    wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
-    cpu = sum(r.get("cpu_s") or 0 for r in ranks)
-    peak = outcome.human_bytes(outcome.node_peak(ranks))  # what resources.mem (a node's) must hold, as MEM shows
-    end = attempt.get("end") or "no end written (killed, or still running)"
-    error = f": {attempt['error']}" if attempt.get("error") else ""
-    return (f"started {attempt.get('started')} on {','.join(hosts) or '?'}, {len(ranks)} "
-            f"rank{'s' if len(ranks) != 1 else ''}, {wall:.1f} s, {cpu:.1f} CPU s, "
+    ranks, hosts = len(attempt.ranks), attempt.hosts
+    peak = outcome.human_bytes(attempt.node_peak)  # what resources.mem (a node's) must hold, as MEM shows
+    end = attempt.end or "no end written (killed, or still running)"
+    error = f": {attempt.error}" if attempt.error else ""
+    return (f"started {attempt.started} on {','.join(hosts) or '?'}, {ranks} "
+            f"rank{'s' if ranks != 1 else ''}, {attempt.wall_s:.1f} s, {attempt.cpu_s:.1f} CPU s, "
             f"peak {peak}{' on one node' if len(hosts) > 1 else ''}; {end}{error}")
 
 
 def tail(log_dir, job_id, lines, follow):
     entry = record.find(log_dir, job_id)
-    path = Path(entry["stdout"])
+    path = Path(entry.stdout)
     print(f"==> {path} <==", flush=True)  # on stdout: `make logs | less` keeps it
     if not path.exists():
-        print(f"(no log yet: job {entry['job_id']} has not started)", file=sys.stderr)
+        print(f"(no log yet: job {entry.job_id} has not started)", file=sys.stderr)
         if not follow:
             return
         while not path.exists():
@@ -202,8 +199,8 @@ def cancel(log_dir, job_id):
     if known.unreachable:
         raise UserError(f"Cannot cancel {job_id}: Slurm cannot be reached ({known.unreachable}). Check that `sinfo` "
                         f"answers (SLURM_CONF, the controller), then cancel again.")
-    before = known.by_job.get(entry["job_id"])
-    whole_array = job_id != entry["job_id"]
+    before = known.by_job.get(entry.job_id)
+    whole_array = job_id != entry.job_id
     if before and before.state in record.ENDED and not whole_array:
         print(f"Job {job_id} had already ended ({before.state}): nothing to cancel.")
         return
@@ -212,12 +209,12 @@ def cancel(log_dir, job_id):
         raise UserError(f"scancel {job_id} failed: {out.stderr.strip()}")
     if whole_array:
         print(f"Cancelled job array {job_id}, all its tasks. The logs of the tasks that started and the run "
-              f"folders ({Path(entry['run_dir']).parent}) stay.")
-    elif before and before.state == "PENDING" and not Path(entry["stdout"]).exists():
+              f"folders ({Path(entry.run_dir).parent}) stay.")
+    elif before and before.state == "PENDING" and not Path(entry.stdout).exists():
         print(f"Cancelled {job_id} while it was pending: it never started, so it has no log. "
-              f"Its run folder ({entry['run_dir']}) holds only its config.")
+              f"Its run folder ({entry.run_dir}) holds only its config.")
     else:
-        print(f"Cancelled {job_id}. Its log ({entry['stdout']}) and run folder ({entry['run_dir']}) stay.")
+        print(f"Cancelled {job_id}. Its log ({entry.stdout}) and run folder ({entry.run_dir}) stay.")
 
 
 def suggest(log_dir, overrides):

@@ -186,7 +186,7 @@ def submissions(runs, log_dir):
     found = {}
     for run in runs:
         mine = recorded.get(str(run["run_dir"].resolve()), [])
-        run["history"] = [e["job_id"] for e in mine]
+        run["history"] = [e.job_id for e in mine]
         if not mine and run["env_job_id"]:
             mine = [_bare_entry(run, str(run["env_job_id"]))]
         if mine:
@@ -216,8 +216,7 @@ def slurm_lookup(runs, log_dir):
 
 
 def _bare_entry(run, job_id):
-    return {**dict.fromkeys(record.FIELDS, ""), "job_id": job_id, "run_dir": str(run["run_dir"]),
-            "stdout": str(run["run_dir"] / rundir.LOG)}
+    return record.Entry(job_id, str(run["run_dir"]), str(run["run_dir"] / rundir.LOG))
 
 
 # ---------------------------------------------------------------- the table

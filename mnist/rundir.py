@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import zipfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -357,28 +358,140 @@ def environment_job_id(run_dir):
 
 def job_ids(run_dir):
     """Every Slurm job that trained in the folder, as its own usage.json and environment.json name them."""
-    ids = {a["job_id"] for a in read_usage(run_dir) if a.get("job_id")}
+    ids = {a.job_id for a in read_usage(run_dir) if a.job_id}
     return ids | ({environment_job_id(run_dir)} - {None})
 
 
 # ---------------------------------------------------------------- usage
 
-def read_usage(run_dir):
-    """The attempts of usage.json and its ranks' files, oldest first: [{id, job_id, restart, started, end, error,
-    user_error, task, ranks: {rank: {host, peak_rss, cpu_s, wall_s, cpus, gpu_peak, gpu_total, updated}}}]; []
-    when there is none or it cannot be read (the figures are then Slurm's, or unknown)."""
+@dataclass(frozen=True)
+class RankUsage:
+    """One rank's figures in one attempt, as mnist.usage measures them (bytes, seconds)."""
+    host: str | None = None
+    peak_rss: int = 0  # peak resident memory (a packed task's later runs: their own)
+    cpu_s: float = 0.0  # user + system
+    wall_s: float = 0.0  # since the process (a packed task's later runs: the run) started
+    cpus: int | None = None  # the CPUs it was given
+    gpu_peak: int | None = None  # torch's peak allocated on its GPU
+    gpu_total: int | None = None
+    updated: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A run's place in a packed array task (mnist.launch.job): the task's start-up is paid by its first run."""
+    index: int = 0
+    runs: int = 1
+    startup_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a run (a job's start, each requeue, a resubmission or a local start) as usage.json has it."""
+    id: str
+    job_id: str | None = None
+    restart: int = 0  # Slurm's requeues before it
+    started: str | None = None  # ISO time
+    end: str | None = None  # completed, stopped, interrupted, error, terminated; None: still going, or killed
+    error: str | None = None  # a UserError's paragraph, or the exception's last line
+    user_error: bool = False
+    task: Task | None = None
+    ranks: dict = field(default_factory=dict)  # {rank (text): RankUsage}
+
+    @property
+    def node_peak(self) -> int:
+        """The peak memory of its fullest node (what resources.mem, a node's, must hold): ranks on a host add up."""
+        per_host = {}
+        for rank in self.ranks.values():
+            per_host[rank.host] = per_host.get(rank.host, 0) + rank.peak_rss
+        return max(per_host.values(), default=0)
+
+    @property
+    def wall_s(self) -> float:
+        return max((rank.wall_s for rank in self.ranks.values()), default=0.0)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(rank.cpu_s for rank in self.ranks.values())
+
+    @property
+    def cpus(self) -> int | None:
+        return sum(rank.cpus or 0 for rank in self.ranks.values()) or None
+
+    @property
+    def hosts(self) -> list:
+        return sorted({rank.host for rank in self.ranks.values()} - {None})
+
+    @property
+    def gpu_peak(self) -> int | None:
+        return max((rank.gpu_peak for rank in self.ranks.values() if rank.gpu_peak), default=None)
+
+    @property
+    def gpu_total(self) -> int | None:
+        return max((rank.gpu_total for rank in self.ranks.values() if rank.gpu_peak and rank.gpu_total), default=None)
+
+    @property
+    def startup_s(self) -> float:
+        """Its task's start-up (imports, the data read), 0 where not recorded."""
+        return self.task.startup_s if self.task else 0.0
+
+    @property
+    def work_s(self) -> float:
+        """Its own wall seconds: a task's first run has the task's start-up in its wall time, the others not."""
+        first = self.task is None or self.task.index == 0
+        return max(self.wall_s - (self.startup_s if first else 0.0), 0.0)
+
+
+def _known(kind, data):
+    """The fields of dataclass `kind` that `data` (a dict from JSON) has."""
+    return {f.name: data[f.name] for f in fields(kind) if f.name in data}
+
+
+def _number(value, kind, default):
+    return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _rank_usage(data):
+    known = _known(RankUsage, data)
+    for name, kind, default in (("peak_rss", int, 0), ("cpu_s", float, 0.0), ("wall_s", float, 0.0)):
+        known[name] = _number(known.get(name), kind, default)
+    for name in ("cpus", "gpu_peak", "gpu_total"):
+        known[name] = _number(known.get(name), int, None)
+    return RankUsage(**known)
+
+
+def _attempt(data):
+    """An Attempt from usage.json's dict; None for what is not one."""
+    if not isinstance(data, dict) or not isinstance(data.get("ranks"), dict):
+        return None
+    known = _known(Attempt, data)
+    known["id"] = str(known.get("id") or "")
+    known["restart"] = _number(known.get("restart"), int, 0)
+    task = known.get("task")
+    known["task"] = Task(**{k: _number(v, type(getattr(Task, k)), getattr(Task, k))
+                            for k, v in _known(Task, task).items()}) if isinstance(task, dict) else None
+    known["ranks"] = {str(rank): _rank_usage(figures) for rank, figures in data["ranks"].items() if isinstance(figures, dict)}
+    return Attempt(**known)
+
+
+def read_usage(run_dir) -> list:
+    """The Attempts of usage.json and its ranks' files, oldest first; [] when there is none or it cannot be read
+    (the figures are then Slurm's, or unknown)."""
     attempts = _read_attempts(Path(run_dir) / USAGE)
-    by_id = {a.get("id"): a for a in attempts}
+    by_id = {a["id"]: a for a in attempts}
     for file in sorted(Path(run_dir).glob(RANK_USAGE.format("*"))):
         for attempt in _read_attempts(file):
-            if attempt.get("id") in by_id:
+            if attempt["id"] in by_id:
                 by_id[attempt["id"]]["ranks"].update(attempt["ranks"])
             else:
-                attempts.append(by_id.setdefault(attempt.get("id"), attempt))
-    return sorted(attempts, key=lambda a: str(a.get("started") or "")) if len(by_id) > 1 else attempts
+                attempts.append(by_id.setdefault(attempt["id"], attempt))
+    if len(by_id) > 1:
+        attempts.sort(key=lambda a: str(a.get("started") or ""))
+    return [attempt for attempt in map(_attempt, attempts) if attempt is not None]
 
 
 def _read_attempts(path):
+    """usage.json's attempts as the dicts it holds."""
     try:
         attempts = json.loads(path.read_text()).get("attempts")
     except (OSError, ValueError, AttributeError):
@@ -387,19 +500,24 @@ def _read_attempts(path):
         if isinstance(attempts, list) else []
 
 
-def record_usage(run_dir, attempt, rank, figures):
-    """Put one rank's figures into its attempt (`attempt`: a dict with an "id"; its other keys are the
-    attempt's own, such as "end"). Rank 0 writes usage.json, each other rank a file of its own
-    (RANK_USAGE): ranks on several nodes never write one file, so no file system's locks are needed
+def record_usage(run_dir, attempt_id, rank, figures, **attempt):
+    """Put one rank's figures (RankUsage) into the attempt `attempt_id`, with the attempt's own fields (Attempt's:
+    job_id, restart, started, end, error, user_error, task). Rank 0 writes usage.json, each other rank a file of
+    its own (RANK_USAGE): ranks on several nodes never write one file, so no file system's locks are needed
     (NFS mounted nolock, Lustre's localflock). One process's writes must not overlap (mnist.usage's are in turn)."""
+    unknown = set(attempt) - {f.name for f in fields(Attempt)}
+    if unknown:
+        raise TypeError(f"not fields of an attempt: {', '.join(sorted(unknown))}")
+    if isinstance(attempt.get("task"), Task):
+        attempt["task"] = asdict(attempt["task"])
     path = Path(run_dir) / (USAGE if str(rank) == "0" else RANK_USAGE.format(rank))
     attempts = _read_attempts(path)
-    mine = next((a for a in attempts if a.get("id") == attempt["id"]), None)
+    mine = next((a for a in attempts if a.get("id") == attempt_id), None)
     if mine is None:
         mine = {"ranks": {}}
         attempts.append(mine)
-    mine.update(attempt)
-    mine["ranks"][str(rank)] = figures
+    mine.update(attempt, id=attempt_id)
+    mine["ranks"][str(rank)] = asdict(figures)
     text = json.dumps({"attempts": attempts[-MAX_ATTEMPTS:]}, indent=1) + "\n"
     write_whole(path, lambda tmp: Path(tmp).write_text(text))
 

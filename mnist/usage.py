@@ -109,10 +109,10 @@ class Recorder:
         restart = env.restarts()
         job = env.job_id()
         since = datetime.datetime.fromtimestamp(self.started).isoformat(timespec="seconds")
-        self.attempt = {"id": f"{job}#{restart}" if job else f"local {since} {os.getpid()}", "job_id": job,
-                        "restart": restart, "started": since}
-        if task:  # one of a packed task's runs: {index, runs, startup_s} (mnist.launch.job)
-            self.attempt["task"] = {k: v for k, v in task.items() if k != "started"}
+        self.attempt_id = f"{job}#{restart}" if job else f"local {since} {os.getpid()}"
+        self.attempt = {"job_id": job, "restart": restart, "started": since}
+        if task:  # one of a packed task's runs (mnist.launch.job)
+            self.attempt["task"] = rundir.Task(task["index"], task["runs"], task["startup_s"])
         # A packed task's later runs measure their own peak, not the largest of the runs before them: VmHWM reset
         # at their start, else the largest resident memory the watcher samples
         self.own_hwm = not (task and task.get("index")) or reset_peak()
@@ -125,16 +125,15 @@ class Recorder:
 
     def figures(self):
         gpu_peak, gpu_total = gpu_memory()
-        return {"host": socket.gethostname(), "peak_rss": self.peak(), "cpu_s": round(cpu_seconds() - self.cpu_before, 3),
-                "wall_s": round(time.time() - self.started, 3), "cpus": env.cpus_given(), "gpu_peak": gpu_peak,
-                "gpu_total": gpu_total, "updated": _now()}
+        return rundir.RankUsage(socket.gethostname(), self.peak(), round(cpu_seconds() - self.cpu_before, 3),
+                                round(time.time() - self.started, 3), env.cpus_given(), gpu_peak, gpu_total, _now())
 
     def write(self, **end):
         with self.writing:  # the watcher's and the main thread's writes, in turn
             figures = self.figures()
-            self.written_peak, self.written_at = figures["peak_rss"], time.monotonic()
+            self.written_peak, self.written_at = figures.peak_rss, time.monotonic()
             with contextlib.suppress(OSError):  # a full disk must not stop the training
-                rundir.record_usage(self.run_dir, {**self.attempt, **end}, self.rank, figures)
+                rundir.record_usage(self.run_dir, self.attempt_id, self.rank, figures, **self.attempt, **end)
 
     def peak(self):
         """This run's peak resident memory so far (bytes)."""

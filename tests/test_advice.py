@@ -24,13 +24,12 @@ def sweep_folder(root, runs, data, *overrides, pack=1, job="40", usage=None):
         rundir.write_config(run_dir, OmegaConf.to_container(cfg, resolve=True))
         task = f"{job}_{number // pack}"
         if usage:
-            rundir.record_usage(run_dir, {"id": f"{task}#0", "job_id": task, "restart": 0, "end": usage.get("end")}, 0,
-                                {"host": "n1", "peak_rss": usage["peak"], "wall_s": usage["wall_s"], "cpus": 1})
-        entries.append({"job_id": task, "name": "mlp", "model": "mlp", "run_dir": str(run_dir),
-                        "stdout": str(logs / f"mlp_{task}.out"), "stderr": str(logs / f"mlp_{task}.err"),
-                        "submitted": "2026-12-01T10:00:00", "submitit_folder": str(logs / "submitit" / task),
-                        **({"pack": [number % pack, pack]} if pack > 1 else {}),
-                        "mem": str(cfg.resources.mem), "time": str(cfg.resources.time), "cpus": 1})
+            rundir.record_usage(run_dir, f"{task}#0", 0, rundir.RankUsage("n1", usage["peak"], wall_s=usage["wall_s"],
+                                                                          cpus=1), job_id=task, end=usage.get("end"))
+        entries.append(record.Entry(task, str(run_dir), str(logs / f"mlp_{task}.out"), str(logs / f"mlp_{task}.err"),
+                                    "mlp", "mlp", "2026-12-01T10:00:00", str(logs / "submitit" / task),
+                                    mem=str(cfg.resources.mem), time=str(cfg.resources.time), cpus=1,
+                                    pack=(number % pack, pack) if pack > 1 else None))
     record.append(logs, entries)
     return root / "sweep", logs, entries
 
@@ -45,7 +44,7 @@ def cluster_states(monkeypatch):
     known = {}
     monkeypatch.setattr(resubmit, "_partition_limits", lambda: {})
     monkeypatch.setattr(record, "states", lambda entries: record.States(
-        {e["job_id"]: known[e["job_id"]] for e in entries if e["job_id"] in known}))
+        {e.job_id: known[e.job_id] for e in entries if e.job_id in known}))
     monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
     return known
 

@@ -66,9 +66,9 @@ def test_a_sweep_submitted_again_into_its_folder_submits_only_what_is_not_comple
     for name in ("checkpoint.pt", "metrics.csv"):  # run 2 lost: it is trained again, the others are left alone
         (tmp_path / "sweep" / "2" / name).unlink()
     rest = sweep(tmp_path, tiny_data, "trainer.seed=1,2,3", "trainer.epochs=1")
-    assert f"2 of 3 runs already complete. Submitting the other 1." in rest.stdout, rest.stdout
+    assert "2 of 3 runs already complete. Submitting the other 1." in rest.stdout, rest.stdout
     new = re.search(r"Submitted job (\d+)", rest.stdout).group(1)
-    assert [e["run_dir"] for e in record.read(tmp_path / "logs")][3:] == [str(tmp_path / "sweep" / "2")]
+    assert [e.run_dir for e in record.read(tmp_path / "logs")][3:] == [str(tmp_path / "sweep" / "2")]
     ended(tmp_path / "logs", tmp_path, [new])
 
     report = run([str(tmp_path / "sweep"), "--logs", str(tmp_path / "logs"), "--no-figures"], tmp_path,

@@ -144,8 +144,8 @@ def test_a_sweep_with_two_tasks_cancelled_reruns_them_as_one_array_and_they_resu
     again = jobs(["resubmit", sweep], tmp_path, logs)
     assert f"Rerunning 2 of 4 runs in {sweep} (2 left alone: 0 completed; 1 completed)" in again.stdout
     new = re.search(r"Submitted job array (\d+)", again.stdout).group(1)
-    entries = [e for e in record.read(logs) if e["job_id"].startswith(new + "_")]
-    assert [(e["job_id"], e["previous"], e["run_dir"]) for e in entries] == [
+    entries = [e for e in record.read(logs) if e.job_id.startswith(new + "_")]
+    assert [(e.job_id, e.previous, e.run_dir) for e in entries] == [
         (f"{new}_{i}", f"{array}_{t}", str(sweep / str(t))) for i, t in enumerate((2, 3))]
     script = (logs / "submitit" / new / f"{new}_submission.sh").read_text()  # one sbatch call, 2 tasks
     assert re.search(r"^#SBATCH --array=0-1%\d+$", script, re.M), script
@@ -188,9 +188,9 @@ def test_a_packed_task_cancelled_in_its_first_run_is_rerun_packed_again_and_only
     assert f"Rerunning 2 of 4 runs in {sweep} (2 left alone: 0 completed; 1 completed)" in again.stdout, again.stdout
     assert "the folders above in their order, 2 a task" in again.stdout
     new = re.search(r"Submitted job (\d+)", again.stdout).group(1)
-    entries = [e for e in record.read(logs) if e["job_id"] == new]  # one task: a plain job
-    assert [(e["run_dir"], e["pack"], e["previous"]) for e in entries] == [
-        (str(sweep / "2"), [0, 2], f"{array}_1"), (str(sweep / "3"), [1, 2], f"{array}_1")]
+    entries = [e for e in record.read(logs) if e.job_id == new]  # one task: a plain job
+    assert [(e.run_dir, e.pack, e.previous) for e in entries] == [
+        (str(sweep / "2"), (0, 2), f"{array}_1"), (str(sweep / "3"), (1, 2), f"{array}_1")]
     ended(logs, tmp_path, [new])
     first, _, second = (logs / f"cnn_{new}.out").read_text().partition(f"Run 2 of 2 in this task: {sweep / '3'}\n")
     assert f"Run 1 of 2 in this task: {sweep / '2'}\n" in first and "Resuming from" in first

@@ -17,9 +17,9 @@ WRITERS, SUBMISSIONS, TASKS = 8, 40, 20
 
 def entry(job_id, run_dir, log_dir, name="mlp"):
     """A record entry as the launcher writes it."""
-    return {"job_id": job_id, "name": name, "model": name, "run_dir": str(run_dir),
-            "stdout": str(Path(log_dir) / f"{name}_{job_id}.out"), "stderr": str(Path(log_dir) / f"{name}_{job_id}.err"),
-            "submitted": "2026-11-25T14:03:07", "submitit_folder": str(Path(log_dir) / "submitit" / job_id)}
+    return record.Entry(job_id, str(run_dir), str(Path(log_dir) / f"{name}_{job_id}.out"),
+                        str(Path(log_dir) / f"{name}_{job_id}.err"), name, name, "2026-11-25T14:03:07",
+                        str(Path(log_dir) / "submitit" / job_id))
 
 
 @pytest.fixture
@@ -47,9 +47,8 @@ def test_eight_submissions_at_once_leave_every_line_whole_and_none_lost(tmp_path
         "from mnist.launch import record\n"
         "w, logs = int(sys.argv[1]), sys.argv[2]\n"
         f"for s in range({SUBMISSIONS}):\n"
-        f"    record.append(logs, [{{'job_id': f'{{w}}{{s:03d}}_{{t}}', 'name': 'mlp', 'model': 'mlp',\n"
-        "        'run_dir': 'x' * 400, 'stdout': f'{w} {s} {t}', 'stderr': '', 'submitted': '',\n"
-        f"        'submitit_folder': ''}} for t in range({TASKS})])\n"
+        f"    record.append(logs, [record.Entry(f'{{w}}{{s:03d}}_{{t}}', 'x' * 400, f'{{w}} {{s}} {{t}}', name='mlp',\n"
+        f"                                      model='mlp') for t in range({TASKS})])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     writers = [subprocess.Popen([sys.executable, "-c", writer, str(w + 1), str(logs)], env=env, stderr=subprocess.PIPE,
@@ -78,12 +77,12 @@ def test_a_damaged_line_is_skipped_with_one_warning_and_the_other_jobs_are_liste
     logs = tmp_path / "logs"
     logs.mkdir()
     good = [entry(str(job), tmp_path / "run" / str(job), logs) for job in (101, 102, 103)]
-    lines = [json.dumps(e) for e in good]
+    lines = [e.line() for e in good]
     if damage == "garbage in the middle":
         lines.insert(1, "}{ not json \x00")
         text = "\n".join(lines) + "\n"
     else:
-        text = "\n".join(lines) + "\n" + json.dumps(entry("104", tmp_path / "run" / "104", logs))[:60]
+        text = "\n".join(lines) + "\n" + entry("104", tmp_path / "run" / "104", logs).line()[:60]
     (logs / "jobs.jsonl").write_text(text)
 
     result = jobs(["--logs", logs], tmp_path, env=no_slurm)
@@ -109,8 +108,8 @@ def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, 
         (run_dir / "config.yaml").write_text("model: {name: mlp}\noptimizer: {name: sgd}\ntrainer: {epochs: 2}\n"
                                              "data: {name: mnist}\n")
         runs.append(run_dir)
-    (logs / "jobs.jsonl").write_text(json.dumps(entry("7_0", runs[0], logs)) + "\nnot json\n"
-                                     + json.dumps(entry("7_1", runs[1], logs)) + "\n")
+    (logs / "jobs.jsonl").write_text(entry("7_0", runs[0], logs).line() + "\nnot json\n"
+                                     + entry("7_1", runs[1], logs).line() + "\n")
     result = run(["sweep", "--logs", "logs", "--no-figures"], tmp_path, env=no_slurm, module="mnist.report")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^0 .*not started\s+0/2 .*\s7_0\s", result.stdout, re.M), result.stdout
@@ -120,9 +119,9 @@ def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, 
 
 
 def test_a_submission_after_a_half_written_line_starts_a_line_of_its_own(tmp_path, capsys):
-    (tmp_path / "jobs.jsonl").write_text(json.dumps(entry("1", tmp_path, tmp_path)) + "\n{\"job_id\": \"2\", \"na")
+    (tmp_path / "jobs.jsonl").write_text(entry("1", tmp_path, tmp_path).line() + "\n{\"job_id\": \"2\", \"na")
     record.append(tmp_path, [entry("3", tmp_path, tmp_path)])
-    assert [e["job_id"] for e in record.read(tmp_path)] == ["1", "3"]
+    assert [e.job_id for e in record.read(tmp_path)] == ["1", "3"]
     assert "line 2:" in capsys.readouterr().err
 
 
@@ -245,7 +244,7 @@ def test_what_a_job_was_killed_for_is_read_from_slurmstepds_last_words(err, kill
 ])
 def test_without_slurm_a_jobs_end_is_read_from_its_err_as_slurm_would_say_it(tmp_path, err, state):
     job = entry("12", tmp_path / "run", tmp_path)
-    Path(job["stdout"]).write_text("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.3\n")
-    Path(job["stderr"]).write_text(err)
+    Path(job.stdout).write_text("Train Epoch: 1 [0/60000 (0%)]\tLoss: 2.3\n")
+    Path(job.stderr).write_text(err)
     [job] = outcome.describe([job], record.States(by_job={}))
     assert job["state"] == state

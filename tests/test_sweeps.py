@@ -1,6 +1,7 @@
 """Sweeps that finish sooner and ask for what they need: a lean job start, packing several runs into one
 array task, and requests sized from what past runs used."""
 import csv
+import dataclasses
 import re
 import subprocess
 import sys
@@ -89,9 +90,9 @@ def test_packed_runs_keep_their_folders_and_a_requeued_task_skips_the_finished_o
     assert "asking Slurm to requeue" in text and "Resuming from" in text
     assert metrics(runs[1]) == metrics(runs[0]) and len(metrics(runs[0])) == 20  # an exact resume
     for run_dir in runs:
-        assert [a["end"] for a in rundir.read_usage(run_dir)][-1] == "completed"
-    second = [a for a in rundir.read_usage(runs[1]) if a["task"]["index"] == 1]  # its own figures, not the task's
-    assert second and all(a["ranks"]["0"]["cpu_s"] <= 1.2 * a["ranks"]["0"]["wall_s"] + 0.5 for a in second)
+        assert [a.end for a in rundir.read_usage(run_dir)][-1] == "completed"
+    second = [a for a in rundir.read_usage(runs[1]) if a.task.index == 1]  # its own figures, not the task's
+    assert second and all(a.cpu_s <= 1.2 * a.wall_s + 0.5 for a in second)
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
     for run_dir in runs:  # one line a run, with the run's own state
         assert re.search(rf"^{job_id}\s+mlp\s+COMPLETED\s.*Epoch 20: .*{run_dir}$", listing, re.M), listing
@@ -104,12 +105,11 @@ def past_run(tmp_path, number, peak_mib, work_s, ended="completed", overrides=()
     logs.mkdir(exist_ok=True)
     config = compose(["launcher=slurm", "trainer.epochs=1", *overrides])
     rundir.write_config(run_dir, OmegaConf.to_container(config, resolve=True))
-    attempt = {"id": f"{number}#0", "job_id": str(number), "end": ended, "task": {"index": 0, "runs": 1, "startup_s": 3}}
-    rundir.record_usage(run_dir, attempt, 0, {"host": "n1", "peak_rss": peak_mib * 2**20, "wall_s": 3 + work_s})
+    rundir.record_usage(run_dir, f"{number}#0", 0, rundir.RankUsage("n1", peak_mib * 2**20, wall_s=3 + work_s),
+                        job_id=str(number), end=ended, task=rundir.Task(index=0, runs=1, startup_s=3))
     err = logs / f"mlp_{number}.err"
     err.write_text("slurmstepd: error: StepId=9.0 exceeded memory limit (9 > 1), being killed\n" if ended is None else "")
-    record.append(logs, [{"job_id": str(number), "run_dir": str(run_dir), "stdout": str(err)[:-3] + "out",
-                          "stderr": str(err), "name": "mlp", "model": "mlp"}])
+    record.append(logs, [record.Entry(str(number), str(run_dir), str(err)[:-3] + "out", str(err), "mlp", "mlp")])
 
 
 def suggest(tmp_path, *overrides):
@@ -191,8 +191,8 @@ def test_auto_judges_a_resubmitted_run_by_its_latest_job(tmp_path, monkeypatch):
     (tmp_path / "logs" / "mlp_31.err").write_text("slurmstepd: error: StepId=31.0 exceeded memory limit (9 > 1), "
                                                   "being killed\n")
     [first] = record.read(tmp_path / "logs")
-    record.append(tmp_path / "logs", [{**first, "job_id": "31", "stderr": str(tmp_path / "logs" / "mlp_31.err"),
-                                       "previous": "30"}])
+    record.append(tmp_path / "logs", [dataclasses.replace(first, job_id="31", stderr=str(tmp_path / "logs" / "mlp_31.err"),
+                                                          previous="30")])
     monkeypatch.setattr(record, "accounting", lambda job_ids: {})
     config = OmegaConf.to_container(compose(["launcher=slurm", "trainer.epochs=1"]), resolve=True)
     assert [p.ended for p in history.history(tmp_path / "logs", config)] == ["memory"]
@@ -223,7 +223,7 @@ def test_after_five_runs_auto_asks_for_what_they_used_and_a_run_killed_for_memor
     assert wait_for(job) == {job: "COMPLETED"} and f"mem: {mem}M" in (tmp_path / "auto" / "config.yaml").read_text()
 
     wide_mem, _ = chosen(suggest(tmp_path, wide, "trainer.epochs=1"), "resources.mem")
-    peak = max(a["ranks"]["0"]["peak_rss"] for d in (tmp_path / "wide").glob("[0-4]") for a in rundir.read_usage(d))
+    peak = max(a.node_peak for d in (tmp_path / "wide").glob("[0-4]") for a in rundir.read_usage(d))
     killed = submitted_id(run(["launcher=slurm", wide, f"data.root={tiny_data}", "trainer.epochs=1000",
                                f"resources.mem={(peak >> 20) - 50}M", f"launcher.log_dir={tmp_path / 'logs'}",
                                f"hydra.run.dir={tmp_path / 'killed'}"], cwd=tmp_path))

@@ -43,10 +43,10 @@ def test_a_block_records_its_peak_cpu_and_wall_and_how_it_ended(tmp_path, monkey
         while time.process_time() < deadline:  # CPU time
             pass
     [attempt] = rundir.read_usage(tmp_path)
-    assert (attempt["id"], attempt["job_id"], attempt["restart"], attempt["end"]) == ("77#2", "77", 2, "completed")
-    figures = attempt["ranks"]["0"]
-    assert figures["peak_rss"] >= before + 200 * 2**20 * 0.95
-    assert figures["cpu_s"] >= 0.3 and figures["wall_s"] >= figures["cpu_s"] / figures["cpus"]
+    assert (attempt.id, attempt.job_id, attempt.restart, attempt.end) == ("77#2", "77", 2, "completed")
+    figures = attempt.ranks["0"]
+    assert figures.peak_rss >= before + 200 * 2**20 * 0.95
+    assert figures.cpu_s >= 0.3 and figures.wall_s >= figures.cpu_s / figures.cpus
     del block
 
 
@@ -73,8 +73,8 @@ def test_each_packed_run_records_its_own_peak_not_the_largest_before_it(tmp_path
         (tmp_path / name).mkdir()
     subprocess.run([sys.executable, "-c", PACKED_RUNS, str(tmp_path), how], check=True, timeout=60)
     [big], [small] = (rundir.read_usage(tmp_path / name) for name in ("big", "small"))
-    assert big["ranks"]["0"]["peak_rss"] > 300 * 2**20
-    assert small["ranks"]["0"]["peak_rss"] < big["ranks"]["0"]["peak_rss"] - 250 * 2**20, (small, big)
+    assert big.node_peak > 300 * 2**20
+    assert small.node_peak < big.node_peak - 250 * 2**20, (small, big)
 
 
 @pytest.mark.parametrize("error, recorded, user", [
@@ -87,7 +87,7 @@ def test_an_error_is_recorded_as_its_last_line_or_its_paragraph(tmp_path, error,
         with usage.recording(tmp_path):
             raise error
     [attempt] = rundir.read_usage(tmp_path)
-    assert (attempt["end"], attempt["error"], attempt["user_error"]) == ("error", recorded, user)
+    assert (attempt.end, attempt.error, attempt.user_error) == ("error", recorded, user)
 
 
 def test_each_rank_writes_its_own_figures_into_the_same_attempt(tmp_path, monkeypatch):
@@ -98,7 +98,7 @@ def test_each_rank_writes_its_own_figures_into_the_same_attempt(tmp_path, monkey
         with usage.recording(tmp_path):
             pass
     [attempt] = rundir.read_usage(tmp_path)
-    assert sorted(attempt["ranks"]) == ["0", "1"]
+    assert sorted(attempt.ranks) == ["0", "1"]
 
 
 def test_a_one_task_job_is_rank_0_whatever_rank_the_submitting_shell_had(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_a_one_task_job_is_rank_0_whatever_rank_the_submitting_shell_had(tmp_pat
     with usage.recording(tmp_path):
         pass
     [attempt] = rundir.read_usage(tmp_path)
-    assert list(attempt["ranks"]) == ["0"]
+    assert list(attempt.ranks) == ["0"]
 
 
 def test_ranks_on_nodes_without_shared_locks_keep_each_others_figures(tmp_path, monkeypatch):
@@ -119,18 +119,17 @@ def test_ranks_on_nodes_without_shared_locks_keep_each_others_figures(tmp_path, 
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    attempt = {"id": "5#0", "job_id": "5", "restart": 0}
     write_whole = rundir.write_whole
 
     def meanwhile(path, write):  # rank 1 writes between rank 0's read and write, as on another node
         if not (tmp_path / rundir.RANK_USAGE.format(1)).exists() and path.name == rundir.USAGE:
-            rundir.record_usage(tmp_path, attempt, 1, {"host": "n2", "peak_rss": 2})
+            rundir.record_usage(tmp_path, "5#0", 1, rundir.RankUsage("n2", 2), job_id="5")
         write_whole(path, write)
 
     monkeypatch.setattr(rundir, "write_whole", meanwhile)
-    rundir.record_usage(tmp_path, attempt, 0, {"host": "n1", "peak_rss": 1})
+    rundir.record_usage(tmp_path, "5#0", 0, rundir.RankUsage("n1", 1), job_id="5")
     [read] = rundir.read_usage(tmp_path)
-    assert {rank: figures["host"] for rank, figures in read["ranks"].items()} == {"0": "n1", "1": "n2"}
+    assert {rank: figures.host for rank, figures in read.ranks.items()} == {"0": "n1", "1": "n2"}
     with rundir.lock(tmp_path, "5"):
         assert rundir.holder(tmp_path) is None  # no lock to see: no holder, and no refusal
 
@@ -189,8 +188,8 @@ def test_a_local_run_writes_usage_json(tmp_path):
 def test_an_attempt_shows_the_peak_of_its_fullest_node_as_resources_mem_must_hold_it():
     from mnist.jobs import _attempt_line
 
-    ranks = {str(rank): {"host": host, "peak_rss": peak << 20, "cpu_s": 2.0, "wall_s": 3.0}
+    ranks = {str(rank): rundir.RankUsage(host, peak << 20, 2.0, 3.0)
              for rank, (host, peak) in enumerate([("node1", 600), ("node1", 700), ("node2", 900), ("node2", 200)])}
-    line = _attempt_line({"ranks": ranks, "started": "2026-11-30T10:00:00", "end": "completed"})
+    line = _attempt_line(rundir.Attempt("1#0", started="2026-11-30T10:00:00", end="completed", ranks=ranks))
     assert line == ("started 2026-11-30T10:00:00 on node1,node2, 4 ranks, 3.0 s, 8.0 CPU s, peak 1.3G on one node; "
                     "completed")  # node1's 600M + 700M, not the 2.4G of all four

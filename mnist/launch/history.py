@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from mnist import rundir
 from mnist.launch import outcome, record
-from mnist.launch.outcome import human_bytes, node_peak
+from mnist.launch.outcome import human_bytes
 from mnist.launch.resources import memory, memory_bytes_of, time_seconds
 
 MATCH = ("model", "data.name", "data.batch_size", "resources.cpus_per_task", "resources.gpus_per_node",
@@ -53,37 +53,26 @@ def history(log_dir, config):
     """The past runs of the record in log_dir that match `config` (a plain dict), oldest first."""
     # a resubmitted run is one run, and how it ended is its latest job's
     entries = [submissions[-1] for submissions in record.by_run(record.read(log_dir)).values()]
-    configs = {e["run_dir"]: rundir.config_if_readable(e["run_dir"]) for e in entries}
-    matching = [(e, configs[e["run_dir"]], rundir.read_usage(e["run_dir"])) for e in entries
-                if configs[e["run_dir"]] and match_key(configs[e["run_dir"]]) == match_key(config)]
+    configs = {e.run_dir: rundir.config_if_readable(e.run_dir) for e in entries}
+    matching = [(e, configs[e.run_dir], rundir.read_usage(e.run_dir)) for e in entries
+                if configs[e.run_dir] and match_key(configs[e.run_dir]) == match_key(config)]
     matching = [(e, c, attempts) for e, c, attempts in matching if attempts]
     # a run whose usage.json says it completed needs no sacct: only the others are asked about, if any
-    states = record.accounting([e["job_id"] for e, _, attempts in matching if not _completed(attempts)])
-    return [_past(e, attempts, c, states[e["job_id"]].state if e["job_id"] in states else "")
+    states = record.accounting([e.job_id for e, _, attempts in matching if not _completed(attempts)])
+    return [_past(e, attempts, c, states[e.job_id].state if e.job_id in states else "")
             for e, c, attempts in matching]
 
 
 def _completed(attempts):
-    return attempts[-1].get("end") == "completed"
-
-
-def startup_and_work(attempt):
-    """(its task's start-up seconds, 0 if not recorded; the attempt's own wall seconds): the first run of
-    a task paid the start-up, so its wall time is counted without it."""
-    task = attempt.get("task") or {}
-    startup = float(task.get("startup_s") or 0)
-    ranks = list(attempt["ranks"].values())
-    wall = max(float(f.get("wall_s") or 0) for f in ranks) if ranks else 0.0
-    return startup, max(wall - (startup if not task.get("index") else 0.0), 0.0)
+    return attempts[-1].end == "completed"
 
 
 def _past(entry, attempts, config, slurm_state):
     peaks, work, startups = [], 0.0, []
     for attempt in attempts:
-        peaks.append(node_peak(list(attempt["ranks"].values())))
-        startup, own = startup_and_work(attempt)
-        startups += [startup] if startup else []
-        work += own
+        peaks.append(attempt.node_peak)
+        startups += [attempt.startup_s] if attempt.startup_s else []
+        work += attempt.work_s
     ended = "completed" if _completed(attempts) else _killed(entry, slurm_state)
     resources = config.get("resources", {})
     try:
@@ -99,7 +88,7 @@ def _killed(entry, slurm_state):
         return "memory"
     if slurm_state.startswith("TIMEOUT"):
         return "time"
-    return outcome.killed_for(outcome.tail(entry.get("stderr") or "")) or "other"
+    return outcome.killed_for(outcome.tail(entry.stderr) if entry.stderr else "") or "other"
 
 
 def p95(values):

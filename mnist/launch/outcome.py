@@ -17,6 +17,7 @@ import functools
 import math
 import re
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 from mnist import rundir
@@ -53,31 +54,31 @@ def describe(entries, known, log_dir="logs"):
     usage = {}
     jobs = []
     for entry in entries:
-        if entry["run_dir"] not in usage:
-            usage[entry["run_dir"]] = rundir.read_usage(entry["run_dir"])
-        attempts = [a for a in usage[entry["run_dir"]] if a.get("job_id") == entry["job_id"]]
+        if entry.run_dir not in usage:
+            usage[entry.run_dir] = rundir.read_usage(entry.run_dir)
+        attempts = [a for a in usage[entry.run_dir] if a.job_id == entry.job_id]
         jobs.append(_job(entry, known, attempts, log_dir))
     return jobs
 
 
 def _job(entry, known, attempts, log_dir):
-    slurm = known.by_job.get(entry["job_id"])
-    out_tail = tail(entry["stdout"], OUT_TAIL_BYTES)
-    job = {**entry, "slurm": slurm, "attempts": attempts, "out_tail": out_tail, "last_line": _last_line(out_tail),
+    slurm = known.by_job.get(entry.job_id)
+    out_tail = tail(entry.stdout, OUT_TAIL_BYTES)
+    job = {**asdict(entry), "slurm": slurm, "attempts": attempts, "out_tail": out_tail, "last_line": _last_line(out_tail),
            "node": (slurm.node if slurm else "") or _hosts(attempts), "exit_code": slurm.exit_code if slurm else "",
            "reason": slurm.reason if slurm else "", "log_dir": str(log_dir)}
     state = slurm.state if slurm else ""
     ended = known.unreachable or state not in record.LIVE | {"COMPLETED"}
-    err_tail = tail(entry.get("stderr") or "") if ended else ""
+    err_tail = tail(entry.stderr) if ended and entry.stderr else ""
     job["memory_kill"] = _memory_kill(err_tail)
     job["state"] = "?" if known.unreachable else (
         state if slurm and slurm.source != "result" else _state_from_run(entry, state, attempts, err_tail))
-    if entry.get("pack"):  # one of a packed task's runs: its own state and last line, not the task's
-        job["state"] = packed_run_state(entry["run_dir"], job["state"], attempts)
-        job["last_line"] = _last_line(tail(str(Path(entry["run_dir"]) / rundir.LOG), OUT_TAIL_BYTES))
+    if entry.pack:  # one of a packed task's runs: its own state and last line, not the task's
+        job["state"] = packed_run_state(entry.run_dir, job["state"], attempts)
+        job["last_line"] = _last_line(tail(str(Path(entry.run_dir) / rundir.LOG), OUT_TAIL_BYTES))
     job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
-                       else max((a.get("restart") or 0 for a in attempts), default=0))
-    job.update(figures(slurm, attempts, job["memory_kill"], entry))
+                       else max((a.restart for a in attempts), default=0))
+    job.update(figures(slurm, attempts, job["memory_kill"], job))
     job["cause"], job["fix"] = cause(job, err_tail)
     return job
 
@@ -99,7 +100,7 @@ def packed_run_state(run_dir, task_state, attempts):
     if task_state in GOING and task_state != "PENDING":
         if not attempts:
             return "WAITING"
-        if attempts[-1].get("end") == "error":
+        if attempts[-1].end == "error":
             return "FAILED"
     return task_state
 
@@ -114,10 +115,10 @@ def _state_from_run(entry, result_state, attempts, err_tail):
         return said
     if result_state:
         return result_state
-    end = attempts[-1].get("end") if attempts else None
+    end = attempts[-1].end if attempts else None
     if end in ("completed", "error"):
         return {"completed": "COMPLETED", "error": "FAILED"}[end]
-    return "ENDED" if Path(entry["stdout"]).exists() else "UNKNOWN"
+    return "ENDED" if Path(entry.stdout).exists() else "UNKNOWN"
 
 
 def last_end(err_tail):
@@ -155,15 +156,15 @@ def _memory_kill(err_tail):
 
 # ---------------------------------------------------------------- figures
 
-def figures(slurm, attempts, memory_kill, entry):
+def figures(slurm, attempts, memory_kill, job):
     """time_used_s, time_limit_s, task_limit_s (a packed run's task's), held_cpu_s and held_by_task (CPU seconds
     the allocation held, and whether that is a packed task's, shared by its runs), wait_s, cpus, cpu_s, cpu_pct,
     mem_peak, mem_asked, gpu_peak, gpu_total (None where unknown): the run's usage.json first, Slurm's accounting
     for what it lacks. A packed run's time is its own."""
     own = _own_figures(attempts)
     slurm = slurm or record.JobState("")
-    cpus = slurm.cpus or own["cpus"] or entry.get("cpus") or None
-    packed = bool(entry.get("pack"))
+    cpus = slurm.cpus or own["cpus"] or job.get("cpus") or None
+    packed = bool(job.get("pack"))
     elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
     # CPU time held: the allocation's, counted once however many packed runs it trained (held_by_task); a run of
     # a packed task Slurm does not account for holds what its own time held
@@ -178,11 +179,11 @@ def figures(slurm, attempts, memory_kill, entry):
         cpu_s = slurm.cpu_s if slurm.cpu_s else None
         pct = 100 * cpu_s / (elapsed * cpus) if cpu_s is not None and elapsed and cpus else None
     peaks = [p for p in (own["peak"], slurm.max_rss, memory_kill and memory_kill[0]) if p]
-    asked = slurm.mem // (slurm.nodes or 1) if slurm.mem else (memory_kill and memory_kill[1]) or _asked_mem(entry)
-    limit = (_asked_time(entry) or (slurm.limit_s and slurm.limit_s // entry["pack"][1])) if packed else (
-        slurm.limit_s or _asked_time(entry))
+    asked = slurm.mem // (slurm.nodes or 1) if slurm.mem else (memory_kill and memory_kill[1]) or _asked_mem(job)
+    limit = (_asked_time(job) or (slurm.limit_s and slurm.limit_s // job["pack"][1])) if packed else (
+        slurm.limit_s or _asked_time(job))
     return {"time_used_s": elapsed, "time_limit_s": limit, "task_limit_s": slurm.limit_s if packed else None,
-            **held, "wait_s": _wait(slurm, attempts, entry),
+            **held, "wait_s": _wait(slurm, attempts, job),
             "cpus": cpus, "cpu_s": cpu_s, "cpu_pct": pct, "mem_peak": max(peaks) if peaks else None,
             "mem_peak_own": own["peak"], "mem_asked": asked, "gpu_peak": own["gpu_peak"], "gpu_total": own["gpu_total"]}
 
@@ -193,34 +194,23 @@ def _own_figures(attempts):
     found = {"peak": None, "cpu_s": None, "reserved_s": 0.0, "wall_s": None, "cpus": None, "gpu_peak": None,
              "gpu_total": None}
     for attempt in attempts:
-        ranks = [r for r in attempt["ranks"].values() if isinstance(r, dict)]
-        found["peak"] = max(found["peak"] or 0, node_peak(ranks)) or None
-        found["cpu_s"] = (found["cpu_s"] or 0) + sum(r.get("cpu_s") or 0 for r in ranks)
-        wall = max((r.get("wall_s") or 0 for r in ranks), default=0)
-        found["cpus"] = sum(r.get("cpus") or 0 for r in ranks) or None
-        found["reserved_s"] += wall * (found["cpus"] or 0)
-        found["wall_s"] = wall
-        gpu = [r for r in ranks if r.get("gpu_peak")]
-        if gpu:
-            found["gpu_peak"] = max(found["gpu_peak"] or 0, *(r["gpu_peak"] for r in gpu))
-            found["gpu_total"] = max(r.get("gpu_total") or 0 for r in gpu) or None
+        found["peak"] = max(found["peak"] or 0, attempt.node_peak) or None
+        found["cpu_s"] = (found["cpu_s"] or 0) + attempt.cpu_s
+        found["cpus"] = attempt.cpus
+        found["reserved_s"] += attempt.wall_s * (attempt.cpus or 0)
+        found["wall_s"] = attempt.wall_s
+        if attempt.gpu_peak:
+            found["gpu_peak"] = max(found["gpu_peak"] or 0, attempt.gpu_peak)
+            found["gpu_total"] = attempt.gpu_total
     return found
 
 
-def node_peak(ranks):
-    """The largest peak memory of one node in an attempt (bytes): the ranks on one host add up. 0 if none."""
-    per_host = {}
-    for figures in ranks:
-        per_host[figures.get("host")] = per_host.get(figures.get("host"), 0) + int(figures.get("peak_rss") or 0)
-    return max(per_host.values(), default=0)
-
-
-def _wait(slurm, attempts, entry):
+def _wait(slurm, attempts, job):
     """Queue wait: start - submit (Slurm's), or still waiting: now - submit; else from the run's own start."""
-    submit = _parse(slurm.submit) or _parse(entry.get("submitted"))
+    submit = _parse(slurm.submit) or _parse(job.get("submitted"))
     start = _parse(slurm.start) if slurm.node or slurm.state != "CANCELLED" else None
     if start is None and attempts:
-        start = _parse(attempts[0].get("started"))
+        start = _parse(attempts[0].started)
     if slurm.state == "PENDING" and submit:
         start = datetime.datetime.now()
     if submit is None or start is None:
@@ -235,31 +225,30 @@ def _parse(text):
         return None
 
 
-def _config(entry):
-    if "_config" not in entry:
-        entry["_config"] = rundir.config_if_readable(entry["run_dir"]) or {}
-    return entry["_config"]
+def _config(job):
+    if "_config" not in job:
+        job["_config"] = rundir.config_if_readable(job["run_dir"]) or {}
+    return job["_config"]
 
 
-def _asked(entry, key):
+def _asked(job, key):
     """What the job asked for: from the record (the launcher writes it), else the run's config (slower: YAML)."""
-    return entry.get(key) or (_config(entry).get("resources") or {}).get(key)
+    return job.get(key) or (_config(job).get("resources") or {}).get(key)
 
 
-def _asked_mem(entry):
-    return resources.memory_bytes(_asked(entry, "mem") or "", "M")
+def _asked_mem(job):
+    return resources.memory_bytes(_asked(job, "mem") or "", "M")
 
 
-def _asked_time(entry):
+def _asked_time(job):
     try:
-        return resources.time_seconds(_asked(entry, "time"))
+        return resources.time_seconds(_asked(job, "time"))
     except resources.ResourceError:
         return None
 
 
 def _hosts(attempts):
-    hosts = sorted({r.get("host") for a in attempts[-1:] for r in a["ranks"].values() if isinstance(r, dict)} - {None})
-    return ",".join(hosts)
+    return ",".join(attempts[-1].hosts) if attempts else ""
 
 
 # ---------------------------------------------------------------- causes
@@ -304,11 +293,11 @@ def cause(job, err_tail):
 def _error(job, err_tail, resubmit):
     """A failed run: its own record of the error (a UserError's paragraph, or the exception's last line),
     else the .err's last exception line, else the exit code."""
-    last = job["attempts"][-1] if job["attempts"] else {}
-    if last.get("end") == "error" and last.get("error"):
-        if last.get("user_error"):
-            return f"stopped: {last['error']}", f"fix what it names, then: {resubmit}"
-        return f"Python error: {last['error']}", f"see {job['stderr']}; once fixed: {resubmit}"
+    last = job["attempts"][-1] if job["attempts"] else None
+    if last and last.end == "error" and last.error:
+        if last.user_error:
+            return f"stopped: {last.error}", f"fix what it names, then: {resubmit}"
+        return f"Python error: {last.error}", f"see {job['stderr']}; once fixed: {resubmit}"
     lines = [line.strip() for line in err_tail.splitlines() if EXCEPTION.match(line.strip())]
     if lines:
         return f"Python error: {lines[-1]}", f"see {job['stderr']}; once fixed: {resubmit}"

@@ -24,6 +24,7 @@ import pickletools
 import re
 import subprocess
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,8 +32,31 @@ from mnist.errors import UserError
 from mnist.launch import resources
 
 FILE_NAME = "jobs.jsonl"
-FIELDS = ("job_id", "name", "model", "run_dir", "stdout", "stderr", "submitted", "submitit_folder", "previous", "mem",
-          "time", "cpus")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One job (or array task) the launcher submitted, as its line in jobs.jsonl has it."""
+    job_id: str  # 123, or 120_3 for a task of an array
+    run_dir: str  # the run folder it trains in
+    stdout: str  # its log (%x_%j.out), and errors (%x_%j.err)
+    stderr: str = ""
+    name: str = ""  # the job's name: the models it trains
+    model: str = ""
+    submitted: str = ""  # ISO time
+    submitit_folder: str = ""  # where submitit keeps its files (the result, for a job accounting has forgotten)
+    previous: str = ""  # for a resubmission: the job id it reruns
+    mem: str = ""  # what it asks for: resources.mem and resources.time as they say it, CPUs in all
+    time: str = ""
+    cpus: int | None = None
+    pack: tuple | None = None  # one of a packed task's runs: (its place, the task's runs)
+
+    def line(self):
+        """Its line in jobs.jsonl: the fields it has."""
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in ("", None)})
+
+
+FIELDS = tuple(f.name for f in fields(Entry))
 REQUIRED = ("job_id", "run_dir", "stdout")
 JOB_ID = re.compile(r"\d+(_\d+)?")
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -50,9 +74,9 @@ def path(log_dir):
 # ---------------------------------------------------------------- writing and reading
 
 def append(log_dir, entries):
-    """Add one submission's entries (dicts of FIELDS) as lines, all in one locked write."""
+    """Add one submission's Entries as lines, all in one locked write."""
     file = path(log_dir)
-    data = "".join(json.dumps(entry) + "\n" for entry in entries).encode()
+    data = "".join(entry.line() + "\n" for entry in entries).encode()
     try:
         fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -64,7 +88,7 @@ def append(log_dir, entries):
         finally:
             os.close(fd)  # releases the lock
     except OSError as e:
-        ids = ", ".join(entry["job_id"] for entry in entries)
+        ids = ", ".join(entry.job_id for entry in entries)
         raise UserError(f"Job {ids} was submitted, but {file} could not be written ({e.strerror or e}), so "
                         f"python -m mnist.jobs will not list it. Make {file.parent} writable, or set "
                         f"launcher.log_dir to a writable folder for the next submission.") from None
@@ -76,7 +100,7 @@ def _ends_mid_line(fd):
 
 
 def read(log_dir):
-    """The recorded entries, oldest first. A damaged line is skipped with one warning naming it."""
+    """The recorded Entries, oldest first. A damaged line is skipped with one warning naming it."""
     file = path(log_dir)
     try:
         with open(file, "rb") as f:
@@ -109,7 +133,13 @@ def _parse(line):
         return None
     if not JOB_ID.fullmatch(entry["job_id"]):
         return None
-    return {**dict.fromkeys(FIELDS, ""), **entry}
+    known = {key: entry[key] for key in FIELDS if key in entry}
+    pack = known.get("pack")
+    valid = isinstance(pack, list) and len(pack) == 2 and all(isinstance(n, int) for n in pack)
+    known["pack"] = tuple(pack) if valid else None
+    if not isinstance(known.get("cpus"), int):
+        known["cpus"] = None
+    return Entry(**{key: value if key in ("pack", "cpus") else str(value) for key, value in known.items()})
 
 
 def _warn_damaged(file, numbers):
@@ -127,7 +157,7 @@ def by_run(entries):
     submission is its last."""
     runs, resolved = {}, {}
     for entry in entries:
-        folder = entry["run_dir"]
+        folder = entry.run_dir
         if folder not in resolved:
             resolved[folder] = str(Path(folder).resolve())
         runs.setdefault(resolved[folder], []).append(entry)
@@ -142,9 +172,9 @@ def find(log_dir, job_id=None):
     if job_id is None:
         return entries[-1]
     for entry in reversed(entries):
-        if job_id in (entry["job_id"], entry["job_id"].split("_")[0]):
+        if job_id in (entry.job_id, entry.job_id.split("_")[0]):
             return entry
-    known = ", ".join(entry["job_id"] for entry in entries[-10:])
+    known = ", ".join(entry.job_id for entry in entries[-10:])
     raise UserError(f"Job {job_id} was not submitted from here ({path(log_dir)}). Recent jobs: {known}.")
 
 
@@ -184,11 +214,11 @@ SACCT_FIELDS = ("JobID", "State", "ExitCode", "ElapsedRaw", "TotalCPU", "MaxRSS"
 
 
 def states(entries):
-    """The JobState of each entry (a dict with job_id, and submitit_folder for the result file)."""
-    entries = [entry for entry in entries if JOB_ID.fullmatch(str(entry.get("job_id", "")))]
+    """The JobState of each Entry (its job_id, and its submitit_folder for the result file)."""
+    entries = [entry for entry in entries if JOB_ID.fullmatch(str(entry.job_id))]
     if not entries:
         return States({})
-    arrays = sorted({entry["job_id"].split("_")[0] for entry in entries}, key=int)
+    arrays = sorted({entry.job_id.split("_")[0] for entry in entries}, key=int)
     queued, problem = _squeue(",".join(arrays))
     if problem:
         return States({}, problem)
@@ -197,7 +227,7 @@ def states(entries):
     accounted = {job: state for job, state in accounting(arrays).items() if state.state != "PENDING"}
     found = {}
     for entry in entries:
-        job_id = entry["job_id"]
+        job_id = entry.job_id
         live, past = _lookup(job_id, queued), _lookup(job_id, accounted)
         state = _merged(live, past) or _submitit_outcome(entry)
         if state:
@@ -369,10 +399,9 @@ def _in_folded(task, tasks):
 
 def _submitit_outcome(entry):
     """A finished job's outcome, COMPLETED or FAILED, from the result file submitit left."""
-    folder = entry.get("submitit_folder")
-    if not folder:
+    if not entry.submitit_folder:
         return None
-    outcome = _first_string(Path(folder) / f"{entry['job_id']}_0_result.pkl")
+    outcome = _first_string(Path(entry.submitit_folder) / f"{entry.job_id}_0_result.pkl")
     if outcome is None:
         return None
     return JobState("COMPLETED" if outcome == "success" else "FAILED", source="result")

@@ -13,6 +13,7 @@ the partition's MaxTime. Runs still pending or running, or completed, are left a
 links each new job to the one it reruns (`previous`), so `show` and the report follow a run.
 """
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -46,9 +47,9 @@ def _run_folders(entries, target, log_dir):
     """The run folders TARGET names, as resolved paths."""
     target = str(target)
     if record.JOB_ID.fullmatch(target):
-        found = [e["run_dir"] for e in entries if target in (e["job_id"], e["job_id"].split("_")[0])]
+        found = [e.run_dir for e in entries if target in (e.job_id, e.job_id.split("_")[0])]
         if not found:
-            recent = ", ".join(e["job_id"] for e in entries[-10:]) or "none"
+            recent = ", ".join(e.job_id for e in entries[-10:]) or "none"
             raise UserError(f"Job {target} was not submitted from here ({record.path(log_dir)}; recent jobs: "
                             f"{recent}). Give a job id, an array id, or a sweep folder (multirun/<date>/<time>).")
         return list(dict.fromkeys(str(Path(f).resolve()) for f in found))
@@ -73,7 +74,7 @@ def _submissions(entries, folders):
             found[folder] = runs[folder]
             continue
         ids = rundir.job_ids(folder)
-        moved = [{**e, "run_dir": folder} for e in entries if e["job_id"] in ids]
+        moved = [dataclasses.replace(e, run_dir=folder) for e in entries if e.job_id in ids]
         if moved:
             found[folder] = moved
     return found

@@ -336,7 +336,7 @@ def _log_files(cfg, name, job_id, array):
 
 
 def _record(cfg, name, jobs, runs, array, tasks, previous=None):
-    """One entry a run (the runs of a packed task share its job id; `pack` is [place, runs in the task]);
+    """One Entry a run (the runs of a packed task share its job id; `pack` is (place, runs in the task));
     `previous`, for a resubmission, is the job id each run had before (the record links them)."""
     now = datetime.datetime.now().isoformat(timespec="seconds")
     previous = previous or [""] * len(runs)
@@ -345,12 +345,9 @@ def _record(cfg, name, jobs, runs, array, tasks, previous=None):
         for place, i in enumerate(task):
             run_cfg, run_dir = runs[i]
             out, err = _log_files(cfg, name, job.job_id, array)
-            entries.append({
-                "job_id": job.job_id, "name": name, "model": run_cfg.model.name, "run_dir": str(run_dir),
-                "stdout": out, "stderr": err, "submitted": now, "submitit_folder": str(job.paths.folder),
-                **({"pack": [place, len(task)]} if len(task) > 1 else {}),
-                **({"previous": previous[i]} if previous[i] else {}), **_asked(run_cfg.resources),
-            })
+            entries.append(record.Entry(
+                job.job_id, str(run_dir), out, err, name, run_cfg.model.name, now, str(job.paths.folder), previous[i],
+                **_asked(run_cfg.resources), pack=(place, len(task)) if len(task) > 1 else None))
     record.append(cfg.launcher.log_dir, entries)
 
 
