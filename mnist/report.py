@@ -37,8 +37,10 @@ its runs, with a min-max band, labelled with its number of seeds; epochs are who
   of each and the CPU-hours used against those held. report.csv's `jobs` lists every job that ran the
   run folder (a resubmitted run has several), oldest first.
 - JOB is the Slurm job id: from `<logs>/jobs.jsonl` (the launcher's record, `--logs`, default
-  `./logs` if it exists; the latest submission of that run folder wins), else from the run's
-  `environment.json` (any job that started it, `sbatch slurm/*.sh` included).
+  `./logs` if it exists), the job that trained the run (the latest submission of that run folder
+  that is still going or has attempts in its usage.json: a later one that found nothing to do does
+  not hide it), else from the run's `environment.json` (any job that started it, `sbatch
+  slurm/*.sh` included). report.csv's `attempt` is the last attempt that trained it (`job#requeues`).
 
 STATE, by the first rule that applies:
 
@@ -76,7 +78,7 @@ CSV_COLUMNS = [
     "run", "run_dir", "model", "optimizer", "overrides", "label", "state", "epochs_done", "epochs", "accuracy",
     "test_loss", "train_loss", "best_epoch", "best_accuracy", "seconds_per_epoch", "samples_per_s",
     "job_id", "slurm_state", "cause", "fix", "time_used_s", "time_limit_s", "wait_s", "cpus", "cpu_s", "cpu_percent",
-    "mem_peak_bytes", "mem_asked_bytes", "gpu_peak_bytes", "gpu_total_bytes", "jobs",
+    "mem_peak_bytes", "mem_asked_bytes", "gpu_peak_bytes", "gpu_total_bytes", "jobs", "attempt",
 ]
 TABLE_COLUMNS = [  # (header, key, right-aligned)
     ("RUN", "run", False), ("MODEL", "model", False), ("OPTIMIZER", "optimizer", False),
@@ -158,6 +160,7 @@ def read_run(run_dir):
         "damaged": damaged,
         "seed": rundir.select(config, "trainer.seed"),
         "batch_losses": batch_losses(run_dir),
+        "last_attempt": next((a.id for a in reversed(rundir.read_usage(run_dir))), ""),
     }
 
 
@@ -225,7 +228,7 @@ def run_state(run):
     if run["damaged"]:
         return "DAMAGED (" + ", ".join(sorted({e.damaged for e in run["damaged"]})) + ")"
     done, epochs = len(run["metrics"]), run["epochs"]
-    if epochs is not None and done >= epochs:
+    if rundir.all_done(done, epochs):
         return "COMPLETED"
     if run.get("slurm_state"):
         return run["slurm_state"]
@@ -323,6 +326,7 @@ def summarize(runs, base):
             "batch_losses": run.get("batch_losses", []),
             **_usage_columns(run.get("job")),
             "jobs": " ".join(run.get("history") or []),
+            "attempt": run["last_attempt"],
         })
     return table
 

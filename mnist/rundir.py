@@ -266,11 +266,6 @@ def resume_config(run_dir, config, overrides):
     return saved
 
 
-def epochs_left(run_dir, config):
-    """Epochs a resumed run still has to train: config's trainer.epochs less the finished ones."""
-    return config["trainer"]["epochs"] - len(read_metrics(run_dir))
-
-
 def all_done(epochs_done, epochs):
     """The one rule of a finished run: a row in metrics.csv for every epoch of trainer.epochs."""
     return isinstance(epochs, int) and epochs_done >= epochs

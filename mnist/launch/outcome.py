@@ -1,14 +1,18 @@
-"""Why each submitted job ended as it did, and what it used: the job record's entry, Slurm's state
-(mnist.launch.record), the run's own usage.json (mnist.usage) and the job's logs, put together.
+"""Why each submitted job ended as it did, and what it used: the job record's Entry, Slurm's state
+(mnist.launch.record), the run's own Attempts (mnist.rundir.read_usage) and the job's logs, put together.
 
 `describe(entries, known)` gives one dict per entry with:
 
-- state, reason (why it waits), requeues, node, exit code;
+- state, reason (why it waits), requeues, node, exit code. A packed run has its own state (WAITING until
+  its running task reaches it); without accounting, the state is read from the .err's last attempt;
 - the figures, like seff's: time used and limit, queue wait, CPUs, CPU seconds and CPU efficiency
   (CPU seconds / (elapsed x CPUs)), peak memory (per node) and memory asked, GPU peak and total.
   The run's usage.json comes first (Slurm samples memory every 30 s by default, and a short job has
-  no MaxRSS); accounting fills in what the run could not write; the largest peak seen wins;
+  no MaxRSS); accounting fills in what the run could not write; the largest peak seen wins. A packed
+  run's time and limit are its own; the CPU time held is the allocation's, counted once (summary);
 - cause: one line saying why an unsuccessful job ended, and fix: the command that fixes it.
+
+`trained_by` picks, of a run folder's jobs, the one to show for it; GOING are the states not yet ended.
 
 Reads only small files (JSON, the ends of the logs); imports no torch.
 """

@@ -1,10 +1,9 @@
 """The launcher's record of the jobs it submitted (`<launcher.log_dir>/jobs.jsonl`) and their states.
 
-One JSON object a line, one line a job (each task of an array is one):
-job_id, name, model, run_dir, stdout, stderr, submitted, submitit_folder, what it asks for (mem, time as
-resources.mem and resources.time say it, cpus in all), and, for a resubmission (`python -m mnist.jobs
-resubmit`), previous: the job id it reruns. Older records lack the last four.
-`python -m mnist.jobs` and `python -m mnist.report` read it only through this module.
+One JSON object a line, one line a job (each task of an array is one; each run of a packed task is one,
+with its place in the task): an `Entry`, whose fields say what each key holds. Older records lack the
+last few. Every reader (mnist.jobs, mnist.report, resubmit, history) reads it only through this module,
+as Entries.
 
 Submissions append under an exclusive lock, each in one write, so submissions made at the same
 time never interleave; readers take a shared lock, so they never see half a submission.

@@ -6,11 +6,14 @@ timed out, out of memory, cancelled, node failure, preempted, or never started) 
 job array, through the same launcher as a submission (mnist.launch.slurm), each run back into its
 own run folder, where it resumes from its checkpoint with its own config (mnist.rundir.resume_config):
 overrides may change where and how it runs (resources.*, launcher.*, trainer.epochs, ...), not what
-it trains. `--more` doubles what ran out, per run: the memory of one killed for memory, the time of
-one that timed out, within the partition's limits (`scontrol show partition`); the array asks for the
-largest of its runs' requests, and a packed array packs fewer runs a task where their summed time would be over
-the partition's MaxTime. Runs still pending or running, or completed, are left alone. The record
-links each new job to the one it reruns (`previous`), so `show` and the report follow a run.
+it trains. `--more` asks for more of what ran out, per run: for one killed for memory what its cause
+says (mnist.launch.outcome.memory_after_kill), for one that timed out twice its own time limit, within
+the partition's limits (`scontrol show partition`); the array asks for the largest of its runs'
+requests, and a packed array packs fewer runs a task where their summed time would be over the
+partition's MaxTime. Runs still queued, running or waiting in a running packed task (any of their
+jobs), or completed, are left alone. A folder moved since its jobs ran is found by the jobs its runs'
+own records name. The new jobs are recorded where the old ones were read (--logs), and the record
+links each to the one it reruns (`previous`), so `show` and the report follow a run.
 """
 import copy
 import dataclasses
