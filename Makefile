@@ -13,7 +13,7 @@ TORCH_BUILD = $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)+$(TORCH_C
 	torchvision==$(TORCHVISION_VERSION)+$(TORCH_CUDA) --index-url https://download.pytorch.org/whl/$(TORCH_CUDA)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run data test bench clean
+.PHONY: help install run data test lint bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,6 +47,9 @@ endif
 TEST_WORKERS ?= 3
 test: $(VENV) ## run the test suite (TEST_WORKERS=3 processes)
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+lint: $(VENV) ## ruff check: pycodestyle, pyflakes, import order, bugbear, pyupgrade (pyproject.toml)
+	$(PYTHON) -m ruff check .
 
 bench: $(VENV) ## the performance record: training vs the course's pipeline and the compute floor, speed switches, data-parallel steps, submitting (ARGS='--device cuda' on a GPU node; '--help')
 	$(PYTHON) -m benchmarks.train_speed $(ARGS)

@@ -103,8 +103,10 @@ def main(argv=None):
         median, base = statistics.median(listing), statistics.median(floor)
         print(f"{args.jobs} jobs, {'with Slurm (' + env['SLURM_CONF'] + ')' if slurm else 'no Slurm reachable'}, "
               f"medians of {args.rounds} rounds:")
-        print(f"  python -m mnist.jobs   {median:6.2f} s   (target {TARGET_S:g} s: {'met' if median <= TARGET_S else 'MISSED'})")
-        print(f"  baseline               {base:6.2f} s   (python + import mnist.launch.record + one squeue + one sacct)")
+        verdict = "met" if median <= TARGET_S else "MISSED"
+        print(f"  python -m mnist.jobs   {median:6.2f} s   (target {TARGET_S:g} s: {verdict})")
+        print(f"  baseline               {base:6.2f} s   "
+              f"(python + import mnist.launch.record + one squeue + one sacct)")
         print(f"  ratio                  {median / base:6.2f}x")
         print(f"  torch imported: {'YES (must not be)' if torch else 'no'}")
     return 0

@@ -213,10 +213,12 @@ def table(results):
                      f"(target <= {TARGET_PACKED}x)")
         m = sweep["model"]
         lines.append(
-            f"  where the time goes: submit {m['submit_unpacked_s']:.1f} s unpacked / {m['submit_packed_s']:.1f} s packed; "
-            f"a task's own time G + S, Slurm's G {m['slurm_per_task_s']:.2f} s (the rest of the unpacked wall: scheduling, "
+            f"  where the time goes: submit {m['submit_unpacked_s']:.1f} s unpacked / "
+            f"{m['submit_packed_s']:.1f} s packed; a task's own time G + S, Slurm's G "
+            f"{m['slurm_per_task_s']:.2f} s (the rest of the unpacked wall: scheduling, "
             f"srun, exit) + its start-up S {m['startup_s']:.2f} s; a run R {m['run_s']:.2f} s; the CPUs run the tasks "
-            f"in {m['waves']['unpacked']} waves of G + S + R unpacked, {m['waves']['packed']} of G + S + {sweep['pack']}R "
+            f"in {m['waves']['unpacked']} waves of G + S + R unpacked, "
+            f"{m['waves']['packed']} of G + S + {sweep['pack']}R "
             f"packed: {m['predicted_ratio']:.2f}x predicted; {TARGET_PACKED}x would need G + S >= "
             f"{_s(m['per_task_for_target_s'])} or R <= {_s(m['run_for_target_s'])}")
         lines += [f"  auto (MLP): {line}" for line in sweep["packed"]["chosen"]]
@@ -235,7 +237,8 @@ def main(argv=None):
     if min(args.runs, args.pack, args.rounds) < 1:
         parser.error("--runs, --pack and --rounds take a positive count")
     root = os.path.abspath(args.data_root)
-    results = {"lean_start": measure_start(root), "packed_sweep": measure_sweep(root, args.runs, args.pack, args.rounds)}
+    results = {"lean_start": measure_start(root),
+               "packed_sweep": measure_sweep(root, args.runs, args.pack, args.rounds)}
     print("\n".join(table(results)))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -64,10 +64,10 @@ import logging
 import os
 import resource
 import socket
-import tempfile
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,8 +79,8 @@ from torchvision import datasets, transforms
 from benchmarks import submit_speed, sweep_speed
 from mnist import data, datafiles, env
 from mnist.config import compose, report_errors
-from mnist.precision import Precision
 from mnist.losses import Loss
+from mnist.precision import Precision
 from mnist.train import Steps, build, evaluate, train_epoch
 
 PATHS = ("in_memory", "classic", "floor")
@@ -373,7 +373,8 @@ def measure_switches(cfg, args):
     """Each trainer.* speed switch against the default, on the run's device: training batches of the
     in-memory path in turns, after a warm-up (which, for compile, is the compilation)."""
     name = cfg.model.name
-    variants = {"default": cfg} | {switch: config(args, name, [SWITCHES[switch]]) for switch in switches_for(cfg, args.switches)}
+    variants = {"default": cfg} | {switch: config(args, name, [SWITCHES[switch]])
+                                   for switch in switches_for(cfg, args.switches)}
     train_loader, _ = data.loaders(cfg.data, cfg.trainer.seed, device_of(cfg))
     runs, warm_up_s = {}, {}
     for switch, variant in variants.items():
@@ -498,14 +499,16 @@ def targets(report):
         rows.append(("sweep", f"job start to first batch within {start['target_ratio']}x of import torch + data",
                      start["ratio"], "<=", start["target_ratio"]))
     if "ratio" in packed:
-        rows.append(("sweep", f"{packed['runs']} runs packed by {packed['pack']}: wall within {packed['target_ratio']}x "
-                              f"of unpacked, median of {packed['rounds']} rounds", packed["ratio"], "<=",
+        rows.append(("sweep", f"{packed['runs']} runs packed by {packed['pack']}: wall within "
+                              f"{packed['target_ratio']}x of unpacked, median of {packed['rounds']} rounds",
+                     packed["ratio"], "<=",
                      packed["target_ratio"]))
     sweep = report.get("sweep", {})
     if "ratio" in sweep:
         rows.append(("sweep", f"{sweep['n']} runs: one array faster than {sweep['n']} submissions", sweep["ratio"],
                      ">=", 1.0))
-    checks = [{"model": name, "target": what, "value": value, "limit": bound, "better": "lower" if op == "<=" else "higher",
+    checks = [{"model": name, "target": what, "value": value, "limit": bound,
+               "better": "lower" if op == "<=" else "higher",
                "met": None if value is None else (value <= bound if op == "<=" else value >= bound)}
               for name, what, value, op, bound in rows]
     for check in checks:
@@ -573,7 +576,8 @@ def print_training(results, settings):
     for name, r in results.items():
         for path in PATHS:
             seconds = r["epoch_s_rounds"]
-            print(f"{name:<6} {path.replace('_', '-'):<10} {r['epoch_s'][path]:>8.2f} {r['samples_per_s'][path]:>10.0f} "
+            print(f"{name:<6} {path.replace('_', '-'):<10} {r['epoch_s'][path]:>8.2f} "
+                  f"{r['samples_per_s'][path]:>10.0f} "
                   f"{ratio(seconds, path, 'in_memory'):>9.2f} {ratio(seconds, path, 'floor'):>8.2f} "
                   f"{fmt(r['eval_s'].get(path), '.2f'):>7} {fmt(r['peak_mib'].get(path), '.0f'):>9}")
     for name, r in results.items():

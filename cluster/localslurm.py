@@ -36,8 +36,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
 
 __all__ = ["Cluster", "start", "load", "SlurmStartError", "missing_requirements"]
 
@@ -69,7 +69,7 @@ class SlurmStartError(RuntimeError):
 
 # --------------------------------------------------------------------------- helpers
 
-def _which(name: str) -> Optional[str]:
+def _which(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
@@ -80,7 +80,7 @@ def _which(name: str) -> Optional[str]:
     return None
 
 
-def missing_requirements(accounting: bool = True) -> List[str]:
+def missing_requirements(accounting: bool = True) -> list[str]:
     """What stops a cluster from starting here: missing binaries, not root, ... ([] if none)."""
     problems = []
     names = SLURM_BINARIES + (ACCOUNTING_BINARIES if accounting else ())
@@ -94,7 +94,7 @@ def missing_requirements(accounting: bool = True) -> List[str]:
     return problems
 
 
-def _proc_start_time(pid: int) -> Optional[str]:
+def _proc_start_time(pid: int) -> str | None:
     """Start time of a live (non-zombie) process, None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -107,7 +107,7 @@ def _proc_start_time(pid: int) -> Optional[str]:
     return fields[19]  # field 22 of stat: starttime
 
 
-def _alive(pid: int, start_time: Optional[str] = None) -> bool:
+def _alive(pid: int, start_time: str | None = None) -> bool:
     st = _proc_start_time(pid)
     return st is not None and (start_time is None or st == start_time)
 
@@ -166,7 +166,7 @@ def _tail(path: Path, n: int = 25, skip: Sequence[str] = ()) -> str:
     return "\n".join(lines[-n:])
 
 
-def _daemon_env(conf_path: Path) -> Dict[str, str]:
+def _daemon_env(conf_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
     env["SLURM_CONF"] = str(conf_path)
     return env
@@ -233,7 +233,7 @@ class Cluster:
 
     def __init__(self, folder, *, name: str, port_base: int, first_job_id: int,
                  accounting: bool, gpus: int, cpus: int, real_memory: int,
-                 pids: Optional[Dict[str, Dict[str, object]]] = None):
+                 pids: dict[str, dict[str, object]] | None = None):
         self.folder = Path(folder).resolve()
         self.name = name
         self.port_base = port_base
@@ -244,10 +244,10 @@ class Cluster:
         self.real_memory = real_memory
         self.partition = PARTITION
         self.node = NODE_NAME
-        self.pids: Dict[str, Dict[str, object]] = dict(pids or {})
-        self._procs: Dict[str, subprocess.Popen] = {}
-        self.start_seconds: Optional[float] = None  # how long start() took
-        self.timings: Dict[str, float] = {}  # start phases: seconds since start
+        self.pids: dict[str, dict[str, object]] = dict(pids or {})
+        self._procs: dict[str, subprocess.Popen] = {}
+        self.start_seconds: float | None = None  # how long start() took
+        self.timings: dict[str, float] = {}  # start phases: seconds since start
         self._t0 = time.monotonic()
 
     # ---- paths and environment
@@ -272,12 +272,12 @@ class Cluster:
         return self.run_dir / "mariadb.sock"
 
     @property
-    def ports(self) -> Dict[str, int]:
+    def ports(self) -> dict[str, int]:
         b = self.port_base
         return {"slurmctld": b, "slurmd": b + 1, "slurmdbd": b + 2, "mariadb": b + 3}
 
     @property
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         """Variables to merge into os.environ for Slurm commands and submitit."""
         return {"SLURM_CONF": str(self.conf_path)}
 
@@ -295,7 +295,7 @@ class Cluster:
         res = self.run(["sinfo"], timeout=timeout)
         return res.stdout + res.stderr
 
-    def node_state(self, timeout: float = 3) -> Optional[str]:
+    def node_state(self, timeout: float = 3) -> str | None:
         """The node's state as sinfo reports it ('idle', 'mixed', ...); None if unreachable."""
         try:
             res = self.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%T"], timeout=timeout)
@@ -305,7 +305,7 @@ class Cluster:
             return None
         return res.stdout.strip() or None
 
-    def wait_idle(self, timeout: float = 60) -> Optional[str]:
+    def wait_idle(self, timeout: float = 60) -> str | None:
         """Wait until the node is idle: earlier jobs ended and Slurm done cleaning up after them
         (a job's node reads 'mixed' or 'completing' for a while after sacct says it ended).
         Returns the last state seen, 'idle' unless the timeout came first."""
@@ -328,7 +328,7 @@ class Cluster:
         tmp.write_text(json.dumps(self._to_json(), indent=1) + "\n")
         os.replace(tmp, self.folder / STATE_FILE)
 
-    def running_daemons(self) -> List[str]:
+    def running_daemons(self) -> list[str]:
         """Names of this cluster's daemons that are still alive."""
         return [n for n, rec in self.pids.items()
                 if _alive(int(rec["pid"]), rec.get("start_time"))]  # type: ignore[arg-type]
@@ -338,7 +338,7 @@ class Cluster:
         return bool(self.pids) and wanted <= set(self.running_daemons())
 
     # ---- starting daemons
-    def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.out", "ab")
         try:
@@ -412,7 +412,7 @@ class Cluster:
     def _kill_job_processes(self) -> None:
         """Kill slurmstepd processes of this cluster left behind (and their descendants)."""
         marker = f"SLURM_CONF={self.conf_path}".encode()
-        children: Dict[int, List[int]] = {}
+        children: dict[int, list[int]] = {}
         stepds = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -433,7 +433,7 @@ class Cluster:
                             stepds.append(pid)
                 except OSError:
                     pass
-        victims: List[int] = []
+        victims: list[int] = []
         todo = list(stepds)
         while todo:
             pid = todo.pop()
@@ -523,7 +523,7 @@ class Cluster:
         rec = self.pids[name]
         return _alive(int(rec["pid"]), rec.get("start_time"))  # type: ignore[arg-type]
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -658,7 +658,7 @@ def _wipe(folder: Path) -> None:
             p.unlink()
 
 
-def load(folder) -> Optional[Cluster]:
+def load(folder) -> Cluster | None:
     """The cluster recorded in ``folder`` (running or not), None if there is none."""
     folder = Path(folder).resolve()
     try:
@@ -669,8 +669,8 @@ def load(folder) -> Optional[Cluster]:
 
 
 def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist",
-          port_base: Optional[int] = None, first_job_id: Optional[int] = None,
-          timeout: float = START_TIMEOUT, cpus: Optional[int] = None) -> Cluster:
+          port_base: int | None = None, first_job_id: int | None = None,
+          timeout: float = START_TIMEOUT, cpus: int | None = None) -> Cluster:
     """Start a fresh single-node cluster under ``folder`` and wait until its node is idle.
 
     ``cpus``: the CPUs the node offers (default: this machine's); more than the machine has
@@ -835,7 +835,7 @@ def _cmd_status(args) -> int:
     return 0 if cluster.is_up() else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localslurm.py",
                                      description="A real single-node Slurm cluster in a folder.")
     sub = parser.add_subparsers(dest="cmd", required=True)

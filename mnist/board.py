@@ -95,7 +95,7 @@ def keep_steps_up_to(folder, steps_done):
         records = list(RawEventFileLoader(str(path)).Load())  # up to a record a killed writer left half-written
         kept = [r for r in records if Event.FromString(r).step <= steps_done]
         if len(kept) < len(records) or path.stat().st_size != _size(records):
-            def write(tmp):
+            def write(tmp, kept=kept):
                 with open(tmp, "wb") as f:
                     writer = RecordWriter(f)
                     for record in kept:

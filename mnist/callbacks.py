@@ -7,7 +7,6 @@ from hydra.experimental.callback import Callback
 from mnist.config import report_errors
 from mnist.errors import UserError
 
-
 CREATED = set()  # run folders this process made: one that stays unused is removed again (mnist.run)
 
 

@@ -87,7 +87,8 @@ def rank_state(model, loss_sum=None):
 
 
 def _random_states(device):
-    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
 
 
 def gather(mine, world_size):

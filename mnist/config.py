@@ -259,7 +259,7 @@ def _check_model(cfg):
                 f"model.hidden={hidden} has {len(hidden)} layers but model.activations={activations} "
                 f"names {len(activations)}. Give one activation per hidden layer."
             )
-        for i, size in enumerate(hidden):
+        for i in range(len(hidden)):
             _positive(cfg, f"model.hidden.{i}", int, "Hidden layer sizes are positive integers.")
         for name in activations:
             if name not in registry.ACTIVATIONS:
@@ -280,7 +280,8 @@ def _check_loss(cfg):
             f"loss={name} does not fit model={cfg.model.name} with model.output={output}: {name} takes "
             f"{' or '.join(registry.GIVES[o] for o in fits)} (model.output={' or '.join(fits)}), and "
             f"model.output={output} gives {registry.GIVES[output]}. Set model.output={fits[0]} (or leave it out: "
-            f"conf/model/ and conf/loss/ choose outputs that fit), or choose a loss that takes {registry.GIVES[output]}: "
+            f"conf/model/ and conf/loss/ choose outputs that fit), or choose a loss that takes "
+            f"{registry.GIVES[output]}: "
             f"{', '.join(f'loss={o}' for o in others)}."
         )
     _options(cfg, "loss", registry.LOSSES[name].options)

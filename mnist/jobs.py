@@ -46,8 +46,9 @@ def table(jobs):
     lines = []
     for job in jobs:
         cells = outcome.shown(job)
-        lines.append((job["job_id"], job["name"] or "-", job["state"], f"{job['requeues']}x" if job["requeues"] else "-",
-                      cells["time"], cells["cpu"], cells["mem"], job["node"] or "-", outcome.cut(job["cause"], CAUSE_WIDTH),
+        requeued = f"{job['requeues']}x" if job["requeues"] else "-"
+        lines.append((job["job_id"], job["name"] or "-", job["state"], requeued, cells["time"], cells["cpu"],
+                      cells["mem"], job["node"] or "-", outcome.cut(job["cause"], CAUSE_WIDTH),
                       outcome.cut(job["last_line"], LINE_WIDTH), job["run_dir"]))
     widths = [max(len(str(x)) for x in column) for column in zip(HEADER, *lines)]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (HEADER, *lines)]
@@ -92,7 +93,8 @@ def show(log_dir, job_id):
     """Every field of one job or task (an array id: each of its tasks), its cause, usage, run folder and the
     history of its run folder's submissions."""
     if not record.JOB_ID.fullmatch(job_id):
-        raise UserError(f"'{job_id}' is not a Slurm job id (like 123456 or 123456_3). List them with: python -m mnist.jobs")
+        raise UserError(f"'{job_id}' is not a Slurm job id (like 123456 or 123456_3). "
+                        f"List them with: python -m mnist.jobs")
     entries = record.read(log_dir)
     chosen = [e for e in entries if e.job_id == job_id] or [e for e in entries if e.job_id.split("_")[0] == job_id]
     if not chosen:
@@ -158,7 +160,8 @@ def _memory_line(job):
 def _gpu_line(job):
     if not job["gpu_peak"]:
         return "-"
-    return f"peak {outcome.human_bytes(job['gpu_peak'])} allocated of the device's {outcome.human_bytes(job['gpu_total'])}"
+    peak, total = outcome.human_bytes(job["gpu_peak"]), outcome.human_bytes(job["gpu_total"])
+    return f"peak {peak} allocated of the device's {total}"
 
 
 def _attempt_line(attempt):

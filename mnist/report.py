@@ -24,7 +24,8 @@ its runs, with a min-max band, labelled with its number of seeds; epochs are who
 - BEST EPOCH has the highest test accuracy (a tie goes to the lower test loss, then the earlier epoch).
 - S/EPOCH and SAMPLES/S are the means over the finished epochs (the first one includes warm-up).
 - OVERRIDES and the figures' labels (report.csv: overrides, label) are the command-line
-  overrides of the command that first started each run (`run.json`, else `.hydra/overrides.yaml`) that differ between the runs shown: `hydra.*` ones and ones
+  overrides of the command that first started each run (`run.json`, else `.hydra/overrides.yaml`) that
+  differ between the runs shown: `hydra.*` ones and ones
   every run has alike are left out. A run lacking such an override gets no entry for it. A run
   started from a preset (`+experiment=course_mlp`) is labelled by the preset's name, then its
   other differing overrides (`course_mlp`, `notebook_sgd model=cnn`); runs with no preset and no
@@ -85,7 +86,8 @@ TABLE_COLUMNS = [  # (header, key, right-aligned)
     ("OVERRIDES", "overrides", False), ("STATE", "state", False), ("EPOCHS", "epochs_shown", True),
     ("ACC %", "accuracy_shown", True), ("TEST LOSS", "test_loss_shown", True), ("BEST EPOCH", "best_epoch", True),
     ("S/EPOCH", "seconds_shown", True), ("SAMPLES/S", "samples_shown", True), ("JOB", "job_id", False),
-    ("TIME", "time_shown", True), ("CPU", "cpu_shown", True), ("MEM", "mem_shown", True), ("CAUSE", "cause_shown", False),
+    ("TIME", "time_shown", True), ("CPU", "cpu_shown", True), ("MEM", "mem_shown", True),
+    ("CAUSE", "cause_shown", False),
 ]
 
 

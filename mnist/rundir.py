@@ -465,7 +465,8 @@ def _attempt(data):
     task = known.get("task")
     known["task"] = Task(**{k: _number(v, type(getattr(Task, k)), getattr(Task, k))
                             for k, v in _known(Task, task).items()}) if isinstance(task, dict) else None
-    known["ranks"] = {str(rank): _rank_usage(figures) for rank, figures in data["ranks"].items() if isinstance(figures, dict)}
+    known["ranks"] = {str(rank): _rank_usage(figures) for rank, figures in data["ranks"].items()
+                      if isinstance(figures, dict)}
     return Attempt(**known)
 
 
@@ -613,4 +614,5 @@ def unused(run_dir):
     except OSError:
         return False
     bookkeeping = (".hydra", LOCK, START, USAGE)
-    return all(e.name in bookkeeping or e.match(RANK_USAGE.format("*")) or (e.name == LOG and e.stat().st_size == 0) for e in entries)
+    return all(e.name in bookkeeping or e.match(RANK_USAGE.format("*")) or (e.name == LOG and e.stat().st_size == 0)
+               for e in entries)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from mnist import checkpoint, data, env, rundir
 from mnist.board import Off, open_board
@@ -28,7 +28,8 @@ from mnist.precision import Precision
 from mnist.progress import Progress, wanted
 from mnist.stopping import StopFlag, StopRequested
 
-COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}  # torch.compile's (GPU: Triton's)
+# torch.compile's caches (on a GPU: Triton's too)
+COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 USER_COMPILE_CACHES = {variable: os.environ.get(variable) for variable in COMPILE_CACHES}  # else in the run folder
 
 
@@ -233,7 +234,8 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
     if saved is not None:
         checkpoint.restore(saved, model, optimizer, scheduler, precision, run_dir)
         rows, start_epoch, partial = saved["metrics"], saved["epoch"] + 1, saved.get("partial")
-        where = f"at epoch {partial['epoch']}, batch {partial['batches']}" if partial else f"after epoch {saved['epoch']}"
+        where = (f"at epoch {partial['epoch']}, batch {partial['batches']}" if partial
+                 else f"after epoch {saved['epoch']}")
         log.info(f"Resuming from {rundir.checkpoint_path(run_dir)} {where}")
         partial = _resume_point(saved, rank, world_size, log)
     done = (start_epoch - 1) * len(train_loader) + (partial["batches"] if partial else 0)  # optimizer steps taken

@@ -74,7 +74,8 @@ def read_only_data(tmp_path_factory):
     write_dataset(root, "FashionMNIST", seed=7)
     before = contents(root)
     yield root
-    assert not changes(before, contents(root)), f"a test wrote into the shared {root}: {changes(before, contents(root))}"
+    assert not changes(before, contents(root)), f"a test wrote into the shared {root}: " \
+                                                f"{changes(before, contents(root))}"
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +86,8 @@ def sixteen_batches_data(tmp_path_factory):
     write_dataset(root, "MNIST", n_train=1024, n_test=256)
     before = contents(root)
     yield root
-    assert not changes(before, contents(root)), f"a test wrote into the shared {root}: {changes(before, contents(root))}"
+    assert not changes(before, contents(root)), f"a test wrote into the shared {root}: " \
+                                                f"{changes(before, contents(root))}"
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT, run, write_dataset
 
 N_TRAIN, N_TEST = 128, 64
@@ -169,7 +168,8 @@ def config_of_no_run(s):
     (s.existing_run() / "config.yaml").write_text("- just\n- a list\n")
 
 
-HOLD = "import sys, time; from mnist import rundir\nwith rundir.lock(sys.argv[1], '4242'): print('held', flush=True); time.sleep(120)"
+HOLD = ("import sys, time; from mnist import rundir\n"
+        "with rundir.lock(sys.argv[1], '4242'): print('held', flush=True); time.sleep(120)")
 
 
 def held_by_a_job(s):
@@ -274,8 +274,8 @@ CASES = [
          ["checkpoint.pt is not a readable checkpoint", "Move it away"], random_checkpoint),
     case("checkpoint-of-another-model", [], ["holds a mlp_deep model", "model=mlp", "another run folder"],
          checkpoint_of_another_model),
-    case("run-folder-config-damaged", [], ["config.yaml is damaged (line 2", ".hydra/config.yaml", "move the folder away"],
-         damaged_config),
+    case("run-folder-config-damaged", [],
+         ["config.yaml is damaged (line 2", ".hydra/config.yaml", "move the folder away"], damaged_config),
     case("run-folder-config-of-no-run", [], ["config.yaml is damaged", "no model, trainer and data"], config_of_no_run),
     case("run-folder-in-use", [], ["is in use: Slurm job 4242, process", "scancel 4242", "run this again to resume",
                                    "another folder"], held_by_a_job),

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from slurm_fixtures import localslurm, skip_unless_slurm
 
 pytestmark = pytest.mark.slurm

@@ -6,17 +6,17 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import run, write_dataset
-from mnist.launch import record
 from test_failures import ended, jobs, row, rows
+
+from mnist.launch import record
 
 pytestmark = pytest.mark.slurm
 
 
 def sweep(tmp_path, data, *args):
-    return run(["-m", "launcher=slurm", f"data.root={data}", "resources.mem=2G", f"launcher.log_dir={tmp_path / 'logs'}",
-                f"hydra.sweep.dir={tmp_path / 'sweep'}", *args], tmp_path)
+    return run(["-m", "launcher=slurm", f"data.root={data}", "resources.mem=2G",
+                f"launcher.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args], tmp_path)
 
 
 def wait_until(check, what, timeout=180):

@@ -5,10 +5,10 @@ import subprocess
 
 import pytest
 import torch
+from conftest import ROOT, make_images, run, write_dataset
 from omegaconf import OmegaConf
 from torchvision import datasets, transforms
 
-from conftest import ROOT, make_images, run, write_dataset
 from mnist import data, datafiles
 from mnist.config import compose
 from mnist.data import InMemoryLoader, ensure_dataset, loaders

@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import DOWNLOADED, FASHION_MNIST_DEB, ROOT, run, write_dataset
+
 from mnist import datafiles
 from mnist.config import compose
 from mnist.data import ensure_dataset

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import run, write_dataset
+
 from mnist.launch import outcome, record, resources
 
 pytestmark = pytest.mark.slurm

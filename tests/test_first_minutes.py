@@ -20,10 +20,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import DOWNLOADED, ROOT, run, write_dataset
-from mnist import datafiles
 from test_slurm import wait_for
+
+from mnist import datafiles
 
 SITECUSTOMIZE = """
 import json, os

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, copy_project, run
+
 from mnist.config import compose
 from mnist.launch import resources, scripts
 from mnist.launch.resources import ResourceError, signal_delay
@@ -248,7 +248,8 @@ def test_a_bad_value_in_a_sweep_is_named_before_anything_is_made(tiny_data, tmp_
 
 # -- what no node can hold, or what ranks and GPUs cannot pair, is refused before submitting -----------------
 
-CLUSTER_UP = resources.parse_sinfo([["debug*", "2", "22800", "gpu:1", "1"]])  # make cluster-up's node, as sinfo -e lists it
+# make cluster-up's node, as sinfo -e lists it
+CLUSTER_UP = resources.parse_sinfo([["debug*", "2", "22800", "gpu:1", "1"]])
 
 
 @pytest.mark.parametrize("overrides, message", [

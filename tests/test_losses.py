@@ -10,9 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from omegaconf import OmegaConf
-
 from conftest import make_images, run
+from omegaconf import OmegaConf
 
 LOSSES = ["nll", "cross_entropy", "mse", "bce", "bce_with_logits", "smooth_l1", "huber"]
 N_TEST, TEST_SEED = 256, 8  # tiny_data's FashionMNIST test set: write_dataset(..., seed=7), t10k's seed is 8
@@ -81,7 +80,8 @@ def test_each_loss_trains_the_mlp_and_the_test_line_reports_that_loss(loss_sweep
     if loss in PROBABILITIES:
         torch.testing.assert_close(sums, torch.ones(N_TEST))
     elif loss in LOGITS:  # neither probabilities nor log-probabilities
-        assert not torch.allclose(sums, torch.ones(N_TEST)) and not torch.allclose(output.exp().sum(1), torch.ones(N_TEST))
+        assert not torch.allclose(sums, torch.ones(N_TEST))
+        assert not torch.allclose(output.exp().sum(1), torch.ones(N_TEST))
     expected = NOTEBOOK[loss](output, labels).item()
     assert float(row["test_loss"]) == pytest.approx(expected, rel=1e-4, abs=2e-6)
     assert int(shown.group(2)) == (output.argmax(dim=1) == labels).sum().item()  # accuracy: argmax, any loss

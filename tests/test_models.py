@@ -20,7 +20,8 @@ def test_models_from_config_match_the_course():
     assert n_parameters(build_model(compose(["model=mlp"]).model)) == 101_770
     assert n_parameters(build_model(compose(["model=cnn"]).model)) == 1_199_882
     # 784-128-64-10 and 784-256-10
-    assert n_parameters(build_model(compose(["model=mlp_deep"]).model)) == 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
+    deep = build_model(compose(["model=mlp_deep"]).model)
+    assert n_parameters(deep) == 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10
     assert n_parameters(build_model(compose(["model=mlp_sigmoid"]).model)) == 784 * 256 + 256 + 256 * 10 + 10
 
 
@@ -94,8 +95,9 @@ def test_every_registered_activation_builds_into_the_mlp():
 
 
 def test_every_registered_optimizer_and_scheduler_builds_and_steps():
-    from mnist import registry
     from omegaconf import OmegaConf
+
+    from mnist import registry
 
     for name, (_, optimizer_options) in registry.OPTIMIZERS.items():
         for scheduler_name, (_, options) in registry.SCHEDULERS.items():

@@ -6,7 +6,6 @@ import time
 
 import pytest
 import yaml
-
 from conftest import run
 
 # The material's recipes, as it states them.

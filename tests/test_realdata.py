@@ -5,7 +5,6 @@ each here, and two threads would fight the tests that run beside it (4 minutes i
 import csv
 
 import pytest
-
 from conftest import run
 
 pytestmark = pytest.mark.realdata

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run
+
 from mnist.launch import outcome, record
 
 WRITERS, SUBMISSIONS, TASKS = 8, 40, 20
@@ -188,7 +188,8 @@ def test_sacct_and_squeue_lines_give_states_reasons_requeues_and_usage():
     assert (job.state, job.exit_code, job.elapsed_s, job.limit_s, job.cpus, job.mem) == ("FAILED", "9:0", 12, 300, 1,
                                                                                       400 << 20)
     assert job.cpu_s == pytest.approx(6.1) and job.max_rss == 2 * 403330 * 1024
-    assert (sacct["8_[1-3%1]"].node, sacct["8_[1-3%1]"].reason, sacct["8_[1-3%1]"].start) == ("", "JobArrayTaskLimit", "")
+    folded = sacct["8_[1-3%1]"]
+    assert (folded.node, folded.reason, folded.start) == ("", "JobArrayTaskLimit", "")
     squeue = record.parse_squeue(
         "9_1|PENDING|0:00||JobArrayTaskLimit|0|5:00|2026-11-25T14:03:07|N/A|cpu=1,mem=2G,node=1,billing=1|\n"
         "9_0|RUNNING|1:02|vm|None|2|5:00|2026-11-25T14:03:07|2026-11-25T14:03:08|cpu=1,mem=2G,node=1,billing=1|\n")
@@ -238,8 +239,8 @@ def test_what_a_job_was_killed_for_is_read_from_slurmstepds_last_words(err, kill
     (CANCELLED.format(" DUE TO TIME LIMIT"), "TIMEOUT"),
     # a requeued job's .err: the state is its last attempt's (it read CANCELLED, the requeue's line)
     (CANCELLED.format(" DUE TO JOB REQUEUE") + CANCELLED.format(" DUE TO TIME LIMIT"), "TIMEOUT"),
-    (MEMORY_KILL + CANCELLED.format("") + CANCELLED.format(" DUE TO JOB REQUEUE") + CANCELLED.format(" DUE TO TIME LIMIT"),
-     "TIMEOUT"),
+    (MEMORY_KILL + CANCELLED.format("") + CANCELLED.format(" DUE TO JOB REQUEUE")
+     + CANCELLED.format(" DUE TO TIME LIMIT"), "TIMEOUT"),
     (CANCELLED.format(" DUE TO JOB REQUEUE") + OOM_KILL, "OUT_OF_MEMORY"),
 ])
 def test_without_slurm_a_jobs_end_is_read_from_its_err_as_slurm_would_say_it(tmp_path, err, state):

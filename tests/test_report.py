@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -263,7 +262,8 @@ def test_runs_differing_only_in_seed_are_one_line_with_a_band_and_a_dot_per_seed
     for line, optimizer, seeds in zip(batch_axes.lines, ("sgd", "adadelta"), ((1, 2, 3), (1, 2))):
         logged = [reporting.batch_losses(runs[optimizer, s]) for s in seeds]
         assert list(line.get_xdata()) == [0.0, 0.25, 0.5, 0.75]  # the logged batches of epoch 1
-        assert list(line.get_ydata()) == pytest.approx([sum(l[i][1] for l in logged) / len(seeds) for i in range(4)])
+        means = [sum(losses[i][1] for losses in logged) / len(seeds) for i in range(4)]
+        assert list(line.get_ydata()) == pytest.approx(means)
     for line, band, optimizer, seeds in zip(test_axes.lines, test_axes.collections, ("sgd", "adadelta"),
                                             ((1, 2, 3), (1, 2))):
         losses = [float(metrics(runs[optimizer, s])[0]["test_loss"]) for s in seeds]

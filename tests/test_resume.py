@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run
 
 EPOCHS = 2
@@ -47,7 +46,7 @@ def signal_when(line_start, sig, command, cwd):
 
 
 def course_lines(text):
-    return [l for l in text.splitlines() if l.startswith(("Train Epoch", "Test set"))]
+    return [line for line in text.splitlines() if line.startswith(("Train Epoch", "Test set"))]
 
 
 def metrics_without_timing(run_dir):
@@ -74,7 +73,7 @@ def test_a_run_killed_in_epoch_two_resumes_bit_for_bit(data, straight, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout and "after epoch 1" in resumed.stdout
     assert_same_run(run_dir, straight)
-    epoch_one = [l for l in course_lines(killed_out) if not l.startswith("Train Epoch: 2")]
+    epoch_one = [line for line in course_lines(killed_out) if not line.startswith("Train Epoch: 2")]
     assert epoch_one + course_lines(resumed.stdout) == course_lines((straight / "train.log").read_text())
 
 

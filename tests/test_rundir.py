@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import run, write_dataset
+
 from mnist import rundir
 
 

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run
 
 pytestmark = pytest.mark.slurm
@@ -92,7 +91,7 @@ def test_a_submitted_run_trains_on_the_cluster_and_logs_the_course_lines(slurm_e
     assert environment["slurm"]["SLURM_JOB_ID"] == job_id and environment["cpu_threads"] == 1
 
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs")
-    line = [l for l in listing.stdout.splitlines() if l.startswith(job_id)][0]
+    line = [text for text in listing.stdout.splitlines() if text.startswith(job_id)][0]
     assert "COMPLETED" in line and "mlp" in line and str(run_dir) in line
     tail = run(["--logs", str(tmp_path / "logs"), "tail", job_id, "-n", "50"], tmp_path, module="mnist.jobs")
     assert "Test set: Average loss" in tail.stdout

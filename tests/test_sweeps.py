@@ -9,14 +9,14 @@ import time
 
 import pytest
 import submitit
-from omegaconf import OmegaConf
-
 from conftest import imported_modules, run, write_dataset
+from omegaconf import OmegaConf
+from test_slurm import submitted_id, wait_for
+
 from mnist import rundir
 from mnist.config import compose
 from mnist.launch import history, record
 from mnist.launch.job import TrainJob
-from test_slurm import submitted_id, wait_for
 
 NOT_FOR_TRAINING = {"torchvision", "torch._dynamo", "torch._inductor", "sympy", "PIL", "hydra", "matplotlib"}
 
@@ -36,7 +36,8 @@ def read(path):
 
 
 def metrics(run_dir):
-    return [(r["epoch"], r["train_loss"], r["test_loss"], r["accuracy"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+    return [(r["epoch"], r["train_loss"], r["test_loss"], r["accuracy"])
+            for r in csv.DictReader(open(run_dir / "metrics.csv"))]
 
 
 def sweep(args, tmp_path, data, **kwargs):
@@ -108,7 +109,8 @@ def past_run(tmp_path, number, peak_mib, work_s, ended="completed", overrides=()
     rundir.record_usage(run_dir, f"{number}#0", 0, rundir.RankUsage("n1", peak_mib * 2**20, wall_s=3 + work_s),
                         job_id=str(number), end=ended, task=rundir.Task(index=0, runs=1, startup_s=3))
     err = logs / f"mlp_{number}.err"
-    err.write_text("slurmstepd: error: StepId=9.0 exceeded memory limit (9 > 1), being killed\n" if ended is None else "")
+    killed = "slurmstepd: error: StepId=9.0 exceeded memory limit (9 > 1), being killed\n"
+    err.write_text(killed if ended is None else "")
     record.append(logs, [record.Entry(str(number), str(run_dir), str(err)[:-3] + "out", str(err), "mlp", "mlp")])
 
 
@@ -164,7 +166,8 @@ def test_auto_packs_into_no_fewer_tasks_than_the_array_may_run_at_once(tiny_data
         "launcher.runs_per_task=auto: 1 (the 20 runs can all run at once within launcher.array_parallelism=20)")
     assert packing("launcher.array_parallelism=2").startswith(
         "launcher.runs_per_task=auto: 10 (about 10 minutes of work at 60 s a run")
-    assert "launcher.runs_per_task=auto: 10 (about 10 minutes" in suggest(tmp_path, "trainer.epochs=1")  # no size to fill
+    # no size to fill
+    assert "launcher.runs_per_task=auto: 10 (about 10 minutes" in suggest(tmp_path, "trainer.epochs=1")
 
 
 def test_auto_asks_sacct_only_about_past_runs_that_did_not_record_a_completed_end(tmp_path, monkeypatch):
@@ -191,8 +194,8 @@ def test_auto_judges_a_resubmitted_run_by_its_latest_job(tmp_path, monkeypatch):
     (tmp_path / "logs" / "mlp_31.err").write_text("slurmstepd: error: StepId=31.0 exceeded memory limit (9 > 1), "
                                                   "being killed\n")
     [first] = record.read(tmp_path / "logs")
-    record.append(tmp_path / "logs", [dataclasses.replace(first, job_id="31", stderr=str(tmp_path / "logs" / "mlp_31.err"),
-                                                          previous="30")])
+    again = dataclasses.replace(first, job_id="31", stderr=str(tmp_path / "logs" / "mlp_31.err"), previous="30")
+    record.append(tmp_path / "logs", [again])
     monkeypatch.setattr(record, "accounting", lambda job_ids: {})
     config = OmegaConf.to_container(compose(["launcher=slurm", "trainer.epochs=1"]), resolve=True)
     assert [p.ended for p in history.history(tmp_path / "logs", config)] == ["memory"]

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+from test_train import EPOCH_LINE, TEST_LINE, TRAIN_LINE, WHERE_LINE
+
 from mnist.config import compose
 from mnist.progress import Progress, wanted
 from mnist.train import train
-from test_train import EPOCH_LINE, TEST_LINE, TRAIN_LINE, WHERE_LINE
 
 
 def train_here(data_root, run_dir, *overrides):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run
 
 N_TRAIN, BATCHES, EPOCHS = 1024, 16, 2

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import imported_modules, run
+
 from mnist import env
 from mnist.errors import UserError
 

@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import run, write_dataset
+
 from mnist import rundir, usage
 from mnist.errors import UserError
 

@@ -124,6 +124,7 @@ def train_runs(jobs):
             failed.append(job.run_dir)
     signal.signal(REQUEUE_SIGNAL, signal.SIG_IGN)  # all trained: a late time-limit warning must not requeue or kill it
     if failed:
-        raise RuntimeError(f"{len(failed)} of the {len(jobs)} runs of this task failed (see above): {', '.join(failed)}. "
+        raise RuntimeError(f"{len(failed)} of the {len(jobs)} runs of this task failed (see above): "
+                           f"{', '.join(failed)}. "
                            f"The others are done; resubmit the failed ones.")
     return results

@@ -32,12 +32,14 @@ OUT_TAIL_BYTES = 4096  # of a log: its last lines
 MEMORY_KILL = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)")
 OOM_EVENT = re.compile(r"oom[-_ ]kill", re.IGNORECASE)
 STEPD_END = re.compile(
-    r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE|JOB REQUEUE))?")
+    r"\*\*\* (?:JOB|STEP) \S+ (?:ON \S+ )?CANCELLED AT \S+"
+    r"(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE|JOB REQUEUE))?")
 ENDED_BY = {None: "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL",
             "JOB REQUEUE": "REQUEUED"}
 EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)|[A-Za-z_][\w.]*\.\w+): .*")
 STOPPED_LINE = re.compile(r"Stopped in epoch (\d+) after batch (\d+)")
-GOING = record.LIVE | {"WAITING"}  # not ended: a job Slurm has not ended, or a packed run its running task has not reached
+# not ended: a job Slurm has not ended, or a packed run its running task has not reached yet
+GOING = record.LIVE | {"WAITING"}
 WAITING = {  # squeue's reasons, in a user's words
     "Resources": "waiting for free CPUs, memory or GPUs",
     "Priority": "other jobs go first",
@@ -68,7 +70,8 @@ def describe(entries, known, log_dir="logs"):
 def _job(entry, known, attempts, log_dir):
     slurm = known.by_job.get(entry.job_id)
     out_tail = tail(entry.stdout, OUT_TAIL_BYTES)
-    job = {**asdict(entry), "slurm": slurm, "attempts": attempts, "out_tail": out_tail, "last_line": _last_line(out_tail),
+    job = {**asdict(entry), "slurm": slurm, "attempts": attempts, "out_tail": out_tail,
+           "last_line": _last_line(out_tail),
            "node": (slurm.node if slurm else "") or _hosts(attempts), "exit_code": slurm.exit_code if slurm else "",
            "reason": slurm.reason if slurm else "", "log_dir": str(log_dir)}
     state = slurm.state if slurm else ""
@@ -148,7 +151,8 @@ def last_attempt(err_tail):
 
 
 def killed_for(err_tail):
-    """"memory" or "time" where slurmstepd's words in a job's .err say its last attempt was killed for one; else None."""
+    """"memory" or "time" where slurmstepd's words in a job's .err say its last attempt was killed for one;
+    else None."""
     return {"FAILED": "memory", "OUT_OF_MEMORY": "memory", "TIMEOUT": "time"}.get(last_end(err_tail))
 
 
@@ -172,7 +176,8 @@ def figures(slurm, attempts, memory_kill, job):
     elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
     # CPU time held: the allocation's, counted once however many packed runs it trained (held_by_task); a run of
     # a packed task Slurm does not account for holds what its own time held
-    held = {"held_cpu_s": elapsed * cpus if elapsed and cpus else None, "held_by_task": packed and bool(slurm.elapsed_s)}
+    held = {"held_cpu_s": elapsed * cpus if elapsed and cpus else None,
+            "held_by_task": packed and bool(slurm.elapsed_s)}
     if packed:  # one of a packed task's runs: its own time and limit, not the task's
         elapsed = own["wall_s"]
         if not slurm.elapsed_s:
@@ -311,7 +316,7 @@ def _error(job, err_tail, resubmit):
     return ("ended without a result (no accounting here to say why)" if job["state"] == "ENDED" else ""), ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_logs(log_dir):
     return log_dir in ("logs", str(Path("logs").resolve()))
 

@@ -300,7 +300,8 @@ def parse_squeue(text):
 
 def parse_sacct(text):
     """{job id: JobState} from `sacct -n -P` lines (SACCT_FIELDS): a job's line, then its steps' (N.batch,
-    N.0), whose MaxRSS (one task's, times the step's tasks per node) gives the job's peak per node. Pending array tasks may be folded (N_[1-3%1])."""
+    N.0), whose MaxRSS (one task's, times the step's tasks per node) gives the job's peak per node. Pending
+    array tasks may be folded (N_[1-3%1])."""
     found, steps = {}, {}
     for line in text.splitlines():
         fields = [field.strip() for field in line.split("|")]

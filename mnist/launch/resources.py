@@ -189,9 +189,11 @@ def _sinfo(fields):
     try:
         out = subprocess.run(["sinfo", "-h", "-e", "-o", fields], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
-        raise ResourceError("Slurm does not answer (sinfo timed out after 20 s). Is slurmctld up? Try `sinfo`.") from None
+        raise ResourceError("Slurm does not answer (sinfo timed out after 20 s). Is slurmctld up? "
+                            "Try `sinfo`.") from None
     if out.returncode != 0:
-        raise ResourceError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}. Check that Slurm is up with `sinfo`.")
+        raise ResourceError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}. "
+                            f"Check that Slurm is up with `sinfo`.")
     return [line.split("|") for line in out.stdout.splitlines() if line.strip()]
 
 

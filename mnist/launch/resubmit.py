@@ -24,6 +24,7 @@ from mnist import rundir
 from mnist.errors import UserError
 from mnist.launch import outcome, record, resources
 
+
 def resubmit(log_dir, target, overrides, more=False):
     """Submit the unfinished runs of TARGET as one job array; returns its id, or None (nothing to rerun, dry run)."""
     entries = record.read(log_dir)
@@ -42,7 +43,8 @@ def resubmit(log_dir, target, overrides, more=False):
     dry = bool(configs[0].get("dry_run"))
     say = (lambda text: print(text, file=sys.stderr)) if dry else print
     say(f"{'Would rerun' if dry else 'Rerunning'} {len(todo)} of {len(folders)} runs in {target}"
-        + (f" ({len(left)} left alone: " + "; ".join(f"{Path(f).name} {why}" for f, _, why in left) + ")" if left else ""))
+        + (f" ({len(left)} left alone: " + "; ".join(f"{Path(f).name} {why}" for f, _, why in left) + ")"
+           if left else ""))
     return _submit(todo, configs, say, dry)
 
 
@@ -186,7 +188,8 @@ def _mem_text(n):
 
 
 def _one_request(configs):
-    """A job array asks once for all its tasks: the largest memory of its runs (the longest time is the launcher's rule)."""
+    """A job array asks once for all its tasks: the largest memory of its runs (the longest time is the
+    launcher's rule)."""
     largest = max((c["resources"]["mem"] for c in configs), key=lambda m: resources.memory_bytes(m, "M") or 0)
     for c in configs:
         c["resources"]["mem"] = largest
@@ -222,7 +225,8 @@ def _submit(todo, configs, say, dry):
         say(f"  {folder}  ({was}; asks {res['mem']}, {res['time']})")
     runs = [(OmegaConf.create(c), folder) for (folder, _, _), c in zip(todo, configs)]
     # submitit submits a batch of one as a plain job: one run is one job (%x_%j logs), more are one array
-    array = slurm.submit_array(runs, single=len(runs) == 1, previous=[job["job_id"] if job else "" for _, job, _ in todo])
+    previous = [job["job_id"] if job else "" for _, job, _ in todo]
+    array = slurm.submit_array(runs, single=len(runs) == 1, previous=previous)
     if array:
         per_task = configs[0]["launcher"].get("runs_per_task", 1)
         if len(runs) == 1:

@@ -172,8 +172,9 @@ def _submitting():
         text = getattr(e, "output", None) or str(e)
         if isinstance(text, bytes):
             text = text.decode(errors="replace")
-        lines = [l.strip() for l in str(text).splitlines() if "error" in l.lower()] or [str(text).strip()]
-        raise SubmitError(f"sbatch refused the job: {' '.join(lines)[:600]}. Fix the request and submit again.") from None
+        lines = [line.strip() for line in str(text).splitlines() if "error" in line.lower()] or [str(text).strip()]
+        raise SubmitError(f"sbatch refused the job: {' '.join(lines)[:600]}. "
+                          f"Fix the request and submit again.") from None
 
 
 def submit(cfg, run_dir, overrides=None):
@@ -365,11 +366,13 @@ def _announce(cfg, name, jobs, run_dirs, array, tasks):
               f"  run folders: {Path(run_dirs[0]).parent}/<run>\n  log:         {out}")
     elif not array:
         out, err = _log_files(cfg, name, main_id, False)
-        print(f"Submitted job {main_id} ({name})\n  run folder: {run_dirs[0]}\n  log:        {out}\n  errors:     {err}")
+        print(f"Submitted job {main_id} ({name})\n  run folder: {run_dirs[0]}\n  log:        {out}\n"
+              f"  errors:     {err}")
     else:
         out, _ = _log_files(cfg, name, f"{main_id}_0", True)
         packing = f" in {len(tasks)} tasks of up to {len(tasks[0])}" if len(tasks[0]) > 1 else ""
         print(f"Submitted job array {main_id} ({name}): {len(run_dirs)} runs{packing}, at most "
-              f"{cfg.launcher.array_parallelism} at once\n  run folders: {Path(run_dirs[0]).parent}/<{'run' if packing else 'task'}>\n"
+              f"{cfg.launcher.array_parallelism} at once\n"
+              f"  run folders: {Path(run_dirs[0]).parent}/<{'run' if packing else 'task'}>\n"
               f"  logs:        {out.replace(f'{main_id}_0', f'{main_id}_<task>')}")
     print("  watch with:  python -m mnist.jobs")
