@@ -49,10 +49,23 @@ def distributed():
     """(rank, local rank, world size) from torch's env:// variables (set by torchrun, or by the
     Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run, and for a Slurm job of one
     task, whatever the submitting shell had set (sbatch passes its environment on)."""
-    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_NTASKS", "1") == "1":
+    if _slurm_task() and os.environ.get("SLURM_NTASKS", "1") == "1":
         return 0, 0, 1
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _slurm_task():
+    """Whether this process is a task of a Slurm job, not one torchrun started (whose RANK is its own)."""
+    return bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def rank():
+    """This process's (rank, local rank): Slurm's task ids in a Slurm job (what submitit exports as RANK and
+    LOCAL_RANK for torch, known before it does), torch's env:// variables elsewhere; (0, 0) for one process."""
+    if _slurm_task():
+        return int(os.environ.get("SLURM_PROCID") or 0), int(os.environ.get("SLURM_LOCALID") or 0)
+    return int(os.environ.get("RANK") or 0), int(os.environ.get("LOCAL_RANK") or 0)
 
 
 def cpus_given():

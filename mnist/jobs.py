@@ -101,8 +101,8 @@ def show(log_dir, job_id):
         record.find(log_dir, job_id)  # says which jobs there are
     runs = {e.run_dir for e in chosen}
     history = [e for e in entries if e.run_dir in runs]
-    jobs = {job["job_id"]: job for job in describe(log_dir, history)}
-    print("\n\n".join(_details(jobs[e.job_id], [jobs[h.job_id] for h in history if h.run_dir == e.run_dir])
+    jobs = {id(entry): job for entry, job in zip(history, describe(log_dir, history))}  # (a packed task: a run each)
+    print("\n\n".join(_details(jobs[id(e)], [jobs[id(h)] for h in history if h.run_dir == e.run_dir])
                       for e in chosen))
 
 

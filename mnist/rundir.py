@@ -275,14 +275,14 @@ def finished(run_dir, config):
     """Whether the folder holds a run with all of config's trainer.epochs done (not if its metrics are damaged:
     resuming rewrites them from the checkpoint)."""
     try:
-        return holds_run(run_dir) and all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"])
+        return all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"])
     except RunFolderError:
         return False
 
 
 def complete(run_dir, config):
-    """Whether a submission would leave the run nothing to do: every epoch done, and its checkpoint whole."""
-    return finished(run_dir, config) and checkpoint_whole(run_dir)
+    """Whether a submission would leave the run nothing to do: every epoch done, and a whole checkpoint of it."""
+    return finished(run_dir, config) and holds_run(run_dir) and checkpoint_whole(run_dir)
 
 
 # A run folder's state, as the folder alone tells it (its job's state is Slurm's: mnist.launch.outcome)
@@ -292,7 +292,7 @@ FINISHED, RESUMABLE, NEW = "finished", "resumable", "new"
 def state(run_dir, config):
     """FINISHED (every epoch done), RESUMABLE (a checkpoint to resume from) or NEW (nothing trained yet);
     RunFolderError where its metrics are damaged."""
-    if config is not None and holds_run(run_dir) and all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"]):
+    if config is not None and all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"]):
         return FINISHED
     return RESUMABLE if holds_run(run_dir) else NEW
 
@@ -475,14 +475,14 @@ def read_usage(run_dir) -> list:
     (the figures are then Slurm's, or unknown)."""
     attempts = _read_attempts(Path(run_dir) / USAGE)
     by_id = {a["id"]: a for a in attempts}
-    for file in sorted(Path(run_dir).glob(RANK_USAGE.format("*"))):
-        for attempt in _read_attempts(file):
-            if attempt["id"] in by_id:
-                by_id[attempt["id"]]["ranks"].update(attempt["ranks"])
-            else:
-                attempts.append(by_id.setdefault(attempt["id"], attempt))
-    if len(by_id) > 1:
-        attempts.sort(key=lambda a: str(a.get("started") or ""))
+    ranks = [a for file in sorted(Path(run_dir).glob(RANK_USAGE.format("*"))) for a in _read_attempts(file)]
+    for attempt in ranks:
+        if attempt["id"] in by_id:
+            by_id[attempt["id"]]["ranks"].update(attempt["ranks"])
+        else:
+            attempts.append(by_id.setdefault(attempt["id"], attempt))
+    if ranks:  # (in the order they started; one with no start known last)
+        attempts.sort(key=lambda a: (not a.get("started"), str(a.get("started") or "")))
     return [attempt for attempt in map(_attempt, attempts) if attempt is not None]
 
 
@@ -492,8 +492,10 @@ def _read_attempts(path):
         attempts = json.loads(path.read_text()).get("attempts")
     except (OSError, ValueError, AttributeError):
         return []
-    return [a for a in attempts if isinstance(a, dict) and isinstance(a.get("ranks"), dict)] \
-        if isinstance(attempts, list) else []
+    if not isinstance(attempts, list):
+        return []
+    return [a for a in attempts
+            if isinstance(a, dict) and isinstance(a.get("ranks"), dict) and isinstance(a.get("id"), str)]
 
 
 def record_usage(run_dir, attempt_id, rank, figures, **attempt):

@@ -87,7 +87,7 @@ def gpu_memory():
     try:
         if torch is None or not torch.cuda.is_initialized():
             return None, None
-        device = env.cuda_index(env.distributed()[1], torch.cuda.device_count())
+        device = env.cuda_index(env.rank()[1], torch.cuda.device_count())
         return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.get_device_properties(device).total_memory)
     except Exception:  # a GPU that went away must not stop the run
         return None, None
@@ -102,7 +102,7 @@ class Recorder:
 
     def __init__(self, run_dir, task=None):
         self.run_dir = run_dir
-        self.rank = env.distributed()[0]
+        self.rank = env.rank()[0]
         # A packed task's later runs count from their own start (the process's start-up is the first run's).
         self.started = task["started"] if task and task.get("index") else process_started()
         self.cpu_before = cpu_seconds() if task and task.get("index") else 0.0  # ... and their own CPU seconds

@@ -124,3 +124,35 @@ def test_a_moved_sweep_folder_is_resubmitted_as_the_same_runs_with_more_and_its_
     assert "(was 40_0, OUT_OF_MEMORY; asks 6G" in out.err and "never submitted from here" not in out.err, out.err
     assert f"--output={here}/" in out.out and str(tmp_path / "old" / "logs") not in out.out
     assert all(Path(c["launcher"]["log_dir"]) == here for c in _configs(here, moved, more=True))
+
+
+def test_a_packed_resubmission_with_longer_runs_packs_fewer_within_maxtime(tmp_path, tiny_data, cluster_states,
+                                                                           monkeypatch, capsys):
+    """Following the TIMEOUT hint (resources.time=, no --more) must not leave a task over the partition's limit."""
+    sweep, logs, _ = sweep_folder(tmp_path, 4, tiny_data, "resources.time=0:45:00", pack=4)
+    cluster_states["40_0"] = ended("TIMEOUT", 10800, 10800)
+    monkeypatch.setattr(resubmit, "_partition_limits", lambda: {None: {"time": 240 * 60, "mem": None}})
+    resubmit.resubmit(logs, sweep, ["resources.time=1:30:00", "dry_run=true"])
+    script = capsys.readouterr().out
+    assert "#SBATCH --time=180\n" in script and "#SBATCH --array=0-1" in script, script  # 2 a task, not 4 (6 h)
+
+
+def test_more_reads_the_job_that_trained_a_run_not_a_later_one_cancelled_before_it_started(tmp_path, tiny_data,
+                                                                                         cluster_states, capsys):
+    sweep, logs, [entry] = sweep_folder(tmp_path, 1, tiny_data, usage={"end": None, "peak": 300 << 20, "wall_s": 3.0})
+    record.append(logs, [record.Entry("41", entry.run_dir, str(logs / "mlp_41.out"), previous=entry.job_id)])
+    cluster_states.update({"40_0": ended("OUT_OF_MEMORY", 3, 300, mem=3 << 30), "41": ended("CANCELLED")})
+    resubmit.resubmit(logs, sweep, ["dry_run=true"], more=True)
+    out = capsys.readouterr()
+    assert "#SBATCH --mem=6G" in out.out and "(was 40_0, OUT_OF_MEMORY" in out.err, out.err
+
+
+def test_show_gives_each_run_of_a_packed_task_its_own_details(tmp_path, tiny_data, cluster_states, capsys):
+    from mnist import jobs
+
+    sweep, logs, _ = sweep_folder(tmp_path, 2, tiny_data, pack=2, usage={"end": "completed", "peak": 300 << 20,
+                                                                         "wall_s": 3.0})
+    cluster_states["40_0"] = ended("COMPLETED", 10, 600)
+    jobs.show(logs, "40_0")
+    shown = capsys.readouterr().out
+    assert shown.count("run folder:") == 2 and f"{sweep / '0'}\n" in shown and f"{sweep / '1'}\n" in shown, shown

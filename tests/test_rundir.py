@@ -113,6 +113,7 @@ def test_a_finished_run_has_nothing_left_to_do_and_nothing_is_submitted(data, tm
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith(f"Nothing left to do: {run_dir} has all 1 epochs of trainer.epochs=1 done.")
     assert "trainer.epochs=4" in again.stdout and "Train Epoch" not in again.stdout
+    assert len(rundir.read_usage(run_dir)) == 1  # the attempt that trained it, no other
 
     submitted = run([*args, "launcher=slurm"], cwd=tmp_path, env={"SLURM_CONF": str(tmp_path / "no-slurm.conf")})
     assert submitted.returncode == 0, submitted.stderr

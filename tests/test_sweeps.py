@@ -193,6 +193,8 @@ def test_auto_judges_a_resubmitted_run_by_its_latest_job(tmp_path, monkeypatch):
     err.write_text("slurmstepd: error: *** JOB 30 ON n1 CANCELLED AT 2026-11-30T10:00:00 DUE TO TIME LIMIT ***\n")
     (tmp_path / "logs" / "mlp_31.err").write_text("slurmstepd: error: StepId=31.0 exceeded memory limit (9 > 1), "
                                                   "being killed\n")
+    rundir.record_usage(tmp_path / "past" / "30", "31#0", 0, rundir.RankUsage("n1", 700 << 20, wall_s=4.0),
+                        job_id="31")  # (it trained until it was killed)
     [first] = record.read(tmp_path / "logs")
     again = dataclasses.replace(first, job_id="31", stderr=str(tmp_path / "logs" / "mlp_31.err"), previous="30")
     record.append(tmp_path / "logs", [again])

@@ -93,8 +93,9 @@ def test_an_error_is_recorded_as_its_last_line_or_its_paragraph(tmp_path, error,
 def test_each_rank_writes_its_own_figures_into_the_same_attempt(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.delenv("RANK", raising=False)  # (submitit exports it only once the run starts, after the recorder)
     for rank in ("0", "1"):
-        monkeypatch.setenv("RANK", rank)  # (submitit exports it for each task of a data-parallel job)
+        monkeypatch.setenv("SLURM_PROCID", rank)
         with usage.recording(tmp_path):
             pass
     [attempt] = rundir.read_usage(tmp_path)
@@ -162,7 +163,7 @@ def test_each_rank_records_the_gpu_it_trains_on_not_its_watchers_current_one(mon
     monkeypatch.setitem(sys.modules, "torch", type("FakeTorch", (), {"cuda": FakeCuda}))
     monkeypatch.setenv("SLURM_JOB_ID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
     seen = []
     watcher = threading.Thread(target=lambda: seen.append(usage.gpu_memory()))
     watcher.start()
@@ -173,6 +174,10 @@ def test_each_rank_records_the_gpu_it_trains_on_not_its_watchers_current_one(mon
 def test_a_damaged_usage_record_reads_as_none(tmp_path):
     (tmp_path / rundir.USAGE).write_text('{"attempts": [')
     assert rundir.read_usage(tmp_path) == []
+    (tmp_path / rundir.USAGE).write_text('{"attempts": [{"ranks": {}}, {"id": ["x"], "ranks": {}}, {"id": "1#0", '
+                                         '"ranks": {"0": {"peak_rss": "a lot"}}}]}')
+    [attempt] = rundir.read_usage(tmp_path)  # what is not an attempt is left out; a bad figure reads as none
+    assert attempt.id == "1#0" and attempt.node_peak == 0
 
 
 def test_a_local_run_writes_usage_json(tmp_path):

@@ -51,12 +51,17 @@ def match_key(config):
 
 def history(log_dir, config):
     """The past runs of the record in log_dir that match `config` (a plain dict), oldest first."""
-    # a resubmitted run is one run, and how it ended is its latest job's
-    entries = [submissions[-1] for submissions in record.by_run(record.read(log_dir)).values()]
-    configs = {e.run_dir: rundir.config_if_readable(e.run_dir) for e in entries}
-    matching = [(e, configs[e.run_dir], rundir.read_usage(e.run_dir)) for e in entries
-                if configs[e.run_dir] and match_key(configs[e.run_dir]) == match_key(config)]
-    matching = [(e, c, attempts) for e, c, attempts in matching if attempts]
+    matching = []
+    for submissions in record.by_run(record.read(log_dir)).values():
+        run_config = rundir.config_if_readable(submissions[-1].run_dir)
+        if not run_config or match_key(run_config) != match_key(config):
+            continue
+        attempts = rundir.read_usage(submissions[-1].run_dir)
+        trained = {a.job_id for a in attempts}
+        # a resubmitted run is one run, and how it ended is the latest job's that trained it
+        entry = next((e for e in reversed(submissions) if e.job_id in trained), None)
+        if entry:
+            matching.append((entry, run_config, attempts))
     # a run whose usage.json says it completed needs no sacct: only the others are asked about, if any
     states = record.accounting([e.job_id for e, _, attempts in matching if not _completed(attempts)])
     return [_past(e, attempts, c, states[e.job_id].state if e.job_id in states else "")

@@ -115,13 +115,14 @@ def packed_run_state(run_dir, task_state, attempts):
 # ---------------------------------------------------------------- states without Slurm
 
 def _state_from_run(entry, result_state, attempts, err_tail):
-    """Where Slurm no longer knows a job (no accounting): its end as slurmstepd's last words in the .err (its last
-    attempt's), submitit's result or the run's usage.json say it; ENDED (a log) or UNKNOWN (none) otherwise."""
+    """Where Slurm no longer knows a job (no accounting): its end as submitit's result (only a last attempt that
+    returned or raised writes one), slurmstepd's last words in the .err (its last attempt's) or the run's
+    usage.json say it; ENDED (a log) or UNKNOWN (none) otherwise."""
+    if result_state:
+        return result_state
     said = last_end(err_tail)
     if said and said != "REQUEUED":
         return said
-    if result_state:
-        return result_state
     end = attempts[-1].end if attempts else None
     if end in ("completed", "error"):
         return {"completed": "COMPLETED", "error": "FAILED"}[end]

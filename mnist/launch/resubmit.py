@@ -35,7 +35,7 @@ def resubmit(log_dir, target, overrides, more=False):
     for folder in folders:
         mine = [jobs[id(e)] for e in submissions.get(folder, [])]
         why = _why_not(folder, mine)
-        (left if why else todo).append((folder, mine[-1] if mine else None, why))
+        (left if why else todo).append((folder, outcome.trained_by(mine) if mine else None, why))
     if not todo:
         print(f"Nothing to rerun in {target}: " + "; ".join(f"{f} {why}" for f, _, why in left) + ".")
         return None
@@ -79,7 +79,9 @@ def _submissions(entries, folders):
             found[folder] = runs[folder]
             continue
         ids = rundir.job_ids(folder)
-        moved = [dataclasses.replace(e, run_dir=folder) for e in entries if e.job_id in ids]
+        theirs = [e for e in entries if e.job_id in ids]
+        same_name = [e for e in theirs if Path(e.run_dir).name == Path(folder).name]  # (a packed task's other runs)
+        moved = [dataclasses.replace(e, run_dir=folder) for e in same_name or theirs]
         if moved:
             found[folder] = moved
     return found
@@ -125,7 +127,7 @@ def _configs(todo, overrides, more, log_dir):
 
     composed = _plain(compose(["launcher=slurm", *overrides]))
     given = rundir.given_keys(overrides)
-    limits = _partition_limits() if more else {}
+    limits = _partition_limits()  # (a packed task must fit, whatever times the command or --more asks)
     configs = []
     for folder, job, _ in todo:
         saved = rundir.read_config(folder)
@@ -141,8 +143,7 @@ def _configs(todo, overrides, more, log_dir):
             _more(merged, job, given, _limits_of(limits, merged))
         configs.append(rundir.resume_config(folder, merged, overrides))
     _one_request(configs)
-    if more:
-        _fit_packing(configs, _limits_of(limits, configs[0]).get("time"))
+    _fit_packing(configs, _limits_of(limits, configs[0]).get("time"))
     return configs
 
 

@@ -142,9 +142,12 @@ def still_queued(log_dir, run_dirs):
     if not entries:
         return {}
     known = record.states(entries)
+    if known.unreachable:
+        raise SubmitError(f"Cannot tell which runs of this sweep are still queued or running: Slurm cannot be "
+                          f"reached ({known.unreachable}). Check that `squeue` answers, then submit again.")
     found = {}
     for job in outcome.describe(entries, known, log_dir):
-        if known.unreachable or job["state"] in outcome.GOING:
+        if job["state"] in outcome.GOING:
             found[str(Path(job["run_dir"]).resolve())] = f"still {job['state'] or '?'} as job {job['job_id']}"
     return found
 
