@@ -77,8 +77,6 @@ def _train_here(cfg, run_dir):
     limit) finishes the step, writes a checkpoint and exits: 130 for Ctrl-C, 3 for USR2."""
     from mnist import datafiles, private_apis
 
-    if _finished(cfg, run_dir):  # nor an attempt in usage.json: it would hide the one that trained the run
-        return
     if not datafiles.will_download(cfg.data):  # missing or bad data: said at once, not after torch loads (~2 s)
         datafiles.prepare(cfg.data.root, cfg.data.name)
     # torch.optim imports torch._dynamo (~1 s, as long as torch itself) for nothing in an eager run; not in a local

@@ -520,6 +520,19 @@ def record_usage(run_dir, attempt_id, rank, figures, **attempt):
     write_whole(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def forget_attempt(run_dir, attempt_id, rank):
+    """Take back what one rank wrote of an attempt (one that found nothing to do); the attempt goes with its last
+    rank."""
+    path = Path(run_dir) / (USAGE if str(rank) == "0" else RANK_USAGE.format(rank))
+    attempts = _read_attempts(path)
+    mine = [a for a in attempts if a["id"] == attempt_id]
+    for attempt in mine:
+        attempt["ranks"].pop(str(rank), None)
+    if mine:
+        text = json.dumps({"attempts": [a for a in attempts if a["id"] != attempt_id or a["ranks"]]}, indent=1) + "\n"
+        write_whole(path, lambda tmp: Path(tmp).write_text(text))
+
+
 # ---------------------------------------------------------------- the lock
 
 PREVIOUS_ATTEMPT_WAIT_S = 120  # a requeued job's new attempt waits this long for its old one to let go

@@ -117,6 +117,7 @@ class Recorder:
         # at their start, else the largest resident memory the watcher samples
         self.own_hwm = not (task and task.get("index")) or reset_peak()
         self.sampled_peak = 0
+        self.checkpoint_before = _checkpoint_stamp(run_dir)
         self.written_peak, self.written_at = 0, 0.0
         self.done = threading.Event()
         self.writing = threading.RLock()  # (re-entrant: Slurm's SIGTERM may come while the main thread writes)
@@ -170,7 +171,23 @@ class Recorder:
         details = {"end": end}
         if error is not None:
             details.update(error=_last_line(error), user_error=isinstance(error, UserError))
+        if end == "completed" and self._trained_nothing():  # it found the run done: no attempt, which would hide
+            with contextlib.suppress(OSError):  # the one that trained it
+                rundir.forget_attempt(self.run_dir, self.attempt_id, self.rank)
+            return
         self.write(**details)
+
+    def _trained_nothing(self):
+        """Whether the run was done already: every checkpoint is a new file, and this attempt wrote none."""
+        return self.checkpoint_before is not None and _checkpoint_stamp(self.run_dir) == self.checkpoint_before
+
+
+def _checkpoint_stamp(run_dir):
+    try:
+        stat = rundir.checkpoint_path(run_dir).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _last_line(error):
