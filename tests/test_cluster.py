@@ -64,8 +64,12 @@ def test_cluster_is_idle_and_configured(slurm_cluster):
     c = slurm_cluster
     assert c.conf_path.is_file() and c.conf_path.parent == c.folder
     assert c.env == {"SLURM_CONF": str(c.conf_path)}
-    # the session's cluster: a job of an earlier test may still be ending
-    assert c.wait_idle(timeout=90) == "idle", c.run(["squeue"]).stdout
+    # The session's cluster: a job of an earlier test file may still be ending. After a data-parallel job was
+    # requeued, Slurm 22.05 once kept the node "mixed" for minutes with no job left (CI, session 8), and it
+    # still ran every later job: schedulable and without jobs is what this checks.
+    state = c.wait_idle(timeout=90)
+    queue = c.run(["squeue", "-h"]).stdout.strip()
+    assert state in ("idle", "mixed") and not queue, (state, queue, c.run(["scontrol", "show", "node"]).stdout)
     res = c.run(["sinfo", "-h", "-o", "%P %G %c"])
     assert res.stdout.split() == [f"{c.partition}*", "gpu:1", str(c.cpus)]
     dbd = c.folder / "slurmdbd.conf"
