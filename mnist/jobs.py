@@ -17,14 +17,13 @@ every state as ?. The record and the states come from mnist.launch.record, cause
 from mnist.launch.outcome. Imports no torch.
 """
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from mnist import rundir
 from mnist.errors import UserError
-from mnist.launch import outcome, record
+from mnist.launch import gateway, outcome, record
 
 HEADER = ("JOB", "NAME", "STATE", "REQUEUED", "TIME", "CPU", "MEM", "NODE", "CAUSE", "LAST LOG LINE", "RUN FOLDER")
 CAUSE_WIDTH, LINE_WIDTH = 80, 50
@@ -37,7 +36,7 @@ def describe(log_dir, entries=None):
     entries = record.read(log_dir) if entries is None else entries
     known = record.states(entries)
     if known.unreachable:
-        print(f"Cannot reach Slurm, so job states are shown as ?: {known.unreachable}.", file=sys.stderr)
+        print(gateway.unreachable(known.unreachable, "job states are shown as ?"), file=sys.stderr)
     return outcome.describe(entries, known, log_dir)
 
 
@@ -200,16 +199,15 @@ def cancel(log_dir, job_id):
     entry = record.find(log_dir, job_id)
     known = record.states([entry])
     if known.unreachable:
-        raise UserError(f"Cannot cancel {job_id}: Slurm cannot be reached ({known.unreachable}). Check that `sinfo` "
-                        f"answers (SLURM_CONF, the controller), then cancel again.")
+        raise UserError(gateway.unreachable(known.unreachable, f"{job_id} cannot be cancelled"))
     before = known.by_job.get(entry.job_id)
     whole_array = job_id != entry.job_id
     if before and before.state in record.ENDED and not whole_array:
         print(f"Job {job_id} had already ended ({before.state}): nothing to cancel.")
         return
-    out = subprocess.run(["scancel", job_id], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise UserError(f"scancel {job_id} failed: {out.stderr.strip()}")
+    _, problem = gateway.call(["scancel", job_id])
+    if problem:
+        raise UserError(f"scancel {job_id} failed: {problem}. Its log and run folder are as they were.")
     if whole_array:
         print(f"Cancelled job array {job_id}, all its tasks. The logs of the tasks that started and the run "
               f"folders ({Path(entry.run_dir).parent}) stay.")

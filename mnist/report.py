@@ -70,7 +70,7 @@ import yaml
 
 from mnist import rundir
 from mnist.errors import UserError
-from mnist.launch import outcome, record
+from mnist.launch import gateway, outcome, record
 
 CSV_NAME = "report.csv"
 LOSS_PNG = "report_loss.png"
@@ -208,8 +208,7 @@ def slurm_lookup(runs, log_dir):
     entries = [e for run in with_job for e in found[run["run_dir"]]]
     known = record.states(entries)
     if known.unreachable:
-        print(f"Cannot reach Slurm, so states are read from the run folders only: {known.unreachable}.",
-              file=sys.stderr)
+        print(gateway.unreachable(known.unreachable, "states are read from the run folders only"), file=sys.stderr)
     described = iter(outcome.describe(entries, known, log_dir or "logs"))
     for run in with_job:
         job = outcome.trained_by([next(described) for _ in found[run["run_dir"]]])

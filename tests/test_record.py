@@ -115,7 +115,7 @@ def test_the_report_shows_the_jobs_of_a_damaged_record_and_warns_once(tmp_path, 
     assert re.search(r"^0 .*not started\s+0/2 .*\s7_0\s", result.stdout, re.M), result.stdout
     assert re.search(r"^1 .*not started\s+0/2 .*\s7_1\s", result.stdout, re.M), result.stdout
     assert result.stderr.count(f"warning: {Path('logs') / 'jobs.jsonl'}, line 2:") == 1, result.stderr
-    assert result.stderr.count("Cannot reach Slurm") == 1 and "no-such-cluster.conf" in result.stderr
+    assert result.stderr.count("Slurm cannot be reached") == 1 and "no-such-cluster.conf" in result.stderr
 
 
 def test_a_submission_after_a_half_written_line_starts_a_line_of_its_own(tmp_path, capsys):
@@ -139,7 +139,9 @@ def test_without_a_reachable_slurm_the_jobs_are_listed_with_state_unknown_and_th
         env, reason = {"PATH": str(empty), "SLURM_CONF": ""}, "squeue is not installed here (not on PATH)"
     result = jobs(["--logs", logs], tmp_path, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stderr == f"Cannot reach Slurm, so job states are shown as ?: {reason}.\n"
+    assert result.stderr.startswith(f"Slurm cannot be reached ({reason}), so job states are shown as ?. Check that "
+                                    f"`squeue` answers"), result.stderr
+    assert result.stderr.count("\n") == 1  # one paragraph
     assert listed(result.stdout) == {"31": "?", "32_0": "?"}
     assert "[0/60000 (0%)] Loss: 2.302585" in result.stdout and "\t" not in result.stdout
 

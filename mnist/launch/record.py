@@ -21,14 +21,13 @@ import math
 import os
 import pickletools
 import re
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 from mnist.errors import UserError
-from mnist.launch import resources
+from mnist.launch import gateway, resources
 
 FILE_NAME = "jobs.jsonl"
 
@@ -62,7 +61,6 @@ LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDE
         "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
-SLURM_TIMEOUT_S = 30
 _warned = set()
 
 
@@ -244,15 +242,10 @@ def _merged(live, past):
 
 def _squeue(job_list):
     """The jobs the controller knows, and "" or why it could not be asked."""
-    conf = os.environ.get("SLURM_CONF")
-    if resources.missing_slurm_conf():
-        return {}, resources.missing_slurm_conf()
-    out, error = call(["squeue", "-r", "-h", "-j", job_list, "-O", ",".join(f + ":|" for f in SQUEUE_FIELDS)])
+    out, error = gateway.call(["squeue", "-r", "-h", "-j", job_list, "-O", ",".join(f + ":|" for f in SQUEUE_FIELDS)])
     # One id squeue has forgotten (or never knew) fails with "Invalid job id specified"; several such
     # ids list nothing. Either way Slurm answered.
     if error and "Invalid job id" not in error:
-        if "configuration" in error and not conf and not Path("/etc/slurm/slurm.conf").exists():
-            error += " (SLURM_CONF is not set and there is no /etc/slurm/slurm.conf)"
         return {}, error
     return parse_squeue(out), ""
 
@@ -262,24 +255,8 @@ def accounting(job_ids):
     {} where accounting is off (sacct fails) or there is no Slurm."""
     if not job_ids:
         return {}
-    out, _ = call(["sacct", "-n", "-P", "-j", ",".join(sorted(set(job_ids))), "-o", ",".join(SACCT_FIELDS)])
+    out, _ = gateway.call(["sacct", "-n", "-P", "-j", ",".join(sorted(set(job_ids))), "-o", ",".join(SACCT_FIELDS)])
     return parse_sacct(out)
-
-
-def call(command):
-    """(stdout, "") or ("", what went wrong)."""
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
-    except FileNotFoundError:
-        return "", f"{command[0]} is not installed here (not on PATH)"
-    except OSError as e:
-        return "", f"{command[0]} could not be run ({e.strerror or e})"
-    except subprocess.TimeoutExpired:
-        return "", f"{command[0]} gave no answer within {SLURM_TIMEOUT_S} s"
-    if out.returncode != 0:
-        said = [line.strip() for line in out.stderr.splitlines() if line.strip()]
-        return "", said[-1] if said else f"{command[0]} failed (exit status {out.returncode})"
-    return out.stdout, ""
 
 
 def parse_squeue(text):

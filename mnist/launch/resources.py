@@ -5,10 +5,8 @@ Pure functions of the config (unit-tested), plus `ask_cluster`, which asks the c
 hold before anything is submitted.
 """
 import math
-import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -176,25 +174,13 @@ def parse_sinfo(rows):
                   partition.endswith("*")) for partition, cpus, memory, gres, count in rows]
 
 
-def missing_slurm_conf():
-    """Why Slurm's commands would retry for a minute before failing: SLURM_CONF names no file; else ""."""
-    conf = os.environ.get("SLURM_CONF")
-    return f"SLURM_CONF={conf} is not a file" if conf and not os.path.isfile(conf) else ""
-
-
 def _sinfo(fields):
-    if missing_slurm_conf():
-        raise ResourceError(f"sinfo cannot ask Slurm: {missing_slurm_conf()}. Export the cluster's config (`make "
-                            f"cluster-up` prints the line), or unset SLURM_CONF to use /etc/slurm/slurm.conf.")
-    try:
-        out = subprocess.run(["sinfo", "-h", "-e", "-o", fields], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        raise ResourceError("Slurm does not answer (sinfo timed out after 20 s). Is slurmctld up? "
-                            "Try `sinfo`.") from None
-    if out.returncode != 0:
-        raise ResourceError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}. "
-                            f"Check that Slurm is up with `sinfo`.")
-    return [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+    from mnist.launch import gateway
+
+    out, problem = gateway.call(["sinfo", "-h", "-e", "-o", fields])
+    if problem:
+        raise ResourceError(gateway.unreachable(problem, "the request cannot be checked against its nodes"))
+    return [line.split("|") for line in out.splitlines() if line.strip()]
 
 
 def ask_cluster(dry_run=False):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mnist import rundir
 from mnist.errors import UserError
-from mnist.launch import outcome, record, resources
+from mnist.launch import gateway, outcome, record, resources
 
 
 def resubmit(log_dir, target, overrides, more=False):
@@ -92,8 +92,7 @@ def _jobs(submissions, log_dir):
     entries = [e for folder_entries in submissions.values() for e in folder_entries]
     known = record.states(entries)
     if known.unreachable:
-        raise UserError(f"Cannot tell which runs are still going: Slurm cannot be reached ({known.unreachable}). "
-                        f"Check that `squeue` answers (SLURM_CONF, the controller), then resubmit again.")
+        raise UserError(gateway.unreachable(known.unreachable, "which runs are still going cannot be told"))
     return {id(e): job for e, job in zip(entries, outcome.describe(entries, known, log_dir))}
 
 
@@ -199,9 +198,7 @@ def _one_request(configs):
 def _partition_limits():
     """{partition name (None: the default): {"time": s, "mem": bytes per node}} from `scontrol show partition -o`;
     {} where Slurm does not answer."""
-    if resources.missing_slurm_conf():
-        return {}
-    out, _ = record.call(["scontrol", "show", "partition", "-o"])
+    out, _ = gateway.call(["scontrol", "show", "partition", "-o"])
     limits = {}
     for line in out.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)

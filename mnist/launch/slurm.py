@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mnist import datafiles, rundir
 from mnist.errors import UserError
-from mnist.launch import record, resources
+from mnist.launch import gateway, record, resources
 
 
 class SubmitError(UserError):
@@ -143,8 +143,8 @@ def still_queued(log_dir, run_dirs):
         return {}
     known = record.states(entries)
     if known.unreachable:
-        raise SubmitError(f"Cannot tell which runs of this sweep are still queued or running: Slurm cannot be "
-                          f"reached ({known.unreachable}). Check that `squeue` answers, then submit again.")
+        raise SubmitError(gateway.unreachable(known.unreachable, "which runs of this sweep are still queued or "
+                                                                 "running cannot be told"))
     found = {}
     for job in outcome.describe(entries, known, log_dir):
         if job["state"] in outcome.GOING:
