@@ -86,6 +86,32 @@ def sbatch_script(folder, parameters, array_size=None):
     return _make_sbatch_string(command=submitit_command(folder), folder=folder, **parameters, **extra)
 
 
+# -- submitit: its requeue signal and its files (mnist/launch/job.py, slurm.py, record.py) ---------
+
+
+def submitit_requeue_signal():
+    """The signal submitit's job side takes as "checkpoint and requeue" (USR2, unless the submitting shell set
+    SUBMITIT_PREEMPT_SIGNAL), and asks Slurm to send before the time limit."""
+    from submitit.core.job_environment import JobEnvironment
+
+    return JobEnvironment._usr_sig()
+
+
+def submitit_requeue_handler():
+    """submitit's own handler of that signal in a job's process (checkpoint(), requeue, exit), installed before
+    our code runs."""
+    import signal
+
+    return signal.getsignal(submitit_requeue_signal())
+
+
+def result_pickle(folder, job_id):
+    """Where submitit leaves a finished job's result ("success" or "error", then the value), in the job's folder."""
+    from submitit.core.utils import JobPaths
+
+    return JobPaths(folder, job_id=job_id, task_id=0).result_pickle
+
+
 # -- torch: a job's start without torch._dynamo (mnist/launch/job.py) -----------------------------
 
 

@@ -8,6 +8,7 @@ import itertools
 import os
 import sys
 
+import conftest
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -248,3 +249,29 @@ print(type(sys.modules["torch._dynamo"]).__name__, torch._dynamo.config.recompil
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["StandIn", "module", "True"], out.stderr  # else: CHANGED in this torch version
+
+
+# -- submitit: its requeue signal and its result file ---------------------------------------------
+
+
+def test_our_jobs_stop_on_the_signal_submitit_asks_slurm_for_and_requeues_on():
+    from mnist.stopping import REQUEUE_SIGNAL
+
+    assert private_apis.submitit_requeue_signal() == REQUEUE_SIGNAL, CHANGED
+
+
+def test_a_submitit_preempt_signal_of_another_name_is_refused_before_submitting(tiny_data, tmp_path):
+    result = conftest.run(["launcher=slurm", "dry_run=true", f"data.root={tiny_data}"], tmp_path,
+                          env={"SUBMITIT_PREEMPT_SIGNAL": "USR1"})
+    assert result.returncode == 2 and "SUBMITIT_PREEMPT_SIGNAL=USR1 is set" in result.stderr, result.stderr
+    assert "Unset SUBMITIT_PREEMPT_SIGNAL" in result.stderr and "#SBATCH" not in result.stdout
+
+
+def test_the_result_is_read_where_submitit_writes_it(tmp_path):
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "%j")
+    job = executor.submit(sum, [1, 2])
+    assert job.result() == 3
+    assert private_apis.result_pickle(job.paths.folder, job.job_id) == job.paths.result_pickle, CHANGED
+    assert private_apis.result_pickle(job.paths.folder, job.job_id).is_file(), CHANGED

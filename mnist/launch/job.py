@@ -42,6 +42,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def _train(self):
         from omegaconf import OmegaConf
 
+        from mnist import private_apis
         from mnist.env import restarts
         from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested
         from mnist.train import train
@@ -57,7 +58,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             signal.signal(REQUEUE_SIGNAL, self._last_warning)
             return train(cfg, self.run_dir)
 
-        stop, submitit_handler = StopFlag(), signal.getsignal(REQUEUE_SIGNAL)
+        stop, submitit_handler = StopFlag(), private_apis.submitit_requeue_handler()
         signal.signal(REQUEUE_SIGNAL, lambda signum, frame: setattr(stop, "requested", True))
         try:
             return train(cfg, self.run_dir, stop)

@@ -13,7 +13,8 @@ reason, requeues, time limit and allocation) and one `sacct` call (jobs squeue h
 their exit code, CPU time and the steps' MaxRSS) for all jobs, whatever their number; squeue wins.
 Without accounting (sacct fails) a finished job's outcome is read from the result file
 submitit left. When Slurm cannot be reached at all, no state is guessed: `States.unreachable`
-says why. Standard library only: the login node's commands import no torch through here.
+says why. Slurm's commands are called through mnist.launch.gateway. Standard library only (submitit's file
+names, for a job read from its result, through mnist.private_apis): no torch through here.
 """
 import fcntl
 import json
@@ -378,7 +379,9 @@ def _submitit_outcome(entry):
     """A finished job's outcome, COMPLETED or FAILED, from the result file submitit left."""
     if not entry.submitit_folder:
         return None
-    outcome = _first_string(Path(entry.submitit_folder) / f"{entry.job_id}_0_result.pkl")
+    from mnist import private_apis  # (submitit's names, imported only for a job no Slurm command knows)
+
+    outcome = _first_string(private_apis.result_pickle(entry.submitit_folder, entry.job_id))
     if outcome is None:
         return None
     return JobState("COMPLETED" if outcome == "success" else "FAILED", source="result")

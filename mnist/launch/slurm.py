@@ -97,6 +97,8 @@ def check(cfg, asked=None):
     resources.check_gpus(cfg.resources, cfg.trainer.device)
     array_parallelism(cfg.launcher)
     runs_per_task(cfg.launcher)
+    if "signal" not in asked:
+        asked["signal"] = _requeue_signal_agrees()
     data = ("data", cfg.data.root, cfg.data.name)
     if data not in asked:
         datafiles.check_on_login_node(cfg.data.root, cfg.data.name)
@@ -105,6 +107,21 @@ def check(cfg, asked=None):
         asked["cluster"] = resources.ask_cluster(cfg.dry_run)
     if asked["cluster"] is not None:
         resources.check_cluster(cfg.resources, asked["cluster"])
+
+
+def _requeue_signal_agrees():
+    """submitit asks Slurm for, and listens to, the signal our jobs stop on before their time limit (USR2)."""
+    from mnist import private_apis
+    from mnist.stopping import REQUEUE_SIGNAL
+
+    theirs = private_apis.submitit_requeue_signal()
+    if theirs != REQUEUE_SIGNAL:
+        raise SubmitError(
+            f"SUBMITIT_PREEMPT_SIGNAL={os.environ.get('SUBMITIT_PREEMPT_SIGNAL')} is set, so submitit would ask Slurm "
+            f"for {theirs.name} before the time limit, but a run checkpoints on {REQUEUE_SIGNAL.name}: it would be "
+            f"requeued without a checkpoint of where it was. Unset SUBMITIT_PREEMPT_SIGNAL (or set it to "
+            f"{REQUEUE_SIGNAL.name.removeprefix('SIG')}) and submit again.")
+    return True
 
 
 def prepare(cfg, run_dir, overrides=None):
