@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mnist.mlp import output_function
+from mnist.layers import output_function
 
 
 class CNN(nn.Module):

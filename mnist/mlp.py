@@ -1,23 +1,9 @@
 """The course's multi-layer perceptron, and its variants (conf/model/mlp*.yaml)."""
-import functools
 import sys
 
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mnist import registry
-
-
-def activation(name):
-    """A new layer of the activation mnist/registry.py calls `name`."""
-    torch_class, arguments = registry.ACTIVATIONS[name]
-    return getattr(nn, torch_class)(**arguments)
-
-
-def output_function(name):
-    """What the last layer's outputs go through (registry.OUTPUTS): log_softmax, softmax, or nothing."""
-    function = registry.OUTPUTS[name]
-    return functools.partial(getattr(F, function), dim=1) if function else nn.Identity()
+from mnist.layers import activation, output_function
 
 
 class MLP(nn.Module):
