@@ -162,7 +162,6 @@ def read_run(run_dir):
         "damaged": damaged,
         "seed": rundir.select(config, "trainer.seed"),
         "batch_losses": batch_losses(run_dir),
-        "last_attempt": next((a.id for a in reversed(rundir.read_usage(run_dir))), ""),
     }
 
 
@@ -327,9 +326,14 @@ def summarize(runs, base):
             "batch_losses": run.get("batch_losses", []),
             **_usage_columns(run.get("job")),
             "jobs": " ".join(run.get("history") or []),
-            "attempt": run["last_attempt"],
+            "attempt": _last_attempt(run.get("job")),
         })
     return table
+
+
+def _last_attempt(job):
+    """The id of the last attempt of the job that trained the run (`job#requeues`), "" if none."""
+    return job["attempts"][-1].id if job and job["attempts"] else ""
 
 
 def _usage_columns(job):

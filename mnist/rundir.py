@@ -285,18 +285,6 @@ def complete(run_dir, config):
     return finished(run_dir, config) and holds_run(run_dir) and checkpoint_whole(run_dir)
 
 
-# A run folder's state, as the folder alone tells it (its job's state is Slurm's: mnist.launch.outcome)
-FINISHED, RESUMABLE, NEW = "finished", "resumable", "new"
-
-
-def state(run_dir, config):
-    """FINISHED (every epoch done), RESUMABLE (a checkpoint to resume from) or NEW (nothing trained yet);
-    RunFolderError where its metrics are damaged."""
-    if config is not None and all_done(len(read_metrics(run_dir)), config["trainer"]["epochs"]):
-        return FINISHED
-    return RESUMABLE if holds_run(run_dir) else NEW
-
-
 def nothing_left(run_dir, epochs_done, epochs):
     return (f"Nothing left to do: {run_dir} has all {epochs_done} epochs of trainer.epochs={epochs} done. To "
             f"train on, raise it, e.g. `python -m mnist.run hydra.run.dir={run_dir} trainer.epochs={epochs_done + 3}`.")
@@ -508,7 +496,7 @@ def record_usage(run_dir, attempt_id, rank, figures, **attempt):
         raise TypeError(f"not fields of an attempt: {', '.join(sorted(unknown))}")
     if isinstance(attempt.get("task"), Task):
         attempt["task"] = asdict(attempt["task"])
-    path = Path(run_dir) / (USAGE if str(rank) == "0" else RANK_USAGE.format(rank))
+    path = _usage_file(run_dir, rank)
     attempts = _read_attempts(path)
     mine = next((a for a in attempts if a.get("id") == attempt_id), None)
     if mine is None:
@@ -516,21 +504,29 @@ def record_usage(run_dir, attempt_id, rank, figures, **attempt):
         attempts.append(mine)
     mine.update(attempt, id=attempt_id)
     mine["ranks"][str(rank)] = asdict(figures)
-    text = json.dumps({"attempts": attempts[-MAX_ATTEMPTS:]}, indent=1) + "\n"
-    write_whole(path, lambda tmp: Path(tmp).write_text(text))
+    _write_attempts(path, attempts[-MAX_ATTEMPTS:])
 
 
 def forget_attempt(run_dir, attempt_id, rank):
     """Take back what one rank wrote of an attempt (one that found nothing to do); the attempt goes with its last
     rank."""
-    path = Path(run_dir) / (USAGE if str(rank) == "0" else RANK_USAGE.format(rank))
+    path = _usage_file(run_dir, rank)
     attempts = _read_attempts(path)
     mine = [a for a in attempts if a["id"] == attempt_id]
     for attempt in mine:
         attempt["ranks"].pop(str(rank), None)
     if mine:
-        text = json.dumps({"attempts": [a for a in attempts if a["id"] != attempt_id or a["ranks"]]}, indent=1) + "\n"
-        write_whole(path, lambda tmp: Path(tmp).write_text(text))
+        _write_attempts(path, [a for a in attempts if a["id"] != attempt_id or a["ranks"]])
+
+
+def _usage_file(run_dir, rank):
+    """The file a rank writes its figures into: usage.json for rank 0, its own for the others."""
+    return Path(run_dir) / (USAGE if str(rank) == "0" else RANK_USAGE.format(rank))
+
+
+def _write_attempts(path, attempts):
+    text = json.dumps({"attempts": attempts}, indent=1) + "\n"
+    write_whole(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------- the lock

@@ -1,6 +1,7 @@
 """Features where they meet, on a real one-node Slurm: resubmit while a packed task is still going, a sweep
 submitted again into its folder, a requeued job's end read without accounting. Tests read what a user reads:
 `python -m mnist.jobs`, `resubmit`'s answer, the report."""
+import csv
 import re
 import subprocess
 import time
@@ -77,6 +78,9 @@ def test_a_sweep_submitted_again_into_its_folder_submits_only_what_is_not_comple
     table = {cells["RUN"]: cells for cells in rows(report.stdout.split("\n", 2)[2])}
     assert [(table[r]["STATE"], table[r]["JOB"]) for r in "012"] == [
         ("COMPLETED", f"{array}_0"), ("COMPLETED", f"{array}_1"), ("COMPLETED", new)], report.stdout
+    with open(tmp_path / "sweep" / "report.csv", newline="") as f:
+        attempts = [row["attempt"] for row in csv.DictReader(f)]
+    assert attempts == [f"{array}_0#0", f"{array}_1#0", f"{new}#0"]  # the attempt that trained each
 
 
 def test_without_accounting_a_requeued_job_that_then_failed_reads_failed(slurm_env_no_accounting, tiny_data, tmp_path):

@@ -174,15 +174,11 @@ def figures(slurm, attempts, memory_kill, job):
     slurm = slurm or record.JobState("")
     cpus = slurm.cpus or own["cpus"] or job.get("cpus") or None
     packed = bool(job.get("pack"))
-    elapsed = slurm.elapsed_s if slurm.elapsed_s else own["wall_s"]
-    # CPU time held: the allocation's, counted once however many packed runs it trained (held_by_task); a run of
-    # a packed task Slurm does not account for holds what its own time held
-    held = {"held_cpu_s": elapsed * cpus if elapsed and cpus else None,
-            "held_by_task": packed and bool(slurm.elapsed_s)}
-    if packed:  # one of a packed task's runs: its own time and limit, not the task's
-        elapsed = own["wall_s"]
-        if not slurm.elapsed_s:
-            held["held_cpu_s"] = elapsed * cpus if elapsed and cpus else None
+    # CPU time held: the allocation's (counted once however many packed runs it trained: held_by_task), else what
+    # the run's own time held
+    held_s = slurm.elapsed_s or own["wall_s"]
+    held = {"held_cpu_s": held_s * cpus if held_s and cpus else None, "held_by_task": packed and bool(slurm.elapsed_s)}
+    elapsed = own["wall_s"] if packed else held_s  # a packed run's time is its own, not its task's
     if own["cpu_s"] is not None and own["reserved_s"]:
         cpu_s, pct = own["cpu_s"], 100 * own["cpu_s"] / own["reserved_s"]
     else:

@@ -101,12 +101,12 @@ def _why_not(folder, jobs):
     job that was submitted for it; one still queued, waiting its turn in a packed task or running leaves it alone."""
     try:
         config = rundir.read_config(folder)
-        state = rundir.state(folder, config)
+        done = len(rundir.read_metrics(folder))
     except rundir.RunFolderError as e:
         return f"is damaged ({e.damaged})"
     if config is None:
         return "has no config.yaml"
-    if state == rundir.FINISHED:
+    if rundir.all_done(done, config["trainer"]["epochs"]):
         return "completed"
     going = [job for job in jobs if job["state"] in outcome.GOING]
     if going:
