@@ -77,7 +77,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
 from benchmarks import submit_speed, sweep_speed
-from mnist import data, datafiles, env
+from mnist import data, datafiles, env, registry
 from mnist.config import compose, report_errors
 from mnist.losses import Loss
 from mnist.precision import Precision
@@ -107,7 +107,7 @@ def nll(model):
 def classic_loader(data_cfg, train, batch_size, shuffle):
     """The course's pipeline: torchvision's dataset, ToTensor()+Normalize per sample, a DataLoader."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data_cfg.mean,), (data_cfg.std,))])
-    dataset = getattr(datasets, datafiles.FOLDERS[data_cfg.name])(data_cfg.root, train=train, transform=transform)
+    dataset = getattr(datasets, registry.DATASETS[data_cfg.name])(data_cfg.root, train=train, transform=transform)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
 

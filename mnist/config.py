@@ -10,8 +10,9 @@ from mnist.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "loss", "optimizer", "data", "resources", "launcher", "logger")
+# keys that moved: the old spelling is refused with a message naming the new one
+MOVED = {"model.time": "resources.time (per model.arch defaults: time_limits in conf/resources/cpu.yaml)"}
 PRESETS = "experiment"  # the group of presets, added with +experiment=<name>: conf/experiment/
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(UserError):
@@ -77,6 +78,9 @@ def check_keys(overrides):
         if not match:
             continue
         key = match.group(1)
+        if key in MOVED:
+            raise ConfigError(f"`{override}`: {key} has moved; the Slurm time limit is {MOVED[key]}. "
+                              f"Write `{MOVED[key].split()[0]}={override.split('=', 1)[1]}` instead.")
         if key.split(".")[0] == "hydra" or ("." not in key and key in GROUPS):
             continue
         keyed.append((key, override))
@@ -209,7 +213,7 @@ def validate(cfg):
     if not (cfg.trainer.progress == "auto" or isinstance(cfg.trainer.progress, bool)):
         raise ConfigError(f"trainer.progress={cfg.trainer.progress!r} is not auto, true or false. "
                           f"Set e.g. trainer.progress=false.")
-    _one_of(cfg, "trainer.precision", PRECISIONS, "Set e.g. trainer.precision=bf16.")
+    _one_of(cfg, "trainer.precision", tuple(registry.PRECISIONS), "Set e.g. trainer.precision=bf16.")
     if cfg.trainer.precision == "fp16" and cfg.trainer.device == "cpu":
         raise ConfigError("trainer.precision=fp16 (float16 with loss scaling) needs a GPU, but trainer.device=cpu. "
                           "On a CPU use trainer.precision=bf16.")
@@ -220,6 +224,13 @@ def validate(cfg):
         _boolean(cfg, key)
 
     _one_of(cfg, "data.name", choices("data"), "Choose it with data=<name>.")
+    if cfg.data.name not in registry.DATASETS:
+        raise ConfigError(
+            f"data.name={cfg.data.name} (conf/data/{cfg.data.name}.yaml) is no dataset mnist/registry.py's DATASETS "
+            f"lists, so nothing knows which torchvision class fetches it or which folder under data.root holds it. "
+            f"Add a line `\"{cfg.data.name}\": \"<torchvision.datasets class, e.g. KMNIST>\"` to DATASETS, or choose "
+            f"one of: {', '.join(registry.DATASETS)}."
+        )
     _positive(cfg, "data.batch_size", int, "Set e.g. data.batch_size=64.")
     _positive(cfg, "data.test_batch_size", int, "Set e.g. data.test_batch_size=1000.")
     _positive(cfg, "data.std", (int, float), "Set e.g. data.std=0.3081.")
@@ -246,7 +257,15 @@ def _built(key, name, known, what, fix):
 def _check_model(cfg):
     arch = cfg.model.arch
     _built("model.arch", arch, registry.ARCHS, "architecture", ", or pick a model with model=<name> (see conf/model/).")
-    outputs = registry.ARCHS[arch]
+    outputs = registry.ARCHS[arch].outputs
+    options = registry.ARCHS[arch].options
+    unknown = [key for key in cfg.model if key not in ("name", "arch", *options)]
+    if unknown:
+        raise ConfigError(
+            f"model.{unknown[0]} is no option of model.arch={arch} ({registry.ARCHS[arch].model_class} takes "
+            f"{', '.join(options) or 'none'}). Remove it from conf/model/{cfg.model.name}.yaml or the command line, "
+            f"or add it to that class and to its options in mnist/registry.py's ARCHS."
+        )
     if cfg.model.output not in outputs:
         raise ConfigError(
             f"model.output={cfg.model.output!r} is not one of: {', '.join(outputs)} (what model.arch={arch} "

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from mnist import datafiles, idx
+from mnist import datafiles, idx, registry
 from mnist.datafiles import DataError
 
 
@@ -122,7 +122,7 @@ def download(data_cfg):
         from torchvision import datasets  # only to download: training never imports it
 
         try:
-            getattr(datasets, datafiles.FOLDERS[name])(stage, train=True, download=True)
+            getattr(datasets, registry.DATASETS[name])(stage, train=True, download=True)
         except (RuntimeError, OSError) as e:
             lines = str(e).strip().splitlines() or [type(e).__name__]
             reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"  # what, and the last cause

@@ -20,10 +20,10 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+from mnist import env, registry
 from mnist.errors import UserError
 from mnist.idx import IdxError, max_value, read_dims
 
-FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's class names
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -37,15 +37,11 @@ class DataError(UserError):
 
 
 def raw_folder(root, name):
-    return Path(root) / FOLDERS[name] / "raw"
-
-
-def in_slurm_job():
-    return "SLURM_JOB_ID" in os.environ
+    return Path(root) / registry.DATASETS[name] / "raw"
 
 
 def fetch_hint(name, offer_download=True):
-    if in_slurm_job():  # a compute node: jobs never download
+    if env.in_slurm_job():  # a compute node: jobs never download
         return (
             f"Jobs never download: on the login node, fetch it with `python -m mnist.data download data={name}` "
             f"(or `make data DATA={name}`), or copy the four IDX files (gzipped or not) with "
@@ -55,7 +51,7 @@ def fetch_hint(name, offer_download=True):
         f"Fetch it on a machine with internet with `python -m mnist.data download data={name}` "
         f"(or `make data DATA={name}`), or copy the four IDX files (gzipped or not) there with "
         f"`python -m mnist.data copy SOURCE_DIR data={name}`, or point data.root (or $MNIST_DATA) "
-        f"at the folder that holds {FOLDERS[name]}/raw/"
+        f"at the folder that holds {registry.DATASETS[name]}/raw/"
     )
     return hint + ", or let a run here download it (data.download=auto)" if offer_download else hint
 
@@ -64,7 +60,7 @@ def will_download(data_cfg):
     """Whether a run fetches the dataset first: data.download=auto (or true), some file missing,
     and not inside a Slurm job (jobs never download: compute nodes often have no internet)."""
     wanted = data_cfg.download == "auto" or data_cfg.download is True
-    return bool(wanted and not in_slurm_job() and missing_files(data_cfg.root, data_cfg.name))
+    return bool(wanted and not env.in_slurm_job() and missing_files(data_cfg.root, data_cfg.name))
 
 
 def missing_files(root, name):
@@ -189,7 +185,7 @@ def writing(root, name):
     Staging folders that a killed writer left behind are removed, since no one else is writing.
     """
     root = Path(root)
-    lock = root / f".{FOLDERS[name]}.lock"
+    lock = root / f".{registry.DATASETS[name]}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
         handle = _locked(lock)
@@ -199,9 +195,9 @@ def writing(root, name):
             f"at a folder you can write, e.g. data.root=$HOME/data."
         ) from None
     with handle:
-        for old in root.glob(f".{FOLDERS[name]}.staging-*"):
+        for old in root.glob(f".{registry.DATASETS[name]}.staging-*"):
             shutil.rmtree(old, ignore_errors=True)
-        stage = root / f".{FOLDERS[name]}.staging-{os.getpid()}"
+        stage = root / f".{registry.DATASETS[name]}.staging-{os.getpid()}"
         try:
             yield stage
         except BaseException:

@@ -1,7 +1,8 @@
 """Where this process runs: CPU threads, the device, and a record of the environment.
 
-The one place that reads scheduler variables on the training side (SLURM_CPUS_PER_TASK for
-threads, SLURM_* ids for the record); the training loop itself knows nothing of Slurm.
+The one place that reads Slurm's variables (SLURM_CPUS_PER_TASK for threads, SLURM_* ids for the
+record, whether this is a job at all); the training loop itself knows nothing of Slurm. Torch is
+imported only inside the functions that need it: the login node's data checks use this module too.
 """
 import json
 import os
@@ -38,6 +39,11 @@ def job_id():
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+def in_slurm_job():
+    """Whether this process runs inside a Slurm job (a compute node, where runs never download)."""
+    return "SLURM_JOB_ID" in os.environ
 
 
 def restarts():

@@ -1,24 +1,24 @@
 """Build the model and the optimizer a config names, from the choices in mnist/registry.py."""
+import importlib
+
 import torch
+from omegaconf import OmegaConf
 
 from mnist import registry
-from mnist.cnn import CNN
-from mnist.mlp import MLP
-
-
-def _mlp(model_cfg):
-    return MLP(list(model_cfg.hidden), list(model_cfg.activations), model_cfg.output)
-
-
-def _cnn(model_cfg):
-    return CNN(model_cfg.output)
-
-
-BUILDERS = {"mlp": _mlp, "cnn": _cnn}  # one per registry.ARCHS entry
+from mnist.errors import UserError
 
 
 def build_model(model_cfg):
-    return BUILDERS[model_cfg.arch](model_cfg)
+    """The class registry.ARCHS names for model.arch, given every other key of conf/model/<name>.yaml."""
+    module_name, class_name = registry.ARCHS[model_cfg.arch].model_class.rsplit(".", 1)
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    options = {k: v for k, v in OmegaConf.to_container(model_cfg).items() if k not in ("name", "arch")}
+    try:
+        return model_class(**options)
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a negative size: torch's words, not a traceback
+        given = ", ".join(f"model.{k}={v}" for k, v in options.items())
+        raise UserError(f"model={model_cfg.name} (model.arch={model_cfg.arch}) cannot be built from {given}: {e}. "
+                        f"Check these values on the command line or in conf/model/{model_cfg.name}.yaml.") from None
 
 
 def build_optimizer(optimizer_cfg, parameters):

@@ -3,9 +3,8 @@ import contextlib
 
 import torch
 
+from mnist import registry
 from mnist.errors import UserError
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
@@ -21,7 +20,7 @@ class Precision:
             raise UserError(f"trainer.precision=bf16, but {torch.cuda.get_device_name(device)} has no bfloat16. "
                             f"Use trainer.precision=fp16 on this GPU.")
         self.name = name
-        self.dtype = DTYPES[name]
+        self.dtype = getattr(torch, registry.PRECISIONS[name]) if registry.PRECISIONS[name] else None
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
 

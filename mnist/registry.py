@@ -1,5 +1,6 @@
 """Every name the config may use to pick code: model.arch, model.activations, model.output,
-loss.name, optimizer.name and optimizer.scheduler.
+loss.name, optimizer.name, optimizer.scheduler, data.name and trainer.precision; and the models
+that get a ready batch script (slurm/<name>.sh).
 
 Standard library only: config.validate reads it on the login node, which never imports torch,
 and refuses any other name there; mnist/models.py, mnist/mlp.py and mnist/losses.py build from it on
@@ -25,11 +26,29 @@ OUTPUTS = {
 }
 GIVES = {"log_softmax": "log-probabilities", "softmax": "probabilities", "none": "logits"}
 
-# model.arch: name -> the model.output values it can give (builders: mnist/models.py's BUILDERS)
+
+class Arch(NamedTuple):
+    model_class: str  # "module.Class": mnist/models.py builds it with the keys of conf/model/<name>.yaml
+    options: tuple  # those keys (besides name and arch), each an argument of the class
+    outputs: tuple  # the model.output values it can give
+
+
+# model.arch: name -> its class. A new architecture is a class in its own module, a line here and
+# a conf/model/<name>.yaml (docs/models.md).
 ARCHS = {
-    "mlp": tuple(OUTPUTS),
-    "cnn": tuple(OUTPUTS),  # the course's CNN ends in log_softmax (conf/model/cnn.yaml)
+    "mlp": Arch("mnist.mlp.MLP", ("hidden", "activations", "output"), tuple(OUTPUTS)),
+    "cnn": Arch("mnist.cnn.CNN", ("output",), tuple(OUTPUTS)),  # the course's ends in log_softmax
+    "small_cnn": Arch("mnist.small_cnn.SmallCNN", ("channels", "output"), tuple(OUTPUTS)),
 }
+
+# model=<name> -> slurm/<name>.sh, the course's plain batch scripts (mnist/launch/scripts.py writes them)
+SCRIPT_MODELS = ("mlp", "cnn")
+
+# data.name: name -> torchvision's dataset class, which is also the folder under data.root
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+# trainer.precision: name -> the torch dtype autocast runs in (None: plain float32, no autocast)
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 class Loss(NamedTuple):

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The course's batch script for the MLP. From the repository root:  sbatch slurm/mlp.sh
 # More overrides may follow:  sbatch slurm/mlp.sh trainer.epochs=1 data=fashion_mnist
-# Generated from conf/model/mlp.yaml and conf/resources/cpu.yaml by `make slurm-scripts`.
+# Generated from conf/resources/cpu.yaml (time_limits) and conf/model/mlp.yaml by `make slurm-scripts`.
 #SBATCH --job-name=mlp
 #SBATCH --time=0:5:0
 #SBATCH --cpus-per-task=1

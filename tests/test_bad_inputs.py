@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, run, write_dataset
+from conftest import ROOT, copy_project, run, write_dataset
 
 N_TRAIN, N_TEST = 128, 64
 RUN_FILES = ("config.yaml", "metrics.csv", "checkpoint.pt", "train.log", "environment.json")
@@ -183,6 +183,14 @@ def no_sbatch(s):
     s.env["PATH"] = str(VENV_BIN)
 
 
+def data_file_without_registry_entry(s):
+    """A clone whose conf/data/ offers kmnist, which mnist/registry.py's DATASETS does not list."""
+    project = copy_project(s.tmp / "clone")
+    (project / "conf" / "data" / "kmnist.yaml").write_text(
+        (project / "conf" / "data" / "mnist.yaml").read_text().replace("name: mnist", "name: kmnist"))
+    s.env["PYTHONPATH"] = str(project)
+
+
 def unwritable_data_root(s):
     raw = s.damaged_data()
     gzip_only(raw)
@@ -233,6 +241,13 @@ CASES = [
     case("config-download-not-auto-or-bool", ["data.download=sometimes"],
          ["data.download='sometimes' is not auto, true or false", "data.download=auto", "data.download=false"]),
     case("config-bad-output", ["model.output=relu"], ["model.output='relu'", "model.output=log_softmax"]),
+    case("config-data-file-without-registry-entry", ["data=kmnist"],
+         ["data.name=kmnist (conf/data/kmnist.yaml) is no dataset mnist/registry.py's DATASETS lists",
+          "Add a line `\"kmnist\": ", "fashion_mnist"], data_file_without_registry_entry),
+    case("config-model-option-its-class-lacks", ["model=cnn", "+model.hidden=[64]"],
+         ["model.hidden is no option of model.arch=cnn", "mnist.cnn.CNN takes output"]),
+    case("config-moved-key-model-time", ["model.time=0:7:0"],
+         ["model.time has moved", "Write `resources.time=0:7:0` instead"]),
     case("config-bad-value-into-existing-run", ["trainer.epochs=-1"], ["trainer.epochs=-1", "trainer.epochs=3"],
          existing_run),
 

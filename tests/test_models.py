@@ -69,15 +69,22 @@ def test_reference_scheduler_is_steplr_one_epoch_gamma_point_seven():
 # -- mnist/registry.py: every name the config may use builds, and nothing else does --------------
 
 def test_every_registered_architecture_and_output_builds_and_gives_that_output():
-    from mnist import registry
-    from mnist.models import BUILDERS
+    import importlib
+    import inspect
 
-    assert set(BUILDERS) == set(registry.ARCHS), "a builder in mnist/models.py per registry.ARCHS entry"
+    from mnist import registry
+    from mnist.config import CONF_DIR
+
     x = torch.randn(3, 1, 28, 28)
-    for arch, outputs in registry.ARCHS.items():
+    for arch, (model_class, options, outputs) in registry.ARCHS.items():
+        module, name = model_class.rsplit(".", 1)
+        arguments = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+        assert arguments == list(options), f"{model_class} takes {arguments}, registry.ARCHS says {options}"
+        model_files = [p.stem for p in (CONF_DIR / "model").glob("*.yaml") if f"arch: {arch}\n" in p.read_text()]
+        assert model_files, f"no conf/model/*.yaml has arch: {arch}"
         for output in outputs:
             fitting_loss = ["loss=cross_entropy"] if output == "none" else []  # nll takes no logits
-            cfg = compose(["model=mlp", f"model.arch={arch}", *fitting_loss, f"model.output={output}"]).model
+            cfg = compose([f"model={model_files[0]}", *fitting_loss, f"model.output={output}"]).model
             model = build_model(cfg).eval()
             assert model.output == output, (arch, output)  # mnist.losses reads it (nll on softmax: its log)
             out = model(x)
@@ -134,3 +141,45 @@ def test_every_registered_loss_takes_each_output_it_fits_and_steps():
             assert mean.ndim == 0 and torch.isfinite(mean) and model.layers[1].weight.grad.abs().sum() > 0, name
             summed = loss(model(x), labels, reduction="sum")
             torch.testing.assert_close(summed / 6, mean)  # the test set's average is the training loss's mean
+
+
+# -- docs/models.md: a new model is a class in its own module, a registry line and a yaml file ----------
+
+def documented_files():
+    """{path: the text docs/models.md shows for it}: each code block under a line naming a file in backticks."""
+    import re
+
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "models.md").read_text()
+    block_after_a_file_name = r"`([\w/.]+\.(?:py|yaml))`[^\n]*(?:\n[^\n`]+)*\n\n```\w+\n(.*?)```"
+    return dict(re.findall(block_after_a_file_name, page, re.DOTALL))
+
+
+def test_the_model_page_shows_the_projects_own_files():
+    from conftest import ROOT
+
+    shown = documented_files()
+    assert set(shown) == {"mnist/small_cnn.py", "mnist/registry.py", "conf/model/small_cnn.yaml"}, set(shown)
+    for path, block in shown.items():
+        text = (ROOT / path).read_text()
+        assert (block in text) if path == "mnist/registry.py" else (block == text), f"docs/models.md's {path} differs"
+
+
+def test_the_documented_model_trains_from_its_yaml(tiny_data, tmp_path):
+    from conftest import run
+
+    result = run(["model=small_cnn", "model.channels=8", "trainer.epochs=1", f"data.root={tiny_data}",
+                  f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Test set: Average loss" in (tmp_path / "run" / "train.log").read_text()
+    model = build_model(compose(["model=small_cnn", "model.channels=8"]).model)
+    assert n_parameters(model) == 8 * 9 + 8 + 8 * 13 * 13 * 10 + 10
+
+
+def test_a_model_option_its_class_cannot_take_is_one_paragraph():
+    from mnist.errors import UserError
+
+    with pytest.raises(UserError, match=r"model=small_cnn \(model.arch=small_cnn\) cannot be built from "
+                                        r"model.channels=-4, model.output=log_softmax: .*conf/model/small_cnn.yaml"):
+        build_model(compose(["model=small_cnn", "model.channels=-4"]).model)

@@ -1,5 +1,5 @@
 """The course's plain batch scripts, slurm/<model>.sh, generated from conf/ so they always agree
-with what the launcher asks for (time from conf/model/, CPUs and memory from conf/resources/cpu).
+with what the launcher asks for (time, CPUs and memory from conf/resources/cpu.yaml).
 
     python -m mnist.launch.scripts           (re)write slurm/mlp.sh and slurm/cnn.sh
     python -m mnist.launch.scripts --check   exit 1 if the committed scripts differ
@@ -7,18 +7,18 @@ with what the launcher asks for (time from conf/model/, CPUs and memory from con
 import sys
 from pathlib import Path
 
+from mnist import registry
 from mnist.config import compose
 from mnist.launch.resources import memory, signal_delay, time_seconds
 from mnist.stopping import REQUEUE_EXIT, REQUEUE_SIGNAL_NAME
 
-MODELS = ("mlp", "cnn")
 SLURM_DIR = Path(__file__).resolve().parent.parent.parent / "slurm"
 
 TEMPLATE = """\
 #!/bin/bash
 # The course's batch script for the {upper}. From the repository root:  sbatch slurm/{name}.sh
 # More overrides may follow:  sbatch slurm/{name}.sh trainer.epochs=1 data=fashion_mnist
-# Generated from conf/model/{name}.yaml and conf/resources/cpu.yaml by `make slurm-scripts`.
+# Generated from conf/resources/cpu.yaml (time_limits) and conf/model/{name}.yaml by `make slurm-scripts`.
 #SBATCH --job-name={name}
 #SBATCH --time={time}
 #SBATCH --cpus-per-task={cpus}
@@ -59,7 +59,7 @@ def script(name):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     stale = []
-    for name in MODELS:
+    for name in registry.SCRIPT_MODELS:
         path = SLURM_DIR / f"{name}.sh"
         text = script(name)
         if "--check" in argv:
