@@ -1,5 +1,7 @@
 """Build the model and the optimizer a config names, from the choices in mnist/registry.py."""
 import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist import registry
 from mnist.cnn import CNN
@@ -17,11 +19,11 @@ def _cnn(model_cfg):
 BUILDERS = {"mlp": _mlp, "cnn": _cnn}  # one per registry.ARCHS entry
 
 
-def build_model(model_cfg):
+def build_model(model_cfg) -> torch.nn.Module:
     return BUILDERS[model_cfg.arch](model_cfg)
 
 
-def build_optimizer(optimizer_cfg, parameters):
+def build_optimizer(optimizer_cfg, parameters) -> tuple[Optimizer, LRScheduler | None]:
     """The optimizer with every key of conf/optimizer/<name>.yaml but `name` and `scheduler`."""
     options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "scheduler")}
     torch_class, _ = registry.OPTIMIZERS[optimizer_cfg.name]
@@ -29,7 +31,7 @@ def build_optimizer(optimizer_cfg, parameters):
     return optimizer, build_scheduler(optimizer_cfg.scheduler, optimizer)
 
 
-def build_scheduler(scheduler_cfg, optimizer):
+def build_scheduler(scheduler_cfg, optimizer) -> LRScheduler | None:
     """None for `scheduler: null`; else the scheduler `name` picks (registry.DEFAULT_SCHEDULER without one)."""
     if scheduler_cfg is None:
         return None
