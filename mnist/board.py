@@ -20,20 +20,20 @@ from mnist import rundir
 class Off:
     """No logger: the calls training makes, doing nothing."""
 
-    def batch(self, step, loss):
+    def batch(self, step, loss) -> None:
         pass
 
-    def epoch(self, step, row, lr):
+    def epoch(self, step, row, lr) -> None:
         pass
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
-def open_board(cfg, run_dir, steps_done, main):
+def open_board(cfg, run_dir, steps_done, main) -> Off:
     """The event writer for rank 0 (`main`) of a run with logger=tensorboard that has taken `steps_done`
     optimizer steps; Off() otherwise."""
     if not main or cfg.logger.name != "tensorboard":
@@ -54,19 +54,19 @@ class Board(Off):
                 self.writer.file_writer.add_summary(summary)  # into this run, not the subfolder add_hparams makes
             self.writer.flush()
 
-    def batch(self, step, loss):
+    def batch(self, step, loss) -> None:
         self.writer.add_scalar("train/loss", loss, step)
 
-    def epoch(self, step, row, lr):
+    def epoch(self, step, row, lr) -> None:
         for tag, value in (("train/epoch_loss", row["train_loss"]), ("test/loss", row["test_loss"]),
                            ("test/accuracy", row["accuracy"]), ("lr", lr), ("samples_per_s", row["samples_per_s"])):
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def flush(self):
+    def flush(self) -> None:
         self.writer.flush()
 
-    def close(self):
+    def close(self) -> None:
         self.writer.close()
 
 
@@ -79,7 +79,7 @@ def _hparams(cfg):
             for key, value in leaves.items() if value is not None}
 
 
-def keep_steps_up_to(folder, steps_done):
+def keep_steps_up_to(folder, steps_done) -> bool:
     """Remove what the checkpoint does not vouch for: every event file when no step was taken, else the
     events past `steps_done` (rewriting the files that have any). Returns whether any event file is kept."""
     files = sorted(Path(folder).glob("events.out.tfevents.*"))

@@ -10,7 +10,7 @@ from mnist.errors import UserError
 CREATED = set()  # run folders this process made: one that stays unused is removed again (mnist.run)
 
 
-def created_here(folder):
+def created_here(folder) -> bool:
     return os.path.abspath(folder) in CREATED
 
 
@@ -27,11 +27,11 @@ def _can_create(folder, key):
 
 
 class CheckRunFolder(Callback):
-    def on_run_start(self, config, **kwargs):
+    def on_run_start(self, config, **kwargs) -> None:
         with report_errors():
             _can_create(config.hydra.run.dir, "hydra.run.dir")
 
-    def on_multirun_start(self, config, **kwargs):
+    def on_multirun_start(self, config, **kwargs) -> None:
         if config.get("dry_run"):  # a dry run creates no folder
             return
         with report_errors():

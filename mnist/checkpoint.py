@@ -14,7 +14,7 @@ from mnist.errors import UserError
 KEYS = {"epoch", "model_name", "model", "optimizer", "scheduler", "rng", "metrics"}
 
 
-def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None):
+def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None) -> dict:
     """What a checkpoint holds. `epoch` is the last whole one; `partial` where the next one left off."""
     device = next(model.parameters()).device
     return {
@@ -30,11 +30,11 @@ def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None
     }
 
 
-def save(run_dir, checkpoint):
+def save(run_dir, checkpoint) -> None:
     rundir.write_whole(rundir.checkpoint_path(run_dir), lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load(run_dir, model_name):
+def load(run_dir, model_name) -> dict | None:
     """The run folder's checkpoint (on the CPU), or None; a damaged one or another model's is a UserError."""
     path = rundir.checkpoint_path(run_dir)
     if not path.exists():
@@ -61,7 +61,7 @@ def load(run_dir, model_name):
     return checkpoint
 
 
-def restore(checkpoint, model, optimizer, scheduler, precision, run_dir):
+def restore(checkpoint, model, optimizer, scheduler, precision, run_dir) -> None:
     """Put the checkpoint's states back into a freshly built model, optimizer, scheduler and scaler (the random
     states: `restore_rng`, once each rank is seeded)."""
     path = rundir.checkpoint_path(run_dir)
@@ -80,7 +80,7 @@ def restore(checkpoint, model, optimizer, scheduler, precision, run_dir):
         ) from None
 
 
-def rank_state(model, loss_sum=None):
+def rank_state(model, loss_sum=None) -> dict:
     """What one rank keeps apart from the others: its random states and its partial loss sum (or None)."""
     return {**_random_states(next(model.parameters()).device),
             "loss_sum": None if loss_sum is None else loss_sum.detach().cpu()}
@@ -91,7 +91,7 @@ def _random_states(device):
     return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
 
 
-def gather(mine, world_size):
+def gather(mine, world_size) -> list:
     """Every rank's `mine`, in rank order (a collective: every rank calls it)."""
     if world_size == 1:
         return [mine]
@@ -100,7 +100,7 @@ def gather(mine, world_size):
     return everyone
 
 
-def with_ranks(checkpoint, ranks):
+def with_ranks(checkpoint, ranks) -> dict:
     """The checkpoint with every rank's state, and the partial loss sum reduced over the ranks."""
     checkpoint["ranks"] = ranks
     if checkpoint["partial"] is not None:
@@ -108,12 +108,12 @@ def with_ranks(checkpoint, ranks):
     return checkpoint
 
 
-def ranks(checkpoint):
+def ranks(checkpoint) -> int:
     """How many ranks wrote the checkpoint (older checkpoints: one)."""
     return len(checkpoint.get("ranks") or [None])
 
 
-def resume_point(checkpoint, rank, world_size):
+def resume_point(checkpoint, rank, world_size) -> dict | None:
     """Where this rank resumes mid-epoch: the checkpoint's `partial` with this rank's own loss sum. None after a
     whole epoch, or when the checkpoint has another number of ranks."""
     partial = checkpoint.get("partial")
@@ -122,7 +122,7 @@ def resume_point(checkpoint, rank, world_size):
     return dict(partial, loss_sum=checkpoint["ranks"][rank]["loss_sum"]) if checkpoint.get("ranks") else partial
 
 
-def restore_rng(checkpoint, rank, world_size, device):
+def restore_rng(checkpoint, rank, world_size, device) -> None:
     """This rank's random states as saved (dropout masks continue as if never stopped). A checkpoint of another
     number of ranks has none that fit: the per-rank seeding stays."""
     if ranks(checkpoint) != world_size:

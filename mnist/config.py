@@ -2,11 +2,16 @@
 import os
 import re
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist import registry
 from mnist.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "loss", "optimizer", "data", "resources", "launcher", "logger")
@@ -19,7 +24,7 @@ class ConfigError(UserError):
     pass
 
 
-def choices(group):
+def choices(group) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
@@ -34,7 +39,7 @@ def _group_override(override):
     return None
 
 
-def check_choices(overrides, keys=True):
+def check_choices(overrides, keys=True) -> None:
     """Name the options of a config group, and (keys=True) a key conf/ does not have, before Hydra's
     own, longer errors do.
 
@@ -63,7 +68,7 @@ def check_choices(overrides, keys=True):
 KEY_OVERRIDE = re.compile(r"([A-Za-z_][\w-]*(?:\.[\w-]+)*)=(.*)", re.DOTALL)
 
 
-def check_keys(overrides):
+def check_keys(overrides) -> None:
     """An override of a key conf/ lacks (`trainer.epoch=3`) as one paragraph naming the key, the
     keys its section has and the fix, instead of Hydra's "Key 'epoch' is not in struct" and its
     HYDRA_FULL_ERROR hint (exit status 1).
@@ -140,7 +145,7 @@ def _unknown_key(override, parts, depth, node):
     )
 
 
-def compose(overrides=()):
+def compose(overrides=()) -> "DictConfig":
     """The config a run with these overrides gets, outside `python -m mnist.run` (tools, tests)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -156,7 +161,7 @@ def compose(overrides=()):
     return finalize(cfg)
 
 
-def finalize(cfg):
+def finalize(cfg) -> "DictConfig":
     """Resolve interpolations and make paths absolute, so a job elsewhere sees the same values."""
     from omegaconf import OmegaConf
 
@@ -199,7 +204,7 @@ def _boolean(cfg, key):
         raise ConfigError(f"{key}={_get(cfg, key)!r} is not true or false. Set {key}=true or {key}=false.")
 
 
-def validate(cfg):
+def validate(cfg) -> None:
     """Check every value a run depends on; raise ConfigError naming the bad value and the fix."""
     _positive(cfg, "trainer.epochs", int, "Set e.g. trainer.epochs=3.")
     _positive(cfg, "trainer.log_interval", int, "Set e.g. trainer.log_interval=10.")
@@ -379,7 +384,7 @@ def _default_lr(name):
 
 
 @contextmanager
-def report_errors():
+def report_errors() -> Iterator[None]:
     """Print a UserError as its paragraph on stderr and exit 2, instead of a traceback."""
     try:
         yield

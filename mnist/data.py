@@ -37,14 +37,14 @@ class InMemoryLoader:
         self.rank, self.world_size = shard
         self.epoch = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch) -> None:
         self.epoch = epoch
 
     @property
-    def dataset_size(self):
+    def dataset_size(self) -> int:
         return len(self.labels)
 
-    def indices(self):
+    def indices(self) -> torch.Tensor:
         n = len(self.labels)
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -68,7 +68,7 @@ class InMemoryLoader:
             yield images, self.labels.index_select(0, batch)
 
 
-def read_idx(path):
+def read_idx(path) -> torch.Tensor:
     """An unpacked IDX file of unsigned bytes as a uint8 tensor of the dims its header declares."""
     dims = idx.read_dims(path)
     with open(path, "rb") as f:
@@ -79,7 +79,7 @@ def read_idx(path):
 _SPLITS = {}  # (root, name, train) -> (images, labels): the runs of a packed task read the data once
 
 
-def load_split(data_cfg, train):
+def load_split(data_cfg, train) -> tuple[torch.Tensor, torch.Tensor]:
     """The split's images (N, 28, 28) uint8 and labels (N,) int64, from the unpacked IDX files."""
     key = (str(data_cfg.root), data_cfg.name, bool(train))
     if key not in _SPLITS:
@@ -89,7 +89,7 @@ def load_split(data_cfg, train):
     return _SPLITS[key]
 
 
-def ensure_dataset(data_cfg):
+def ensure_dataset(data_cfg) -> dict[str, int]:
     """Have the dataset on disk and whole. A local run downloads what is missing first (data.download=auto,
     the default); a Slurm job never does (compute nodes often have no internet): it stops, naming the command."""
     if datafiles.will_download(data_cfg):
@@ -100,7 +100,7 @@ def ensure_dataset(data_cfg):
     return datafiles.prepare(data_cfg.root, data_cfg.name)
 
 
-def loaders(data_cfg, seed, device, rank=0, world_size=1):
+def loaders(data_cfg, seed, device, rank=0, world_size=1) -> tuple[InMemoryLoader, InMemoryLoader]:
     """The training loader (this rank's shard) and the test loader (the whole test set)."""
     ensure_dataset(data_cfg)
     common = dict(normalize=(data_cfg.mean, data_cfg.std), device=device)
@@ -110,7 +110,7 @@ def loaders(data_cfg, seed, device, rank=0, world_size=1):
     return train_loader, test_loader
 
 
-def download(data_cfg):
+def download(data_cfg) -> dict[str, int]:
     """torchvision's download (which checks each file's md5 sum) into a staging folder, then our own
     checks, then the files moved into place with their sha256 sums. One process at a time per
     dataset and data.root: the others wait, then find it done."""
@@ -131,7 +131,7 @@ def download(data_cfg):
         return datafiles.install(stage, root, name, origin=datafiles.raw_folder(root, name))
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     from mnist.config import compose, report_errors
 
     argv = list(sys.argv[1:] if argv is None else argv)

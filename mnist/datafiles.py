@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,11 +37,11 @@ class DataError(UserError):
     pass
 
 
-def raw_folder(root, name):
+def raw_folder(root, name) -> Path:
     return Path(root) / registry.DATASETS[name] / "raw"
 
 
-def fetch_hint(name, offer_download=True):
+def fetch_hint(name, offer_download=True) -> str:
     if env.in_slurm_job():  # a compute node: jobs never download
         return (
             f"Jobs never download: on the login node, fetch it with `python -m mnist.data download data={name}` "
@@ -56,20 +57,20 @@ def fetch_hint(name, offer_download=True):
     return hint + ", or let a run here download it (data.download=auto)" if offer_download else hint
 
 
-def will_download(data_cfg):
+def will_download(data_cfg) -> bool:
     """Whether a run fetches the dataset first: data.download=auto (or true), some file missing,
     and not inside a Slurm job (jobs never download: compute nodes often have no internet)."""
     wanted = data_cfg.download == "auto" or data_cfg.download is True
     return bool(wanted and not env.in_slurm_job() and missing_files(data_cfg.root, data_cfg.name))
 
 
-def missing_files(root, name):
+def missing_files(root, name) -> list[str]:
     """The files that are neither unpacked nor gzipped under the raw folder: a cheap check."""
     raw = raw_folder(root, name)
     return [f for f in FILES if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]
 
 
-def check_present(root, name):
+def check_present(root, name) -> None:
     missing = missing_files(root, name)
     if missing:
         raise DataError(
@@ -78,7 +79,7 @@ def check_present(root, name):
         )
 
 
-def check_on_login_node(root, name):
+def check_on_login_node(root, name) -> None:
     """What a submit checks before any job starts, cheaply and without torch: every file there,
     each one's IDX header against its size (a `.gz` copy: against the size in its gzip trailer),
     28x28 images, as many labels as images. Raises DataError naming the command that fixes it.
@@ -97,7 +98,7 @@ def check_on_login_node(root, name):
         raise DataError(f"{e}. {hint}.") from None
 
 
-def prepare(root, name):
+def prepare(root, name) -> dict[str, int]:
     """Make sure the four unpacked IDX files are in place and whole; unpack `.gz` copies.
 
     Returns the sizes {split: count}. Cheap (no hashing: `verify` does that). Safe to run from
@@ -149,7 +150,7 @@ def _check_dims(images, labels):
     return image_dims[0]
 
 
-def sha256(path):
+def sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -157,7 +158,7 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def verify(root, name):
+def verify(root, name) -> tuple[dict[str, int], bool]:
     """prepare()'s checks, then each unpacked file's sha256 against <raw>/SHA256SUMS if there is one.
 
     Returns (sizes, whether SHA256SUMS was there to compare against).
@@ -179,7 +180,7 @@ def verify(root, name):
 
 
 @contextmanager
-def writing(root, name):
+def writing(root, name) -> Iterator[Path]:
     """Hold the dataset's lock (a racing writer waits here) and yield a staging folder beside it.
 
     Staging folders that a killed writer left behind are removed, since no one else is writing.
@@ -224,7 +225,7 @@ def _locked(lock):
         handle.close()
 
 
-def done(root, name):
+def done(root, name) -> dict[str, int] | None:
     """Inside writing(): the sizes if the dataset is already there and whole, else None.
 
     Whole files without SHA256SUMS (placed by hand, or by an older version) get theirs recorded now.
@@ -238,7 +239,7 @@ def done(root, name):
     return sizes
 
 
-def install(stage, root, name, origin):
+def install(stage, root, name, origin) -> dict[str, int]:
     """Inside writing(): check the files staged in raw_folder(stage), move them into place, record their sums.
 
     `origin` names where they came from in error messages (the staging folder means nothing to a user).
@@ -270,7 +271,7 @@ def _write_sums(raw):
     os.replace(tmp, raw / SUMS)
 
 
-def copy_from(source, root, name):
+def copy_from(source, root, name) -> dict[str, int]:
     """Copy the four IDX files (gzipped or not) from a local folder, check them, record their sums.
 
     A copy racing another waits for it, then finds the same files in place and does nothing.

@@ -13,8 +13,12 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 RECORDED_SLURM_VARS = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION",
@@ -22,7 +26,7 @@ RECORDED_SLURM_VARS = (
 )
 
 
-def cpu_threads(setting="auto"):
+def cpu_threads(setting="auto") -> int:
     """Threads for torch: the setting, else the CPUs this process may use, or Slurm's CPUs per task
     if fewer (a job step's affinity can be smaller than what the job was given, or larger without cgroups)."""
     if setting != "auto":
@@ -33,7 +37,7 @@ def cpu_threads(setting="auto"):
     return usable
 
 
-def job_id():
+def job_id() -> str | None:
     """This process's Slurm job: `123` or, for a task of an array, `120_3`; None outside Slurm."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array and task:
@@ -41,17 +45,17 @@ def job_id():
     return os.environ.get("SLURM_JOB_ID")
 
 
-def in_slurm_job():
+def in_slurm_job() -> bool:
     """Whether this process runs inside a Slurm job (a compute node, where runs never download)."""
     return "SLURM_JOB_ID" in os.environ
 
 
-def restarts():
+def restarts() -> int:
     """How many times Slurm has requeued this job so far (0 outside Slurm)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-def distributed():
+def distributed() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torch's env:// variables (set by torchrun, or by the
     Slurm job side from submitit); (0, 0, 1) for an ordinary single-process run, and for a Slurm job of one
     task, whatever the submitting shell had set (sbatch passes its environment on)."""
@@ -66,7 +70,7 @@ def _slurm_task():
     return bool(os.environ.get("SLURM_JOB_ID")) and not os.environ.get("TORCHELASTIC_RUN_ID")
 
 
-def rank():
+def rank() -> tuple[int, int]:
     """This process's (rank, local rank): Slurm's task ids in a Slurm job (what submitit exports as RANK and
     LOCAL_RANK for torch, known before it does), torch's env:// variables elsewhere; (0, 0) for one process."""
     if _slurm_task():
@@ -74,13 +78,13 @@ def rank():
     return int(os.environ.get("RANK") or 0), int(os.environ.get("LOCAL_RANK") or 0)
 
 
-def cpus_given():
+def cpus_given() -> int:
     """The CPUs this process may use: Slurm's CPUs per task, else its affinity."""
     value = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return int(value) if value.isdigit() else len(os.sched_getaffinity(0))
 
 
-def cuda_index(local_rank, device_count):
+def cuda_index(local_rank, device_count) -> int:
     """The GPU a rank trains on: one per rank on its node, in turn."""
     return local_rank % device_count
 
@@ -91,7 +95,7 @@ DRIVER_FOR_CUDA = {11: "450.80", 12: "525.60", 13: "580.65"}
 GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
 
 
-def slurm_gpus():
+def slurm_gpus() -> str | None:
     """The GPUs Slurm gave this job (`0,1`), as Slurm names them; '' in a job given none; None outside Slurm."""
     if not os.environ.get("SLURM_JOB_ID"):
         return None
@@ -99,7 +103,7 @@ def slurm_gpus():
     return next((g for g in given if g and g != "NoDevFiles"), "")
 
 
-def pick_device(setting, local_rank=0):
+def pick_device(setting, local_rank=0) -> "torch.device":
     """trainer.device as a torch device. In a Slurm job the GPUs it was given decide: auto is the CPU
     in a job without GPUs, and a job with GPUs that torch cannot see stops at once (see `no_gpu`)."""
     import torch
@@ -123,7 +127,7 @@ def _gpus(given):
     return f"GPU{'s' if ',' in given else ''} {given}"
 
 
-def driver_version():
+def driver_version() -> str | None:
     """The NVIDIA kernel driver loaded on this machine (`535.104.05`), or None."""
     try:
         text = Path("/proc/driver/nvidia/version").read_text()
@@ -133,7 +137,7 @@ def driver_version():
     return match.group(1) if match else None
 
 
-def no_gpu(why):
+def no_gpu(why) -> str:
     """Why torch sees no GPU here and what to do, naming the build's CUDA and the driver it needs."""
     import torch
 
@@ -152,7 +156,7 @@ def no_gpu(why):
             f"with {cpu}.")
 
 
-def where(device, threads, world_size=1):
+def where(device, threads, world_size=1) -> str:
     """The run's first log line: `Training on cuda:0 (NVIDIA H200), 4 CPU threads per rank, 2 ranks (nccl)`."""
     import torch
 
@@ -178,7 +182,7 @@ def _git_commit():
     return out.stdout.strip() or None
 
 
-def record(device, threads, world_size=1):
+def record(device, threads, world_size=1) -> dict:
     """What a user needs to reproduce or debug a run: versions, commit, host, CPUs, GPU, job ids."""
     import torch
 
@@ -198,5 +202,5 @@ def record(device, threads, world_size=1):
     }
 
 
-def write_record(path, device, threads, world_size=1):
+def write_record(path, device, threads, world_size=1) -> None:
     Path(path).write_text(json.dumps(record(device, threads, world_size), indent=2) + "\n")

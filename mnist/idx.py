@@ -15,7 +15,7 @@ class IdxError(ValueError):
     pass
 
 
-def write_idx(path, data: bytes, dims):
+def write_idx(path, data: bytes, dims) -> None:
     """Write unsigned-byte IDX data of shape `dims`, e.g. (n, 28, 28) for images, (n,) for labels."""
     if len(data) != math.prod(dims):
         raise ValueError(f"{len(data)} bytes do not fill dims {tuple(dims)}")
@@ -25,7 +25,7 @@ def write_idx(path, data: bytes, dims):
         f.write(data)
 
 
-def read_dims(path):
+def read_dims(path) -> tuple[int, ...]:
     """The dims an IDX file's header declares, checked against the file's size.
 
     A `.gz` copy is checked without unpacking it: the header is read from its first bytes and
@@ -62,7 +62,7 @@ def read_dims(path):
     return dims
 
 
-def max_value(path):
+def max_value(path) -> int:
     """The largest byte stored in an IDX file's body (labels must be 0..9)."""
     ndim = len(read_dims(path))
     with open(path, "rb") as f:

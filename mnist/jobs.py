@@ -30,7 +30,7 @@ CAUSE_WIDTH, LINE_WIDTH = 80, 50
 WATCH_S = 5.0
 
 
-def describe(log_dir, entries=None):
+def describe(log_dir, entries=None) -> list[dict]:
     """The jobs of the record (or these entries), described by mnist.launch.outcome; says once when Slurm
     cannot be reached."""
     entries = record.read(log_dir) if entries is None else entries
@@ -40,7 +40,7 @@ def describe(log_dir, entries=None):
     return outcome.describe(entries, known, log_dir)
 
 
-def table(jobs):
+def table(jobs) -> list[str]:
     """The status table's lines, and one summary line per array of two or more tasks."""
     lines = []
     for job in jobs:
@@ -59,7 +59,7 @@ def table(jobs):
     return out + ([""] + summaries if summaries else [])
 
 
-def list_jobs(log_dir, watch=None):
+def list_jobs(log_dir, watch=None) -> None:
     if watch is None:
         return _print_table(log_dir)
     clear = sys.stdout.isatty()
@@ -88,7 +88,7 @@ def _table_text(log_dir):
     return "\n".join(table(jobs)), live
 
 
-def show(log_dir, job_id):
+def show(log_dir, job_id) -> None:
     """Every field of one job or task (an array id: each of its tasks), its cause, usage, run folder and the
     history of its run folder's submissions."""
     if not record.JOB_ID.fullmatch(job_id):
@@ -173,7 +173,7 @@ def _attempt_line(attempt):
             f"peak {peak}{' on one node' if len(hosts) > 1 else ''}; {end}{error}")
 
 
-def tail(log_dir, job_id, lines, follow):
+def tail(log_dir, job_id, lines, follow) -> None:
     entry = record.find(log_dir, job_id)
     path = Path(entry.stdout)
     print(f"==> {path} <==", flush=True)  # on stdout: `make logs | less` keeps it
@@ -193,7 +193,7 @@ def tail(log_dir, job_id, lines, follow):
                 time.sleep(1)
 
 
-def cancel(log_dir, job_id):
+def cancel(log_dir, job_id) -> None:
     if not record.JOB_ID.fullmatch(job_id):
         raise UserError(f"'{job_id}' is not a Slurm job id (like 123456 or 123456_3).")
     entry = record.find(log_dir, job_id)
@@ -218,7 +218,7 @@ def cancel(log_dir, job_id):
         print(f"Cancelled {job_id}. Its log ({entry.stdout}) and run folder ({entry.run_dir}) stay.")
 
 
-def suggest(log_dir, overrides):
+def suggest(log_dir, overrides) -> None:
     """Print what resources.mem/time=auto and launcher.runs_per_task=auto choose for this config; submits nothing."""
     from mnist.config import compose
     from mnist.launch.slurm import fill_auto
@@ -230,7 +230,7 @@ def suggest(log_dir, overrides):
     print("\n".join(fill_auto([cfg], whole=False)))
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     from mnist.config import report_errors
 
     parser = argparse.ArgumentParser(prog="python -m mnist.jobs", description=__doc__.split("\n\n")[0])

@@ -1,6 +1,7 @@
 """The course's multi-layer perceptron, and its variants (conf/model/mlp*.yaml)."""
 import sys
 
+import torch
 import torch.nn as nn
 
 from mnist.layers import activation, output_function
@@ -24,7 +25,7 @@ class MLP(nn.Module):
         self.output = output
         self.output_function = output_function(output)
 
-    def forward(self, x):
+    def forward(self, x) -> torch.Tensor:
         return self.output_function(self.layers(x))
 
 

@@ -3,12 +3,14 @@ import importlib
 
 import torch
 from omegaconf import OmegaConf
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist import registry
 from mnist.errors import UserError
 
 
-def build_model(model_cfg):
+def build_model(model_cfg) -> torch.nn.Module:
     """The class registry.ARCHS names for model.arch, given every other key of conf/model/<name>.yaml."""
     module_name, class_name = registry.ARCHS[model_cfg.arch].model_class.rsplit(".", 1)
     model_class = getattr(importlib.import_module(module_name), class_name)
@@ -21,7 +23,7 @@ def build_model(model_cfg):
                         f"Check these values on the command line or in conf/model/{model_cfg.name}.yaml.") from None
 
 
-def build_optimizer(optimizer_cfg, parameters):
+def build_optimizer(optimizer_cfg, parameters) -> tuple[Optimizer, LRScheduler | None]:
     """The optimizer with every key of conf/optimizer/<name>.yaml but `name` and `scheduler`."""
     options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "scheduler")}
     torch_class, _ = registry.OPTIMIZERS[optimizer_cfg.name]
@@ -29,7 +31,7 @@ def build_optimizer(optimizer_cfg, parameters):
     return optimizer, build_scheduler(optimizer_cfg.scheduler, optimizer)
 
 
-def build_scheduler(scheduler_cfg, optimizer):
+def build_scheduler(scheduler_cfg, optimizer) -> LRScheduler | None:
     """None for `scheduler: null`; else the scheduler `name` picks (registry.DEFAULT_SCHEDULER without one)."""
     if scheduler_cfg is None:
         return None

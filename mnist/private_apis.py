@@ -9,11 +9,21 @@ fast and never imports torch.
 """
 import shlex
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import signal
+    from pathlib import Path
+
+    from hydra._internal.hydra import Hydra
+    from hydra.core.utils import JobReturn
+    from omegaconf import DictConfig
 
 # -- Hydra: what hydra.main does, one step at a time (mnist/run.py's fast submit path) ------------
 
 
-def create_hydra(config_dir, task_name):
+def create_hydra(config_dir, task_name) -> "Hydra":
     """The Hydra object hydra.main creates for conf/ (search path with plugins), made the global one."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
@@ -21,19 +31,19 @@ def create_hydra(config_dir, task_name):
     return Hydra.create_main_hydra2(task_name=task_name, config_search_path=create_config_search_path(config_dir))
 
 
-def run_and_report(function):
+def run_and_report(function) -> Any:
     """function(), with an exception reported as hydra.main reports it: its message, exit status 1."""
     from hydra._internal.utils import run_and_report as hydras_run_and_report
 
     return hydras_run_and_report(function)
 
 
-def run_job(hydra, config_name, overrides, task_function):
+def run_job(hydra, config_name, overrides, task_function) -> "JobReturn":
     """hydra.main's run mode: compose, callbacks, the run folder with .hydra/, task_function(cfg)."""
     return hydra.run(config_name=config_name, task_function=task_function, overrides=overrides)
 
 
-def compose_run_config(hydra, config_name, overrides):
+def compose_run_config(hydra, config_name, overrides) -> "DictConfig":
     """The config, hydra node included, that run_job would give the task; makes no folder."""
     from hydra.types import RunMode
 
@@ -43,26 +53,26 @@ def compose_run_config(hydra, config_name, overrides):
 # -- Hydra: a sweep's runs (hydra_plugins/mnist_slurm_launcher) ---------------------------------
 
 
-def apply_value_overrides(overrides, cfg):
+def apply_value_overrides(overrides, cfg) -> None:
     """Apply parsed `a.b.c=value` overrides to a composed config in place, as Hydra's composition does."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
     ConfigLoaderImpl._apply_overrides_to_config(overrides, cfg)
 
 
-def override_dirname(overrides, exclude_keys, item_sep, kv_sep):
+def override_dirname(overrides, exclude_keys, item_sep, kv_sep) -> str:
     """hydra.job.override_dirname for these parsed overrides."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
 
     return get_overrides_dirname(overrides=overrides, exclude_keys=exclude_keys, item_sep=item_sep, kv_sep=kv_sep)
 
 
-def is_config_group(config_loader, name):
+def is_config_group(config_loader, name) -> bool:
     """Whether `name` is a config group (conf/model/, hydra/launcher), not a key of the config."""
     return config_loader.repository.group_exists(name)
 
 
-def basic_sweeper_classes():
+def basic_sweeper_classes() -> tuple[type, type]:
     """Hydra's basic sweeper (`a,b`, `range()`, hydra.sweeper.params) and its config, to subclass."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 
@@ -72,12 +82,12 @@ def basic_sweeper_classes():
 # -- submitit: the sbatch script, for dry_run=true (mnist/launch/slurm.py) -----------------------
 
 
-def submitit_command(folder):
+def submitit_command(folder) -> str:
     """The command submitit's SlurmExecutor runs in its sbatch script: unpickle and run the job."""
     return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
 
 
-def sbatch_script(folder, parameters, array_size=None):
+def sbatch_script(folder, parameters, array_size=None) -> str:
     """The sbatch script a SlurmExecutor(folder) with these parameters submits, byte for byte
     (array_size: for a job array of that many tasks, as `executor.batch()` submits it)."""
     from submitit.slurm.slurm import _make_sbatch_string
@@ -89,7 +99,7 @@ def sbatch_script(folder, parameters, array_size=None):
 # -- submitit: its requeue signal and its files (mnist/launch/job.py, slurm.py, record.py) ---------
 
 
-def submitit_requeue_signal():
+def submitit_requeue_signal() -> "signal.Signals":
     """The signal submitit's job side takes as "checkpoint and requeue" (USR2, unless the submitting shell set
     SUBMITIT_PREEMPT_SIGNAL), and asks Slurm to send before the time limit."""
     from submitit.core.job_environment import JobEnvironment
@@ -97,7 +107,7 @@ def submitit_requeue_signal():
     return JobEnvironment._usr_sig()
 
 
-def submitit_requeue_handler():
+def submitit_requeue_handler() -> Callable[..., object] | int | None:
     """submitit's own handler of that signal in a job's process (checkpoint(), requeue, exit), installed before
     our code runs."""
     import signal
@@ -105,7 +115,7 @@ def submitit_requeue_handler():
     return signal.getsignal(submitit_requeue_signal())
 
 
-def result_pickle(folder, job_id):
+def result_pickle(folder, job_id) -> "Path":
     """Where submitit leaves a finished job's result ("success" or "error", then the value), in the job's folder."""
     from submitit.core.utils import JobPaths
 
@@ -115,7 +125,7 @@ def result_pickle(folder, job_id):
 # -- torch: a job's start without torch._dynamo (mnist/launch/job.py) -----------------------------
 
 
-def defer_dynamo():
+def defer_dynamo() -> None:
     """Let an eager (uncompiled) process start without importing torch._dynamo, which takes about as long
     as `import torch` itself. torch.optim imports it at its first optimizer only to call
     `torch._dynamo.graph_break()` and `torch._dynamo.disable(fn)`, which do nothing outside compiled code.

@@ -11,7 +11,7 @@ import time
 REDRAW_S = 0.1
 
 
-def wanted(setting, stream=None):
+def wanted(setting, stream=None) -> bool:
     stream = stream or sys.stderr
     return stream.isatty() if setting == "auto" else bool(setting)
 
@@ -25,11 +25,11 @@ class Progress:
         self.stream = stream or sys.stderr
         self.shown = False
 
-    def start(self, epoch, done, total, samples_per_batch):
+    def start(self, epoch, done, total, samples_per_batch) -> None:
         self.epoch, self.total, self.samples_per_batch = epoch, total, samples_per_batch
         self.first, self.started, self.drawn_at = done, time.perf_counter(), 0.0
 
-    def update(self, done):
+    def update(self, done) -> None:
         if not self.on:
             return
         now = time.perf_counter()
@@ -40,7 +40,7 @@ class Progress:
         self.stream.flush()
         self.shown = True
 
-    def line(self, done, elapsed):
+    def line(self, done, elapsed) -> str:
         rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
         left = (self.total - done) / rate if rate > 0 else 0.0
         figures = (f" {done}/{self.total} {rate * self.samples_per_batch:,.0f} samples/s "
@@ -50,13 +50,13 @@ class Progress:
         filled = width * done // self.total
         return f"{head}|{'#' * filled}{'.' * (width - filled)}|{figures}"[:columns - 1]  # a wrapped line stays
 
-    def columns(self):
+    def columns(self) -> int:
         try:
             return os.get_terminal_size(self.stream.fileno()).columns
         except (AttributeError, OSError, ValueError):  # not a terminal (forced on, or a test's buffer)
             return 80
 
-    def clear(self):
+    def clear(self) -> None:
         if self.shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()

@@ -65,12 +65,16 @@ import datetime
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mnist import rundir
 from mnist.errors import UserError
 from mnist.launch import gateway, outcome, record
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CSV_NAME = "report.csv"
 LOSS_PNG = "report_loss.png"
@@ -93,7 +97,7 @@ TABLE_COLUMNS = [  # (header, key, right-aligned)
 
 # ---------------------------------------------------------------- finding and reading run folders
 
-def latest_folder(base="."):
+def latest_folder(base=".") -> Path | None:
     """The run folder of ./outputs or sweep folder of ./multirun whose runs started last, or None.
 
     When a run started is its start record's (rundir.read_start), else its folder's modification
@@ -119,7 +123,7 @@ def _load_yaml(path):
         return None
 
 
-def read_overrides(run_dir):
+def read_overrides(run_dir) -> dict[str, str]:
     """The overrides of the command that first started the run as {key: value}, `hydra.*` ones left out
     (a resume's command rewrites Hydra's .hydra/overrides.yaml, not the run's start record)."""
     start = rundir.read_start(run_dir)
@@ -134,7 +138,7 @@ def read_overrides(run_dir):
     return result
 
 
-def read_run(run_dir):
+def read_run(run_dir) -> dict:
     """What the table needs of a run folder; a damaged file is noted in "damaged", the rest still read."""
     damaged = []
 
@@ -165,7 +169,7 @@ def read_run(run_dir):
     }
 
 
-def batch_losses(run_dir):
+def batch_losses(run_dir) -> list[tuple[float, float]]:
     """[(epoch position, loss)] from the course's `Train Epoch: E [n/N (p%)]  Loss: x` lines of train.log, the
     position being E - 1 + n/N; a resumed run's repeated positions keep their latest loss."""
     try:
@@ -183,7 +187,7 @@ def batch_losses(run_dir):
 
 # ---------------------------------------------------------------- Slurm
 
-def submissions(runs, log_dir):
+def submissions(runs, log_dir) -> dict[Path, list[record.Entry]]:
     """{run folder: its record entries, oldest first} from the launcher's record, else one made of the job its
     environment.json names (`sbatch slurm/*.sh`); each run also gets its job ids in order ("history")."""
     recorded = record.by_run(record.read(log_dir)) if log_dir is not None else {}
@@ -198,7 +202,7 @@ def submissions(runs, log_dir):
     return found
 
 
-def slurm_lookup(runs, log_dir):
+def slurm_lookup(runs, log_dir) -> None:
     """Set each run's job_id, slurm_state and job (mnist.launch.outcome's description: cause, usage) of the job
     that trained it (outcome.trained_by); asks Slurm once, and only when some run has a job. A run without a job
     gets its usage.json's figures."""
@@ -224,7 +228,7 @@ def _bare_entry(run, job_id):
 
 # ---------------------------------------------------------------- the table
 
-def run_state(run):
+def run_state(run) -> str:
     if run["damaged"]:
         return "DAMAGED (" + ", ".join(sorted({e.damaged for e in run["damaged"]})) + ")"
     done, epochs = len(run["metrics"]), run["epochs"]
@@ -237,7 +241,7 @@ def run_state(run):
     return f"incomplete (epoch {done} of {epochs if epochs is not None else '?'})"
 
 
-def labels(runs, base):
+def labels(runs, base) -> tuple[list[str], list[str]]:
     """Per run: its preset (+experiment=<name>) and the other overrides that differ between the runs
     (a single run: its preset, else model/optimizer)."""
     names = [_run_name(r["run_dir"], base) for r in runs]
@@ -283,7 +287,7 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize(runs, base):
+def summarize(runs, base) -> list[dict]:
     """One dict per run, the columns of report.csv and of the table."""
     figure_labels, shown_overrides = labels(runs, base)
     table = []
@@ -351,7 +355,7 @@ def _usage_columns(job):
             "cause_shown": outcome.cut(job["cause"], 60), "job": job}
 
 
-def format_table(table):
+def format_table(table) -> str:
     header = [h for h, _, _ in TABLE_COLUMNS]
     lines = [[str(row[key]) for _, key, _ in TABLE_COLUMNS] for row in table]
     widths = [max(len(x) for x in column) for column in zip(header, *lines)]
@@ -365,7 +369,7 @@ def format_table(table):
 
 # ---------------------------------------------------------------- files
 
-def write_csv(table, path):
+def write_csv(table, path) -> None:
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -376,7 +380,7 @@ def write_csv(table, path):
     rundir.write_whole(path, write)
 
 
-def configurations(table):
+def configurations(table) -> list[dict]:
     """The runs grouped into configurations (runs that differ only in trainer.seed are one), in table order:
     [{label, runs, seeds, epochs: {key: (epochs, mean, low, high)}, batches: (positions, mean, low, high),
     final: [accuracy of each completed run]}]. The figures draw exactly this."""
@@ -419,7 +423,7 @@ def _spread(series):
     return (xs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values])
 
 
-def figures(table, title):
+def figures(table, title) -> dict[str, "Figure"]:
     """The two figures as matplotlib Figures (Agg): report_loss (train loss per logged batch; test loss per epoch)
     and report_accuracy (test accuracy per epoch; final accuracy per configuration, a dot per seed).
     Each configuration is one line, the mean of its runs, with a min-max band when it has several."""
@@ -494,7 +498,7 @@ def _finals(axes, configs):
     axes.grid(True, axis="x", alpha=0.3)
 
 
-def write_figures(table, out_dir, title):
+def write_figures(table, out_dir, title) -> None:
     """report_loss.png and report_accuracy.png (see figures), each written whole (through a temporary file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -505,7 +509,7 @@ def write_figures(table, out_dir, title):
 
 # ---------------------------------------------------------------- the command
 
-def report(path, out_dir=None, log_dir=None, figures=True):
+def report(path, out_dir=None, log_dir=None, figures=True) -> list[dict]:
     """Print the table and write report.csv (+ the figures) for the runs at or below `path`."""
     if path is None:
         path = latest_folder()
@@ -577,7 +581,7 @@ def report(path, out_dir=None, log_dir=None, figures=True):
     return table
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     from mnist.config import report_errors
 
     parser = argparse.ArgumentParser(

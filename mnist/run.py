@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mnist import callbacks, rundir, stopping, usage
 from mnist.config import CONF_DIR, check_choices, check_keys, finalize, report_errors
@@ -39,7 +39,7 @@ def _task(cfg):
 _run = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)
 
 
-def own_config(cfg, run_dir, overrides):
+def own_config(cfg, run_dir, overrides) -> DictConfig:
     """A folder that holds a run resumes it with the config it was started with, as
     mnist.rundir.resume_config rules: where and how it runs comes from this command."""
     if not rundir.holds_run(run_dir):
@@ -107,7 +107,7 @@ def _train_here(cfg, run_dir):
         sys.exit(stopping.INTERRUPTED_EXIT if interrupted else stopping.REQUEUE_EXIT)
 
 
-def main(overrides=None):
+def main(overrides=None) -> None:
     stopping.catch_early_signals()
     if overrides is not None:
         sys.argv = [sys.argv[0], *overrides]

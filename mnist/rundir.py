@@ -27,8 +27,10 @@ import socket
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -71,7 +73,7 @@ def _damaged(path, problem, fix):
     return error
 
 
-def write_whole(path, write):
+def write_whole(path, write) -> None:
     """`write(tmp)` a temporary file, then rename it to `path`: a file on disk is always a whole one."""
     path = Path(path)  # a temporary name of this writer's own: ranks on several nodes may write one file at once
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -84,7 +86,7 @@ def write_whole(path, write):
 
 # ---------------------------------------------------------------- config
 
-def write_config(run_dir, config):
+def write_config(run_dir, config) -> None:
     """Save the resolved config (a plain dict) the run trains on."""
     def write(tmp):
         Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
@@ -92,7 +94,7 @@ def write_config(run_dir, config):
     write_whole(Path(run_dir) / CONFIG, write)
 
 
-def read_config(run_dir):
+def read_config(run_dir) -> dict | None:
     """The run's saved config as a plain dict; None if there is none yet."""
     path = Path(run_dir) / CONFIG
     try:
@@ -112,7 +114,7 @@ def read_config(run_dir):
     return config
 
 
-def config_if_readable(run_dir):
+def config_if_readable(run_dir) -> dict | None:
     """The saved config, or None if there is none or it is damaged: for views that show what they can of a run."""
     try:
         return read_config(run_dir)
@@ -126,7 +128,7 @@ _CONFIG_FIX = ("It is the config the run resumes with: put it back as it was (Hy
 
 # ---------------------------------------------------------------- metrics
 
-def write_metrics(run_dir, rows):
+def write_metrics(run_dir, rows) -> None:
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
@@ -136,7 +138,7 @@ def write_metrics(run_dir, rows):
     write_whole(Path(run_dir) / METRICS, write)
 
 
-def read_metrics(run_dir):
+def read_metrics(run_dir) -> list[dict[str, float]]:
     """metrics.csv's rows, numbers parsed ([] when there is none yet); RunFolderError if damaged."""
     path = Path(run_dir) / METRICS
     try:
@@ -166,21 +168,21 @@ _METRICS_FIX = ("A run rewrites it from its checkpoint when it resumes: resume i
 
 # ---------------------------------------------------------------- the run, its start and its resume
 
-def checkpoint_path(run_dir):
+def checkpoint_path(run_dir) -> Path:
     return Path(run_dir) / CHECKPOINT
 
 
-def holds_run(run_dir):
+def holds_run(run_dir) -> bool:
     """Whether the folder holds a run to resume: a checkpoint and the config it was made with."""
     return checkpoint_path(run_dir).is_file() and (Path(run_dir) / CONFIG).is_file()
 
 
-def checkpoint_whole(run_dir):
+def checkpoint_whole(run_dir) -> bool:
     """Whether checkpoint.pt is at least a whole file (torch saves a zip archive); torch itself reads it."""
     return zipfile.is_zipfile(checkpoint_path(run_dir))
 
 
-def record_start(run_dir, overrides):
+def record_start(run_dir, overrides) -> None:
     """Remember when the run first started and that command's overrides; a resume keeps them."""
     path = Path(run_dir) / START
     if path.exists():
@@ -191,7 +193,7 @@ def record_start(run_dir, overrides):
             f.write(json.dumps(record) + "\n")
 
 
-def read_start(run_dir):
+def read_start(run_dir) -> dict | None:
     """{started, overrides} of the run's first start, or None (not started, or from an older version)."""
     try:
         record = json.loads((Path(run_dir) / START).read_text())
@@ -202,7 +204,7 @@ def read_start(run_dir):
     return record
 
 
-def leaves(node, prefix=""):
+def leaves(node, prefix="") -> dict[str, Any]:
     """A nested dict as {dotted key: value} of its leaves (a list is one leaf)."""
     if isinstance(node, dict):
         return {k: v for key, child in node.items() for k, v in leaves(child, f"{prefix}{key}.").items()}
@@ -214,7 +216,7 @@ def _under(key, prefixes):
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def select(config, dotted, default=None):
+def select(config, dotted, default=None) -> Any:
     """config's value at a dotted key (`trainer.epochs`), or `default`; config is a plain dict."""
     for part in dotted.split("."):
         if not isinstance(config, dict) or part not in config:
@@ -223,7 +225,7 @@ def select(config, dotted, default=None):
     return config
 
 
-def put(config, dotted, value):
+def put(config, dotted, value) -> None:
     """Set config's value at a dotted key, making the sections on the way."""
     *parents, last = dotted.split(".")
     for part in parents:
@@ -231,12 +233,12 @@ def put(config, dotted, value):
     config[last] = value
 
 
-def given_keys(overrides):
+def given_keys(overrides) -> set[str]:
     """The keys a command's overrides set: `+a.b=1` and `~a` give a.b and a."""
     return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
 
 
-def resume_config(run_dir, config, overrides):
+def resume_config(run_dir, config, overrides) -> dict:
     """The config a run resumes with: its saved one, with this command's where-and-how applied.
 
     Where and how it runs (TAKEN_FROM_COMMAND) always comes from this command, and
@@ -266,12 +268,12 @@ def resume_config(run_dir, config, overrides):
     return saved
 
 
-def all_done(epochs_done, epochs):
+def all_done(epochs_done, epochs) -> bool:
     """The one rule of a finished run: a row in metrics.csv for every epoch of trainer.epochs."""
     return isinstance(epochs, int) and epochs_done >= epochs
 
 
-def finished(run_dir, config):
+def finished(run_dir, config) -> bool:
     """Whether the folder holds a run with all of config's trainer.epochs done (not if its metrics are damaged:
     resuming rewrites them from the checkpoint)."""
     try:
@@ -280,12 +282,12 @@ def finished(run_dir, config):
         return False
 
 
-def complete(run_dir, config):
+def complete(run_dir, config) -> bool:
     """Whether a submission would leave the run nothing to do: every epoch done, and a whole checkpoint of it."""
     return finished(run_dir, config) and holds_run(run_dir) and checkpoint_whole(run_dir)
 
 
-def nothing_left(run_dir, epochs_done, epochs):
+def nothing_left(run_dir, epochs_done, epochs) -> str:
     return (f"Nothing left to do: {run_dir} has all {epochs_done} epochs of trainer.epochs={epochs} done. To "
             f"train on, raise it, e.g. `python -m mnist.run hydra.run.dir={run_dir} trainer.epochs={epochs_done + 3}`.")
 
@@ -295,7 +297,7 @@ def nothing_left(run_dir, epochs_done, epochs):
 MAX_DEPTH = 4  # multirun/<date>/<time>/<n> is three levels below multirun/
 
 
-def is_run_folder(path):
+def is_run_folder(path) -> bool:
     """A folder holding config.yaml, metrics.csv or Hydra's .hydra/."""
     path = Path(path)
     return (path / CONFIG).is_file() or (path / METRICS).is_file() or (path / ".hydra").is_dir()
@@ -305,7 +307,7 @@ def _natural(path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def find_runs(path):
+def find_runs(path) -> list[Path]:
     """The run folders at or below `path` (not inside another run folder, up to MAX_DEPTH levels down), in
     natural order."""
     path = Path(path)
@@ -328,7 +330,7 @@ def find_runs(path):
     return sorted(found, key=lambda p: _natural(p.relative_to(path)))
 
 
-def environment_job_id(run_dir):
+def environment_job_id(run_dir) -> str | None:
     """The Slurm job (`123`, or `120_3` for an array task) environment.json says last started the run, or None."""
     try:
         slurm = json.loads((Path(run_dir) / ENVIRONMENT).read_text()).get("slurm") or {}
@@ -339,7 +341,7 @@ def environment_job_id(run_dir):
     return slurm.get("SLURM_JOB_ID")
 
 
-def job_ids(run_dir):
+def job_ids(run_dir) -> set[str]:
     """Every Slurm job that trained in the folder, as its own usage.json and environment.json name them."""
     ids = {a.job_id for a in read_usage(run_dir) if a.job_id}
     return ids | ({environment_job_id(run_dir)} - {None})
@@ -486,7 +488,7 @@ def _read_attempts(path):
             if isinstance(a, dict) and isinstance(a.get("ranks"), dict) and isinstance(a.get("id"), str)]
 
 
-def record_usage(run_dir, attempt_id, rank, figures, **attempt):
+def record_usage(run_dir, attempt_id, rank, figures, **attempt) -> None:
     """Put one rank's figures (RankUsage) into the attempt `attempt_id`, with the attempt's own fields (Attempt's:
     job_id, restart, started, end, error, user_error, task). Rank 0 writes usage.json, each other rank a file of
     its own (RANK_USAGE): ranks on several nodes never write one file, so no file system's locks are needed
@@ -507,7 +509,7 @@ def record_usage(run_dir, attempt_id, rank, figures, **attempt):
     _write_attempts(path, attempts[-MAX_ATTEMPTS:])
 
 
-def forget_attempt(run_dir, attempt_id, rank):
+def forget_attempt(run_dir, attempt_id, rank) -> None:
     """Take back what one rank wrote of an attempt (one that found nothing to do); the attempt goes with its last
     rank."""
     path = _usage_file(run_dir, rank)
@@ -571,7 +573,7 @@ def _in_use(run_dir, holder):
 
 
 @contextlib.contextmanager
-def lock(run_dir, job_id=None):
+def lock(run_dir, job_id=None) -> Iterator[None]:
     """Hold the run folder for the process training into it, or raise RunFolderError naming the holder.
 
     The lock is an flock on `.lock`: it dies with its process, so a killed run's folder is free
@@ -602,14 +604,14 @@ def _held_by(run_dir):
         return None if _try_lock(lock_file) else _read_holder(lock_file)  # closing the file lets go
 
 
-def check_free(run_dir, job_id=None):
+def check_free(run_dir, job_id=None) -> None:
     """Raise RunFolderError if another process trains into the folder now."""
     held = _held_by(run_dir)
     if held is not None and (job_id is None or str(held.get("job_id")) != str(job_id)):
         raise _in_use(run_dir, held)
 
 
-def holder(run_dir):
+def holder(run_dir) -> dict | None:
     """Who trains into the folder now ({host, pid, job_id, since}), or None."""
     try:
         return _held_by(run_dir)
@@ -617,7 +619,7 @@ def holder(run_dir):
         return None
 
 
-def unused(run_dir):
+def unused(run_dir) -> bool:
     """Whether the folder holds nothing a run trained or saved (the records of its start, Hydra's .hydra/ and an
     empty log aside)."""
     try:

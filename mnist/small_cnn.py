@@ -14,6 +14,6 @@ class SmallCNN(nn.Module):
         self.conv = nn.Conv2d(1, channels, 3, 1)  # 28x28 -> 26x26
         self.fc = nn.Linear(channels * 13 * 13, 10)  # after a 2x2 max-pool: 13x13
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv(x)), 2)
         return self.output_function(self.fc(torch.flatten(x, 1)))

@@ -31,6 +31,6 @@ class StopRequested(Exception):
 EARLY = []  # requeue signals that came before training began (Slurm's timing is coarse)
 
 
-def catch_early_signals():
+def catch_early_signals() -> None:
     """Remember a requeue signal that comes while Python is still importing and composing."""
     signal.signal(REQUEUE_SIGNAL, lambda signum, frame: EARLY.append(signum))

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist import checkpoint, data, env, rundir
 from mnist.board import Off, open_board
@@ -33,7 +35,7 @@ COMPILE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "tr
 USER_COMPILE_CACHES = {variable: os.environ.get(variable) for variable in COMPILE_CACHES}  # else in the run folder
 
 
-def open_log(run_dir, main=True):
+def open_log(run_dir, main=True) -> logging.Logger:
     """Log lines go to stdout (the terminal, or the job's %x_%j.out) and to the run folder's train.log;
     in a data-parallel run only rank 0 (`main`) says anything."""
     log = logging.getLogger("mnist.train")
@@ -65,7 +67,7 @@ class Steps:
     agree_every: int = 0  # data-parallel: steps between agreeing on a stop (0: log_interval, the steps that log)
 
 
-def stop_agreed(stop, world_size, device):
+def stop_agreed(stop, world_size, device) -> bool:
     """Whether to stop now; in a data-parallel run every rank must stop at the same step."""
     if world_size == 1:
         return stop.requested
@@ -74,7 +76,7 @@ def stop_agreed(stop, world_size, device):
     return bool(flag.item())
 
 
-def stop_here(steps, batch_idx, world_size, device):
+def stop_here(steps, batch_idx, world_size, device) -> bool:
     """Whether to stop after this batch. One process looks at its flag every step; the ranks of a data-parallel
     run agree (an all-reduce, and a wait for the GPU) only every `agree_every` steps."""
     if world_size > 1 and batch_idx % (steps.agree_every or steps.log_interval):
@@ -82,7 +84,7 @@ def stop_here(steps, batch_idx, world_size, device):
     return stop_agreed(steps.stop, world_size, device)
 
 
-def train_epoch(steps, train_loader, epoch, resume=None):
+def train_epoch(steps, train_loader, epoch, resume=None) -> tuple[torch.Tensor, int]:
     """One epoch, or what is left of it after `resume` = {"batches": done, "loss_sum": tensor}.
 
     Returns (summed loss, batches done); fewer batches than the epoch has means `steps.stop` was set.
@@ -127,7 +129,7 @@ CPU_EVAL_PIECE = 64
 
 
 @torch.inference_mode()
-def evaluate(model, test_loader, loss, precision=None):
+def evaluate(model, test_loader, loss, precision=None) -> tuple[float, int]:
     model.eval()
     precision = precision or Precision("fp32", torch.device(test_loader.device))
     test_loss = torch.zeros((), device=test_loader.device)
@@ -143,7 +145,7 @@ def evaluate(model, test_loader, loss, precision=None):
     return test_loss.item() / test_loader.dataset_size, int(correct.item())
 
 
-def build(cfg, device):
+def build(cfg, device) -> tuple[torch.nn.Module, Optimizer, LRScheduler | None, Precision]:
     """The model (on `device`, NHWC with trainer.channels_last), its optimizer and scheduler, and
     trainer.precision's autocast and loss scaler."""
     if device.type == "cuda":
@@ -172,7 +174,7 @@ class Run:
     rows: list  # metrics.csv's rows so far
 
 
-def train(cfg, run_dir, stop=None):
+def train(cfg, run_dir, stop=None) -> list[dict]:
     """Train cfg.model on cfg.data for cfg.trainer.epochs, resuming from run_dir's checkpoint.
 
     If `stop.requested` becomes true, write a checkpoint where training is and raise StopRequested.
@@ -279,7 +281,7 @@ def _stepping_model(cfg, model, device, rank, world_size, run_dir):
     return model
 
 
-def run_epoch(run, epoch, resume=None):
+def run_epoch(run, epoch, resume=None) -> None:
     """One epoch: train, test, log, step the scheduler, checkpoint; or checkpoint and stop."""
     loader, log = run.train_loader, run.steps.log
     lr = run.steps.optimizer.param_groups[0]["lr"]

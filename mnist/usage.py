@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from mnist import env, rundir
 from mnist.errors import UserError
@@ -46,14 +47,14 @@ def _status(field):
     return None
 
 
-def peak_rss():
+def peak_rss() -> int:
     """This process's peak resident memory in bytes since it started or since reset_peak (VmHWM; getrusage's
     maxrss where /proc lacks it)."""
     peak = _status("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def reset_peak():
+def reset_peak() -> bool:
     """Start VmHWM afresh from the memory resident now (Linux >= 4.0: clear_refs 5); False where it cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -63,13 +64,13 @@ def reset_peak():
         return False
 
 
-def cpu_seconds():
+def cpu_seconds() -> float:
     """User + system CPU seconds of this process (all its threads) and its waited-for children."""
     return sum(x.ru_utime + x.ru_stime for x in (resource.getrusage(resource.RUSAGE_SELF),
                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def process_started():
+def process_started() -> float:
     """When this process started (seconds since the epoch): its start in clock ticks since boot (/proc/self/stat)
     against the boot clock now; /proc/stat's btime is whole seconds, up to 1 s early. Now where /proc cannot be read."""
     try:
@@ -80,7 +81,7 @@ def process_started():
         return time.time()
 
 
-def gpu_memory():
+def gpu_memory() -> tuple[int | None, int | None]:
     """(peak allocated, device total) in bytes of the GPU this rank trains on, if this process uses one through torch;
     else (None, None). (Not torch's current device: that is each thread's own, and this runs in the watcher's.)"""
     torch = sys.modules.get("torch")
@@ -124,19 +125,19 @@ class Recorder:
         self.thread = threading.Thread(target=self._watch, name="usage", daemon=True)
         self.previous = None  # the SIGTERM handler before ours
 
-    def figures(self):
+    def figures(self) -> rundir.RankUsage:
         gpu_peak, gpu_total = gpu_memory()
         return rundir.RankUsage(socket.gethostname(), self.peak(), round(cpu_seconds() - self.cpu_before, 3),
                                 round(time.time() - self.started, 3), env.cpus_given(), gpu_peak, gpu_total, _now())
 
-    def write(self, **end):
+    def write(self, **end) -> None:
         with self.writing:  # the watcher's and the main thread's writes, in turn
             figures = self.figures()
             self.written_peak, self.written_at = figures.peak_rss, time.monotonic()
             with contextlib.suppress(OSError):  # a full disk must not stop the training
                 rundir.record_usage(self.run_dir, self.attempt_id, self.rank, figures, **self.attempt, **end)
 
-    def peak(self):
+    def peak(self) -> int:
         """This run's peak resident memory so far (bytes)."""
         if self.own_hwm:
             return peak_rss()
@@ -148,7 +149,7 @@ class Recorder:
             if self.peak() > self.written_peak * GROWTH or time.monotonic() - self.written_at > WRITE_EVERY_S:
                 self.write()
 
-    def start(self):
+    def start(self) -> None:
         self.write(end=None)
         self.thread.start()
         if threading.current_thread() is threading.main_thread():
@@ -163,7 +164,7 @@ class Recorder:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def stop(self, end, error=None):
+    def stop(self, end, error=None) -> None:
         self.done.set()
         self.thread.join()
         if self.previous is not None:
@@ -199,7 +200,7 @@ def _last_line(error):
 
 
 @contextlib.contextmanager
-def recording(run_dir, task=None):
+def recording(run_dir, task=None) -> Iterator[Recorder]:
     """Record this process's usage into run_dir's usage.json while the block runs, and how it ended.
     `task`: the run's place in a packed array task, {index, runs, startup_s, started}."""
     recorder = Recorder(run_dir, task)

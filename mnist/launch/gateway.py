@@ -16,13 +16,13 @@ DEFAULT_CONF = "/etc/slurm/slurm.conf"
 run = subprocess.run
 
 
-def missing_conf():
+def missing_conf() -> str:
     """Why Slurm's commands would retry for a minute before failing: SLURM_CONF names no file; else ""."""
     conf = os.environ.get("SLURM_CONF")
     return f"SLURM_CONF={conf} is not a file" if conf and not os.path.isfile(conf) else ""
 
 
-def call(command):
+def call(command) -> tuple[str, str]:
     """(its stdout, "") or ("", why Slurm could not be asked: no config, the command missing, no answer within
     TIMEOUT_S, or the last line of what it said when it failed)."""
     if missing_conf():
@@ -44,7 +44,7 @@ def call(command):
     return out.stdout, ""
 
 
-def unreachable(problem, what_then):
+def unreachable(problem, what_then) -> str:
     """The one paragraph for a command that needs Slurm's answer and did not get it."""
     return (f"Slurm cannot be reached ({problem}), so {what_then}. Check that `squeue` answers (SLURM_CONF, the "
             f"controller: `make cluster-up` prints the line to export for the local one), then try again.")

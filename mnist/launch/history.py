@@ -45,11 +45,11 @@ class Past:
     asked_time_s: int
 
 
-def match_key(config):
+def match_key(config) -> list:
     return [rundir.select(config, key) for key in MATCH]
 
 
-def history(log_dir, config):
+def history(log_dir, config) -> list[Past]:
     """The past runs of the record in log_dir that match `config` (a plain dict), oldest first."""
     matching = []
     for submissions in record.by_run(record.read(log_dir)).values():
@@ -96,7 +96,7 @@ def _killed(entry, slurm_state):
     return outcome.killed_for(outcome.tail(entry.stderr) if entry.stderr else "") or "other"
 
 
-def p95(values):
+def p95(values) -> float:
     """The 95th percentile, nearest rank."""
     ordered = sorted(values)
     return ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
@@ -114,7 +114,7 @@ def _too_few(done):
     return f"conf/'s: only {len(done)} completed past run{'' if len(done) == 1 else 's'} like this ({MIN_RUNS} needed)"
 
 
-def choose_mem(pasts, asked):
+def choose_mem(pasts, asked) -> Choice:
     """resources.mem for a run like these past ones; `asked` is conf/'s (resources.asked.mem)."""
     done = [p for p in pasts if p.ended == "completed"]
     floor = max([2 * p.asked_mem for p in pasts if p.ended == "memory"], default=0)
@@ -133,7 +133,7 @@ def choose_mem(pasts, asked):
     return Choice(f"{value}M", len(done), why)
 
 
-def choose_time(pasts, asked, epochs):
+def choose_time(pasts, asked, epochs) -> Choice:
     """resources.time (minutes) for a run of `epochs` epochs like these past ones; `asked` is conf/'s."""
     done = [p for p in pasts if p.ended == "completed"]
     floor = max([2 * p.asked_time_s for p in pasts if p.ended == "time"], default=0)
@@ -151,7 +151,7 @@ def choose_time(pasts, asked, epochs):
     return Choice(math.ceil(wanted / 60), len(done), why)
 
 
-def estimated_work_s(pasts, epochs):
+def estimated_work_s(pasts, epochs) -> float | None:
     """A run's own seconds (p95, start-up aside) by the history; None with too little of it."""
     done = [p for p in pasts if p.ended == "completed"]
     return p95([p.work_s * epochs / p.epochs for p in done]) if len(done) >= MIN_RUNS else None

@@ -33,7 +33,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         results = train_runs([self])
         return results[0] if results else None
 
-    def finished(self):
+    def finished(self) -> bool:
         """Whether every epoch of the run is done (a requeued packed task skips it)."""
         from mnist import rundir
 
@@ -92,7 +92,7 @@ class PackedJob(submitit.helpers.Checkpointable):
         return train_runs(self.jobs)
 
 
-def train_runs(jobs):
+def train_runs(jobs) -> list[list[dict]]:
     """Train each job's run in turn; a packed task announces each run by one line naming its folder, and
     a run that fails does not stop the others (the task then fails, naming it). Returns their results."""
     from mnist import private_apis, rundir, usage

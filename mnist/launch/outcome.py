@@ -55,7 +55,7 @@ WAITING = {  # squeue's reasons, in a user's words
 }
 
 
-def describe(entries, known, log_dir="logs"):
+def describe(entries, known, log_dir="logs") -> list[dict]:
     """One dict per entry (see the module's doc), in the entries' order."""
     usage = {}
     jobs = []
@@ -90,7 +90,7 @@ def _job(entry, known, attempts, log_dir):
     return job
 
 
-def trained_by(jobs):
+def trained_by(jobs) -> dict:
     """Of the jobs submitted for one run folder (described, oldest first), the one to show for it: the latest
     that is still going or that trained in it (its usage.json has its attempts), else the latest. A later job
     that ended without training there (it found nothing left to do, or was cancelled before it started) does
@@ -98,7 +98,7 @@ def trained_by(jobs):
     return next((job for job in reversed(jobs) if job["state"] in GOING or job["attempts"]), jobs[-1])
 
 
-def packed_run_state(run_dir, task_state, attempts):
+def packed_run_state(run_dir, task_state, attempts) -> str:
     """One of a packed task's runs, by its own record of this task's attempts: COMPLETED once its epochs are done;
     while the task runs, WAITING until the task starts it, FAILED if it failed (the task goes on with the next)."""
     config = rundir.config_if_readable(run_dir)
@@ -129,7 +129,7 @@ def _state_from_run(entry, result_state, attempts, err_tail):
     return "ENDED" if Path(entry.stdout).exists() else "UNKNOWN"
 
 
-def last_end(err_tail):
+def last_end(err_tail) -> str | None:
     """How slurmstepd's words in a job's .err say its LAST attempt ended, as Slurm would name it: FAILED (killed
     for memory by OverMemoryKill, whose CANCELLED line follows), OUT_OF_MEMORY (the cgroup's OOM killer), TIMEOUT,
     CANCELLED, PREEMPTED, NODE_FAIL; REQUEUED where its last words are a requeue's; None where it says nothing.
@@ -145,13 +145,13 @@ def last_end(err_tail):
     return "REQUEUED" if last != err_tail else None
 
 
-def last_attempt(err_tail):
+def last_attempt(err_tail) -> str:
     """The part of a job's .err its last attempt wrote: what follows its last requeue's line."""
     requeues = [m.end() for m in STEPD_END.finditer(err_tail) if m.group(1) == "JOB REQUEUE"]
     return err_tail[requeues[-1]:] if requeues else err_tail
 
 
-def killed_for(err_tail):
+def killed_for(err_tail) -> str | None:
     """"memory" or "time" where slurmstepd's words in a job's .err say its last attempt was killed for one;
     else None."""
     return {"FAILED": "memory", "OUT_OF_MEMORY": "memory", "TIMEOUT": "time"}.get(last_end(err_tail))
@@ -165,7 +165,7 @@ def _memory_kill(err_tail):
 
 # ---------------------------------------------------------------- figures
 
-def figures(slurm, attempts, memory_kill, job):
+def figures(slurm, attempts, memory_kill, job) -> dict:
     """time_used_s, time_limit_s, task_limit_s (a packed run's task's), held_cpu_s and held_by_task (CPU seconds
     the allocation held, and whether that is a packed task's, shared by its runs), wait_s, cpus, cpu_s, cpu_pct,
     mem_peak, mem_asked, gpu_peak, gpu_total (None where unknown): the run's usage.json first, Slurm's accounting
@@ -259,7 +259,7 @@ def _hosts(attempts):
 
 # ---------------------------------------------------------------- causes
 
-def cause(job, err_tail):
+def cause(job, err_tail) -> tuple[str, str]:
     """(one line saying why the job ended unsuccessfully, the command that fixes it); ("", "") otherwise."""
     state = job["state"]
     resubmit = resubmit_command(job)
@@ -318,12 +318,12 @@ def _default_logs(log_dir):
     return log_dir in ("logs", str(Path("logs").resolve()))
 
 
-def resubmit_command(job):
+def resubmit_command(job) -> str:
     logs = "" if _default_logs(job["log_dir"]) else f" --logs {job['log_dir']}"
     return f"python -m mnist.jobs{logs} resubmit {job['job_id']}"
 
 
-def progress(job):
+def progress(job) -> str:
     """ " at epoch 3, batch 120/938 (checkpoint: epoch 2)": how far the log says it got."""
     stopped = STOPPED_LINE.findall(job["out_tail"])
     lines = rundir.TRAIN_LINE.findall(job["out_tail"])
@@ -352,7 +352,7 @@ def _metrics(run_dir):
         return []
 
 
-def memory_after_kill(peak, asked):
+def memory_after_kill(peak, asked) -> float | None:
     """The memory (bytes) to ask for after a kill for memory: twice what the job asked, or its peak and a quarter
     if more. Never less than it asked: a peak sampled before a kill is only a lower bound (the allocation that
     crossed the limit is never seen). None where neither is known."""
@@ -360,7 +360,7 @@ def memory_after_kill(peak, asked):
     return wanted or None
 
 
-def memory_text(n):
+def memory_text(n) -> str | None:
     """Bytes as a resources.mem at or above them: whole G above 768M, else 256M steps; None for None."""
     if not n:
         return None
@@ -372,7 +372,7 @@ def memory_text(n):
 
 # ---------------------------------------------------------------- as shown
 
-def human_bytes(n):
+def human_bytes(n) -> str:
     if n is None:
         return "?"
     for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
@@ -381,18 +381,18 @@ def human_bytes(n):
     return f"{n}B"
 
 
-def clock(seconds):
+def clock(seconds) -> str:
     """Seconds as Slurm shows a duration: M:SS, H:MM:SS, D-HH:MM:SS."""
     return record._clock(round(seconds)) if seconds is not None else "?"
 
 
-def cut(text, width):
+def cut(text, width) -> str:
     """A table cell of at most `width` characters ("-" for none), cut with "..."."""
     text = text or "-"
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def shown(job):
+def shown(job) -> dict[str, str]:
     """The table's cells for the figures: TIME used/limit, CPU %, MEM peak/asked, WAIT."""
     used, limit = job["time_used_s"], job["time_limit_s"]
     time_cell = f"{clock(used) if used is not None else '-'}/{clock(limit) if limit else '-'}"
@@ -403,7 +403,7 @@ def shown(job):
             "wait": clock(job["wait_s"]) if job["wait_s"] is not None else "-"}
 
 
-def summary(jobs):
+def summary(jobs) -> str:
     """One line for the jobs of a sweep: min/median/max of CPU %, peak memory, time used; CPU-hours used
     against those held (elapsed x CPUs)."""
     def spread(values, show):
@@ -421,7 +421,7 @@ def summary(jobs):
             f"CPU-hours {used:.3f} used of {held:.3f} held (elapsed x CPUs)")
 
 
-def tail(path, size=TAIL_BYTES):
+def tail(path, size=TAIL_BYTES) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)

@@ -50,7 +50,7 @@ class Entry:
     cpus: int | None = None
     pack: tuple | None = None  # one of a packed task's runs: (its place, the task's runs)
 
-    def line(self):
+    def line(self) -> str:
         """Its line in jobs.jsonl: the fields it has."""
         return json.dumps({k: v for k, v in asdict(self).items() if v not in ("", None)})
 
@@ -65,13 +65,13 @@ ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_F
 _warned = set()
 
 
-def path(log_dir):
+def path(log_dir) -> Path:
     return Path(log_dir) / FILE_NAME
 
 
 # ---------------------------------------------------------------- writing and reading
 
-def append(log_dir, entries):
+def append(log_dir, entries) -> None:
     """Add one submission's Entries as lines, all in one locked write."""
     file = path(log_dir)
     data = "".join(entry.line() + "\n" for entry in entries).encode()
@@ -97,7 +97,7 @@ def _ends_mid_line(fd):
     return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
-def read(log_dir):
+def read(log_dir) -> list[Entry]:
     """The recorded Entries, oldest first. A damaged line is skipped with one warning naming it."""
     file = path(log_dir)
     try:
@@ -150,7 +150,7 @@ def _warn_damaged(file, numbers):
           file=sys.stderr)
 
 
-def by_run(entries):
+def by_run(entries) -> dict[str, list[Entry]]:
     """{run folder (resolved, as text): its entries, oldest first}: a resubmitted run has several, and its latest
     submission is its last."""
     runs, resolved = {}, {}
@@ -162,7 +162,7 @@ def by_run(entries):
     return runs
 
 
-def find(log_dir, job_id=None):
+def find(log_dir, job_id=None) -> Entry:
     """The entry of a job or array task; an array's id gives its latest task; None: the latest job."""
     entries = read(log_dir)
     if not entries:
@@ -211,7 +211,7 @@ SACCT_FIELDS = ("JobID", "State", "ExitCode", "ElapsedRaw", "TotalCPU", "MaxRSS"
                 "Start", "End", "AllocTRES", "NodeList", "Reason", "NNodes")
 
 
-def states(entries):
+def states(entries) -> States:
     """The JobState of each Entry (its job_id, and its submitit_folder for the result file)."""
     entries = [entry for entry in entries if JOB_ID.fullmatch(str(entry.job_id))]
     if not entries:
@@ -251,7 +251,7 @@ def _squeue(job_list):
     return parse_squeue(out), ""
 
 
-def accounting(job_ids):
+def accounting(job_ids) -> dict[str, JobState]:
     """{job id: JobState} of these jobs (ids of jobs, arrays or tasks) as accounting knows them, in one sacct call;
     {} where accounting is off (sacct fails) or there is no Slurm."""
     if not job_ids:
@@ -260,7 +260,7 @@ def accounting(job_ids):
     return parse_sacct(out)
 
 
-def parse_squeue(text):
+def parse_squeue(text) -> dict[str, JobState]:
     """{job id: JobState} from `squeue -r -O` lines (SQUEUE_FIELDS, each ended by |)."""
     found = {}
     for line in text.splitlines():
@@ -276,7 +276,7 @@ def parse_squeue(text):
     return found
 
 
-def parse_sacct(text):
+def parse_sacct(text) -> dict[str, JobState]:
     """{job id: JobState} from `sacct -n -P` lines (SACCT_FIELDS): a job's line, then its steps' (N.batch,
     N.0), whose MaxRSS (one task's, times the step's tasks per node) gives the job's peak per node. Pending
     array tasks may be folded (N_[1-3%1])."""
@@ -326,7 +326,7 @@ def _clock(seconds):
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def duration_s(text):
+def duration_s(text) -> float | None:
     """Seconds in a Slurm duration ([D-][H:]M:S[.mmm], as squeue and sacct print them); None if not one."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})(?:\.(\d+))?", str(text).strip())
     if not match:

@@ -21,7 +21,7 @@ class ResourceError(UserError):
     pass
 
 
-def time_seconds(value):
+def time_seconds(value) -> int:
     """Seconds in a Slurm time limit: minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
     text = str(value).strip()
     match = TIME.fullmatch(text)
@@ -41,14 +41,14 @@ def time_seconds(value):
     return seconds
 
 
-def time_text(seconds):
+def time_text(seconds) -> str:
     """A time limit as resources.time takes it, H:MM:SS or D-HH:MM:SS: the inverse of time_seconds."""
     days, rest = divmod(int(math.ceil(seconds)), 86400)
     text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
     return f"{days}-{text}" if days else text
 
 
-def memory(value):
+def memory(value) -> str:
     """A Slurm memory request as sbatch takes it: a whole number with an optional K/M/G/T."""
     text = str(value).strip()
     match = MEMORY.fullmatch(text)
@@ -89,7 +89,7 @@ _LISTED_BY = {"partition": "`sinfo -s`", "account": "`sacctmgr show assoc user=$
 _EXAMPLE = {"partition": "long", "account": "proj1", "qos": "normal", "constraint": "v100"}
 
 
-def sbatch_options(resources):
+def sbatch_options(resources) -> dict:
     """The sbatch options (submitit's parameter names) a resources config asks for."""
     options = {
         "time": math.ceil(time_seconds(resources.time) / 60),
@@ -107,7 +107,7 @@ def sbatch_options(resources):
     return options
 
 
-def extra_options(resources):
+def extra_options(resources) -> dict[str, str | bool]:
     """resources.extra: any other sbatch option, {name: value}; true means a bare flag."""
     extra = {}
     for key, value in (resources.extra or {}).items():
@@ -123,7 +123,7 @@ def extra_options(resources):
     return extra
 
 
-def check_gpus(resources, device):
+def check_gpus(resources, device) -> None:
     """Each rank trains on a GPU of its own, and trainer.device=cuda needs one: refused here, not on the node."""
     gpus, tasks = resources.gpus_per_node, resources.tasks_per_node
     if device == "cuda" and not gpus:
@@ -163,13 +163,13 @@ def _number(text):
     return int(re.match(r"\d*", text).group(0) or 0)
 
 
-def gpu_count(gres):
+def gpu_count(gres) -> int:
     """GPUs in an sinfo GRES field: `gpu:1`, `gpu:a100:4(S:0-1)`, `gpu:a100:2,gpu:v100:2`, `(null)`."""
     items = re.split(r",(?![^(]*\))", gres)
     return sum(_number(item.split("(")[0].split(":")[-1]) for item in items if item.split(":")[0] == "gpu")
 
 
-def parse_sinfo(rows):
+def parse_sinfo(rows) -> list[Nodes]:
     return [Nodes(partition.rstrip("*"), _number(cpus), _number(memory), gpu_count(gres), _number(count),
                   partition.endswith("*")) for partition, cpus, memory, gres, count in rows]
 
@@ -183,7 +183,7 @@ def _sinfo(fields):
     return [line.split("|") for line in out.splitlines() if line.strip()]
 
 
-def ask_cluster(dry_run=False):
+def ask_cluster(dry_run=False) -> list[Nodes] | None:
     """The cluster's nodes, from one sinfo call. A dry run without a reachable Slurm says so and returns None."""
     try:
         if shutil.which("sbatch") is None:
@@ -201,7 +201,7 @@ def ask_cluster(dry_run=False):
         return None
 
 
-def check_cluster(resources, nodes):
+def check_cluster(resources, nodes) -> None:
     """The partition exists, has GPUs if asked for, and has a node that holds one node's share of the request."""
     partitions = sorted({n.partition for n in nodes})
     partition = resources.partition
@@ -262,7 +262,7 @@ def _fitting(resources, most):
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
-def memory_bytes(text, default_unit=""):
+def memory_bytes(text, default_unit="") -> int | None:
     """Bytes in a Slurm memory figure (sacct's 806660K, 2G, 100M, 0); None if not one."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)[nc]?", str(text).strip(), re.IGNORECASE)
     if not match:
@@ -270,12 +270,12 @@ def memory_bytes(text, default_unit=""):
     return int(float(match.group(1)) * UNITS[(match.group(2) or default_unit).upper()])
 
 
-def memory_bytes_of(value):
+def memory_bytes_of(value) -> int:
     """A Slurm memory request (checked, as `memory`) in bytes; megabytes, sbatch's unit, when none is given."""
     return memory_bytes(memory(value), "M")
 
 
-def memory_mb_of(value):
+def memory_mb_of(value) -> int:
     """A Slurm memory request in whole megabytes."""
     return math.ceil(memory_bytes_of(value) / 2**20)
 
@@ -286,7 +286,7 @@ def memory_mb_of(value):
 SLURM_CHECK_S = 30
 
 
-def signal_delay(wanted_s, limit_s):
+def signal_delay(wanted_s, limit_s) -> int:
     """The --signal delay: as wanted, but short enough that the signal never comes before about half
     the job's limit has passed (a quarter, for limits under two minutes)."""
     return min(wanted_s, max(limit_s // 2 - SLURM_CHECK_S, limit_s // 4))

@@ -25,7 +25,7 @@ from mnist.errors import UserError
 from mnist.launch import gateway, outcome, record, resources
 
 
-def resubmit(log_dir, target, overrides, more=False):
+def resubmit(log_dir, target, overrides, more=False) -> str | None:
     """Submit the unfinished runs of TARGET as one job array; returns its id, or None (nothing to rerun, dry run)."""
     entries = record.read(log_dir)
     folders = _run_folders(entries, target, log_dir)

@@ -47,7 +47,7 @@ exit $status
 """
 
 
-def script(name):
+def script(name) -> str:
     resources = compose([f"model={name}", "resources=cpu"]).resources
     launcher = compose(["launcher=slurm"]).launcher
     limit = time_seconds(resources.time)
@@ -56,7 +56,7 @@ def script(name):
                            requeues=launcher.max_requeues, usr=REQUEUE_SIGNAL_NAME, requeue_exit=REQUEUE_EXIT)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     stale = []
     for name in registry.SCRIPT_MODELS:

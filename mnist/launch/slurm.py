@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mnist import datafiles, rundir
 from mnist.errors import UserError
@@ -24,18 +24,18 @@ class SubmitError(UserError):
     pass
 
 
-def log_paths(log_dir, array):
+def log_paths(log_dir, array) -> tuple[str, str]:
     """The user-facing logs: %x (job name) _ %j (job id), or %A_%a for a task of an array."""
     stem = "%x_%A_%a" if array else "%x_%j"
     return str(Path(log_dir) / f"{stem}.out"), str(Path(log_dir) / f"{stem}.err")
 
 
-def job_name(cfgs):
+def job_name(cfgs) -> str:
     names = sorted({c.model.name for c in cfgs})
     return "-".join(names)
 
 
-def parameters(cfg, name, array=False):
+def parameters(cfg, name, array=False) -> dict:
     """submitit's SlurmExecutor parameters for a run (or, with array=True, each task of a sweep)."""
     launcher = cfg.launcher
     options = resources.sbatch_options(cfg.resources)
@@ -74,18 +74,18 @@ def _common_parameters(cfgs, name, array):
     return each[0]
 
 
-def submitit_folder(cfg):
+def submitit_folder(cfg) -> str:
     return str(Path(cfg.launcher.log_dir) / "submitit" / "%j")
 
 
-def render(cfg, params, array_size=None):
+def render(cfg, params, array_size=None) -> str:
     """The sbatch script submitit would write for these parameters, byte for byte."""
     from mnist import private_apis
 
     return private_apis.sbatch_script(submitit_folder(cfg), params, array_size)
 
 
-def check(cfg, asked=None):
+def check(cfg, asked=None) -> None:
     """Everything that can be checked before submitting: resources, the cluster, the data. A dry run checks
     the same, and says so when it cannot ask a cluster.
 
@@ -124,7 +124,7 @@ def _requeue_signal_agrees():
     return True
 
 
-def prepare(cfg, run_dir, overrides=None):
+def prepare(cfg, run_dir, overrides=None) -> Path:
     """Create the run folder and save the resolved config the job will train on; a single run's
     command-line overrides are its start record (a sweep's runs get theirs from the sweep launcher)."""
     run_dir = Path(run_dir)
@@ -135,7 +135,7 @@ def prepare(cfg, run_dir, overrides=None):
     return run_dir
 
 
-def folder_rules(cfg, run_dir, overrides):
+def folder_rules(cfg, run_dir, overrides) -> tuple[DictConfig | None, str]:
     """The run-folder rules every submission applies, as a single run's does (mnist.run): a folder that holds a run
     resumes it with its own config (rundir.resume_config refuses an override that changes what it trains).
     Returns (the config to submit, "") or (None, why it is left alone: complete, or in use)."""
@@ -149,7 +149,7 @@ def folder_rules(cfg, run_dir, overrides):
     return cfg, ""
 
 
-def still_queued(log_dir, run_dirs):
+def still_queued(log_dir, run_dirs) -> dict[str, str]:
     """{run folder: why it is left alone} for those of run_dirs a job recorded in log_dir still has queued or
     running (one squeue call, only where the record names one of them)."""
     from mnist.launch import outcome
@@ -197,12 +197,12 @@ def _submitting():
                           f"Fix the request and submit again.") from None
 
 
-def submit(cfg, run_dir, overrides=None):
+def submit(cfg, run_dir, overrides=None) -> str | None:
     """One run, one job. Prints the job id, the run folder and the log paths; returns the job id."""
     return submit_array([(cfg, run_dir)], single=True, overrides=overrides)
 
 
-def submit_array(runs, single=False, overrides=None, previous=None):
+def submit_array(runs, single=False, overrides=None, previous=None) -> str | None:
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder.
     `previous`: for a resubmission, the job id each run had before (the record links them)."""
     cfgs = [cfg for cfg, _ in runs]
@@ -242,7 +242,7 @@ def submit_array(runs, single=False, overrides=None, previous=None):
     return jobs[0].job_id.split("_")[0]
 
 
-def array_parallelism(launcher):
+def array_parallelism(launcher) -> int:
     """launcher.array_parallelism as a number: at least 1 (how many array tasks may run at once)."""
     value = launcher.array_parallelism
     try:
@@ -255,7 +255,7 @@ def array_parallelism(launcher):
     return number
 
 
-def runs_per_task(launcher):
+def runs_per_task(launcher) -> int:
     """launcher.runs_per_task: a whole number >= 1 (how many runs of a sweep each array task trains)."""
     value = launcher.get("runs_per_task", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -267,7 +267,7 @@ def runs_per_task(launcher):
     return value
 
 
-def fill_auto(cfgs, sweep=True, whole=True):
+def fill_auto(cfgs, sweep=True, whole=True) -> list[str]:
     """Replace resources.mem/time=auto and launcher.runs_per_task=auto by what the history of runs like these
     says (mnist.launch.history); returns the lines that say what was chosen, from how many runs, and
     what conf/ asks. One array asks for one memory: the largest chosen. `whole`: cfgs are all of the sweep's
