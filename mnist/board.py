@@ -14,7 +14,7 @@ Nothing of TensorBoard is imported unless the logger is on.
 """
 from pathlib import Path
 
-from mnist import rundir
+from mnist import atomic, rundir
 
 
 class Off:
@@ -101,7 +101,7 @@ def keep_steps_up_to(folder, steps_done) -> bool:
                     for record in kept:
                         writer.write(record)
 
-            rundir.write_whole(path, write)
+            atomic.write_whole(path, write)
     return bool(files)
 
 

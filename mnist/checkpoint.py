@@ -8,7 +8,7 @@ A data-parallel run's checkpoint also holds what each rank keeps apart (`ranks`)
 import torch
 import torch.distributed as dist
 
-from mnist import rundir
+from mnist import atomic, rundir
 from mnist.errors import UserError
 
 KEYS = {"epoch", "model_name", "model", "optimizer", "scheduler", "rng", "metrics"}
@@ -31,7 +31,7 @@ def state(cfg, epoch, model, optimizer, scheduler, precision, rows, partial=None
 
 
 def save(run_dir, checkpoint) -> None:
-    rundir.write_whole(rundir.checkpoint_path(run_dir), lambda tmp: torch.save(checkpoint, tmp))
+    atomic.write_whole(rundir.checkpoint_path(run_dir), lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load(run_dir, model_name) -> dict | None:

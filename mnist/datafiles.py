@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mnist import env, registry
+from mnist import atomic, env, registry
 from mnist.errors import UserError
 from mnist.idx import IdxError, max_value, read_dims
 
@@ -122,14 +122,14 @@ def prepare(root, name) -> dict[str, int]:
 
 
 def _unpack(source, target, name):
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp):
         with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         read_dims(tmp)
-        os.replace(tmp, target)
+
+    try:
+        atomic.write_whole(target, write)
     except (OSError, EOFError, zlib.error, IdxError) as e:
-        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise DataError(
                 f"Cannot unpack {source} into {target.parent}: {e.strerror}. Point data.root at a folder "
@@ -266,9 +266,8 @@ def install(stage, root, name, origin) -> dict[str, int]:
 
 
 def _write_sums(raw):
-    tmp = raw / f".{SUMS}.{os.getpid()}.tmp"
-    tmp.write_text("".join(f"{sha256(raw / f)}  {f}\n" for f in FILES))  # the format of `sha256sum -c`
-    os.replace(tmp, raw / SUMS)
+    sums = "".join(f"{sha256(raw / f)}  {f}\n" for f in FILES)  # the format of `sha256sum -c`
+    atomic.write_whole(raw / SUMS, lambda tmp: tmp.write_text(sums))
 
 
 def copy_from(source, root, name) -> dict[str, int]:

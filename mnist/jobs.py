@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from mnist import rundir
+from mnist import figures, rundir
 from mnist.errors import UserError
 from mnist.launch import gateway, outcome, record
 
@@ -148,24 +148,24 @@ def _memory_line(job):
     if not job["mem_peak"] and not job["mem_asked"]:
         return "-"
     slurm, kill = job["slurm"], job["memory_kill"]
-    sources = [f"own record {outcome.human_bytes(job['mem_peak_own'])}" if job["mem_peak_own"] else "",
-               f"Slurm MaxRSS {outcome.human_bytes(slurm.max_rss)}" if slurm and slurm.max_rss else "",
-               f"killed at {outcome.human_bytes(kill[0])}" if kill else ""]
+    sources = [f"own record {figures.human_bytes(job['mem_peak_own'])}" if job["mem_peak_own"] else "",
+               f"Slurm MaxRSS {figures.human_bytes(slurm.max_rss)}" if slurm and slurm.max_rss else "",
+               f"killed at {figures.human_bytes(kill[0])}" if kill else ""]
     sources = ", ".join(s for s in sources if s)
-    return (f"peak {outcome.human_bytes(job['mem_peak'])} of {outcome.human_bytes(job['mem_asked'])} asked"
+    return (f"peak {figures.human_bytes(job['mem_peak'])} of {figures.human_bytes(job['mem_asked'])} asked"
             + (f" ({sources})" if sources else ""))
 
 
 def _gpu_line(job):
     if not job["gpu_peak"]:
         return "-"
-    peak, total = outcome.human_bytes(job["gpu_peak"]), outcome.human_bytes(job["gpu_total"])
+    peak, total = figures.human_bytes(job["gpu_peak"]), figures.human_bytes(job["gpu_total"])
     return f"peak {peak} allocated of the device's {total}"
 
 
 def _attempt_line(attempt):
     ranks, hosts = len(attempt.ranks), attempt.hosts
-    peak = outcome.human_bytes(attempt.node_peak)  # what resources.mem (a node's) must hold, as MEM shows
+    peak = figures.human_bytes(attempt.node_peak)  # what resources.mem (a node's) must hold, as MEM shows
     end = attempt.end or "no end written (killed, or still running)"
     error = f": {attempt.error}" if attempt.error else ""
     return (f"started {attempt.started} on {','.join(hosts) or '?'}, {ranks} "

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from mnist import figures
+
 REDRAW_S = 0.1
 
 
@@ -43,12 +45,12 @@ class Progress:
     def line(self, done, elapsed) -> str:
         rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
         left = (self.total - done) / rate if rate > 0 else 0.0
-        figures = (f" {done}/{self.total} {rate * self.samples_per_batch:,.0f} samples/s "
-                   f"{_clock(elapsed)}<{_clock(left)}")
+        tail = (f" {done}/{self.total} {rate * self.samples_per_batch:,.0f} samples/s "
+                   f"{figures.clock(elapsed)}<{figures.clock(left)}")
         head, columns = f"Epoch {self.epoch} ", self.columns()
-        width = max(10, min(40, columns - len(head) - len(figures) - 3))
+        width = max(10, min(40, columns - len(head) - len(tail) - 3))
         filled = width * done // self.total
-        return f"{head}|{'#' * filled}{'.' * (width - filled)}|{figures}"[:columns - 1]  # a wrapped line stays
+        return f"{head}|{'#' * filled}{'.' * (width - filled)}|{tail}"[:columns - 1]  # a wrapped line stays
 
     def columns(self) -> int:
         try:
@@ -63,8 +65,3 @@ class Progress:
             self.shown = False
 
     close = clear
-
-
-def _clock(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes:02d}:{seconds:02d}"

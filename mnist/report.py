@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from mnist import rundir
+from mnist import atomic, rundir
 from mnist.errors import UserError
 from mnist.launch import gateway, outcome, record
 
@@ -377,7 +377,7 @@ def write_csv(table, path) -> None:
             writer.writerows({**row, "best_epoch": "" if row["best_epoch"] == "-" else row["best_epoch"],
                               "job_id": "" if row["job_id"] == "-" else row["job_id"]} for row in table)
 
-    rundir.write_whole(path, write)
+    atomic.write_whole(path, write)
 
 
 def configurations(table) -> list[dict]:
@@ -504,7 +504,7 @@ def write_figures(table, out_dir, title) -> None:
 
     for name, figure in figures(table, title).items():
         FigureCanvasAgg(figure)
-        rundir.write_whole(out_dir / name, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=100))
+        atomic.write_whole(out_dir / name, lambda tmp, f=figure: f.savefig(tmp, format="png", dpi=100))
 
 
 # ---------------------------------------------------------------- the command

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from mnist import atomic
 from mnist.errors import UserError
 
 CONFIG = "config.yaml"
@@ -73,17 +73,6 @@ def _damaged(path, problem, fix):
     return error
 
 
-def write_whole(path, write) -> None:
-    """`write(tmp)` a temporary file, then rename it to `path`: a file on disk is always a whole one."""
-    path = Path(path)  # a temporary name of this writer's own: ranks on several nodes may write one file at once
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- config
 
 def write_config(run_dir, config) -> None:
@@ -91,7 +80,7 @@ def write_config(run_dir, config) -> None:
     def write(tmp):
         Path(tmp).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
-    write_whole(Path(run_dir) / CONFIG, write)
+    atomic.write_whole(Path(run_dir) / CONFIG, write)
 
 
 def read_config(run_dir) -> dict | None:
@@ -135,7 +124,7 @@ def write_metrics(run_dir, rows) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    write_whole(Path(run_dir) / METRICS, write)
+    atomic.write_whole(Path(run_dir) / METRICS, write)
 
 
 def read_metrics(run_dir) -> list[dict[str, float]]:
@@ -528,7 +517,7 @@ def _usage_file(run_dir, rank):
 
 def _write_attempts(path, attempts):
     text = json.dumps({"attempts": attempts}, indent=1) + "\n"
-    write_whole(path, lambda tmp: Path(tmp).write_text(text))
+    atomic.write_whole(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------- the lock

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mnist import rundir
+from mnist import figures, rundir
 from mnist.config import compose
 from mnist.launch import outcome, record, resources, resubmit
 
@@ -104,7 +104,7 @@ def test_after_a_kill_for_memory_the_suggestion_is_never_below_what_the_job_aske
     cluster_states["40_0"] = ended("OUT_OF_MEMORY", 3, 300, mem=asked)
     [job] = outcome.describe(entries, record.States(cluster_states), logs)
     assert job["cause"].endswith(f"asked; try resources.mem={suggested}"), job["cause"]
-    assert resources.memory_bytes(suggested) >= asked
+    assert figures.memory_bytes(suggested) >= asked
 
 
 def test_a_moved_sweep_folder_is_resubmitted_as_the_same_runs_with_more_and_its_record_here(tmp_path, tiny_data,

@@ -11,7 +11,8 @@ import time
 import pytest
 from conftest import run, write_dataset
 
-from mnist.launch import outcome, record, resources
+from mnist import figures
+from mnist.launch import outcome, record
 
 pytestmark = pytest.mark.slurm
 
@@ -58,7 +59,7 @@ def submit(tmp_path, data, run_dir, *args):
 
 
 def mib(cell):
-    return resources.memory_bytes(cell.replace(".0", "")) if cell[-1] in "KMG" else None
+    return figures.memory_bytes(cell.replace(".0", "")) if cell[-1] in "KMG" else None
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_the_figures_of_a_finished_job_agree_with_its_usage_json(slurm_env, fini
     assert shown["CPU"] == f"{100 * own['cpu_s'] / (own['wall_s'] * own['cpus']):.0f}%"  # its own CPU and wall seconds
     peak, asked = shown["MEM"].split("/")
     assert asked == "2.0G" and abs(mib(peak) - own["peak_rss"]) <= 0.1 * own["peak_rss"], (peak, own)
-    used, limit = (record.duration_s(x) for x in shown["TIME"].split("/"))
+    used, limit = (figures.duration_s(x) for x in shown["TIME"].split("/"))
     assert limit == 300 and abs(used - own["wall_s"]) <= 5, (shown["TIME"], own["wall_s"])  # Slurm's elapsed
     details = jobs(["show", job], tmp, tmp / "logs").stdout
     assert f"on 1 CPUs: efficiency {shown['CPU']}" in details and f"{own['cpu_s']:.1f} CPU s" in details
@@ -109,10 +110,10 @@ def test_a_job_over_its_memory_is_explained_with_asked_and_peak(slurm_env, finis
     peak = mib(shown["MEM"].split("/")[0])
     assert abs(peak - own["peak_rss"]) <= 0.1 * own["peak_rss"], (shown["MEM"], own["peak_rss"])
     assert shown["CAUSE"].startswith(f"killed for memory: peak {shown['MEM'].split('/')[0]} > "
-                                     f"{outcome.human_bytes(asked << 20)} asked; try resources.mem="), shown["CAUSE"]
+                                     f"{figures.human_bytes(asked << 20)} asked; try resources.mem="), shown["CAUSE"]
     fit = shown["CAUSE"].rsplit("resources.mem=", 1)[1]
-    assert resources.memory_bytes(fit) >= 1.2 * max(peak, own["peak_rss"])  # what would have fitted, with a margin
-    assert resources.memory_bytes(fit) >= 2 * (asked << 20)  # the peak before a kill is a lower bound
+    assert figures.memory_bytes(fit) >= 1.2 * max(peak, own["peak_rss"])  # what would have fitted, with a margin
+    assert figures.memory_bytes(fit) >= 2 * (asked << 20)  # the peak before a kill is a lower bound
     details = jobs(["show", job], tmp_path, tmp_path / "logs").stdout
     assert f"\n  fix:         python -m mnist.jobs resubmit {job} resources.mem={fit} " in details, details  # ./logs
     assert "own record" in details

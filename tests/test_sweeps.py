@@ -142,7 +142,7 @@ def test_auto_asks_for_the_largest_peak_and_the_p95_wall_time_with_a_margin(tmp_
     assert "conf/ asks 3G" in shown and "conf/ asks 0:5:0" in shown
 
     past_run(tmp_path, 7, 600, 5, ended=None, overrides=["resources.mem=1G"])  # killed for memory with 1G
-    assert "resources.mem=auto: 2048M (" in suggest(tmp_path, "trainer.epochs=2")  # at least twice what it had
+    assert "resources.mem=auto: 2G (" in suggest(tmp_path, "trainer.epochs=2")  # at least twice what it had
 
     few = suggest(tmp_path, "data.batch_size=128")
     assert "resources.mem=auto: 3G (conf/'s: only 1 completed past run like this (5 needed)" in few

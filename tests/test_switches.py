@@ -70,7 +70,7 @@ def test_progress_line_shows_the_bar_throughput_and_time_left():
     progress.start(epoch=2, done=0, total=10, samples_per_batch=64)
     line = progress.line(done=5, elapsed=10.0)
     assert line.startswith("Epoch 2 |") and " 5/10 " in line
-    assert " 32 samples/s " in line and line.endswith("00:10<00:10")  # 5 batches of 64 in 10 s; 5 to go
+    assert " 32 samples/s " in line and line.endswith("0:10<0:10")  # 5 batches of 64 in 10 s; 5 to go
     bar = line.split("|")[1]
     assert bar.count("#") == len(bar) // 2
 

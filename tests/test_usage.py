@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import run, write_dataset
 
-from mnist import rundir, usage
+from mnist import atomic, rundir, usage
 from mnist.errors import UserError
 
 
@@ -120,14 +120,14 @@ def test_ranks_on_nodes_without_shared_locks_keep_each_others_figures(tmp_path, 
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    write_whole = rundir.write_whole
+    write_whole = atomic.write_whole
 
     def meanwhile(path, write):  # rank 1 writes between rank 0's read and write, as on another node
         if not (tmp_path / rundir.RANK_USAGE.format(1)).exists() and path.name == rundir.USAGE:
             rundir.record_usage(tmp_path, "5#0", 1, rundir.RankUsage("n2", 2), job_id="5")
         write_whole(path, write)
 
-    monkeypatch.setattr(rundir, "write_whole", meanwhile)
+    monkeypatch.setattr(atomic, "write_whole", meanwhile)
     rundir.record_usage(tmp_path, "5#0", 0, rundir.RankUsage("n1", 1), job_id="5")
     [read] = rundir.read_usage(tmp_path)
     assert {rank: figures.host for rank, figures in read.ranks.items()} == {"0": "n1", "1": "n2"}

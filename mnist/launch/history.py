@@ -19,16 +19,14 @@ Standard library and PyYAML only: the login node's submit path, which never impo
 import math
 from dataclasses import dataclass
 
-from mnist import rundir
+from mnist import figures, rundir
 from mnist.launch import outcome, record
-from mnist.launch.outcome import human_bytes
 from mnist.launch.resources import memory, memory_bytes_of, time_seconds
 
 MATCH = ("model", "data.name", "data.batch_size", "resources.cpus_per_task", "resources.gpus_per_node",
          "resources.nodes", "resources.tasks_per_node", "trainer.device")
 MIN_RUNS = 5
 MARGIN = 1.2
-MEM_STEP = 256 * 2**20
 MIN_TIME_S = 120
 
 
@@ -121,16 +119,16 @@ def choose_mem(pasts, asked) -> Choice:
     if len(done) >= MIN_RUNS:
         peaks = [p.peak for p in done]
         wanted = max(p95(peaks), max(peaks)) * MARGIN
-        why = f"the peak of {len(done)} past runs like this, {human_bytes(max(peaks))} at most, x{MARGIN}"
+        why = f"the peak of {len(done)} past runs like this, {figures.human_bytes(max(peaks))} at most, x{MARGIN}"
     else:
         wanted = memory_bytes_of(asked)
         why = _too_few(done)
     if floor > wanted:
-        wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {human_bytes(floor // 2)}"
+        killed_with = figures.human_bytes(floor // 2)
+        wanted, why = floor, f"{why}; raised: a run like this was killed for memory with {killed_with}"
     elif len(done) < MIN_RUNS:
         return Choice(memory(asked), len(done), why)
-    value = math.ceil(wanted / MEM_STEP) * MEM_STEP // 2**20
-    return Choice(f"{value}M", len(done), why)
+    return Choice(figures.memory_text(wanted), len(done), why)
 
 
 def choose_time(pasts, asked, epochs) -> Choice:

@@ -24,7 +24,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from mnist import rundir
+from mnist import figures, rundir
 from mnist.launch import record, resources
 
 TAIL_BYTES = 16384  # of an .err: a traceback's end
@@ -85,7 +85,7 @@ def _job(entry, known, attempts, log_dir):
         job["last_line"] = _last_line(tail(str(Path(entry.run_dir) / rundir.LOG), OUT_TAIL_BYTES))
     job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
                        else max((a.restart for a in attempts), default=0))
-    job.update(figures(slurm, attempts, job["memory_kill"], job))
+    job.update(measured(slurm, attempts, job["memory_kill"], job))
     job["cause"], job["fix"] = cause(job, err_tail)
     return job
 
@@ -165,7 +165,7 @@ def _memory_kill(err_tail):
 
 # ---------------------------------------------------------------- figures
 
-def figures(slurm, attempts, memory_kill, job) -> dict:
+def measured(slurm, attempts, memory_kill, job) -> dict:
     """time_used_s, time_limit_s, task_limit_s (a packed run's task's), held_cpu_s and held_by_task (CPU seconds
     the allocation held, and whether that is a packed task's, shared by its runs), wait_s, cpus, cpu_s, cpu_pct,
     mem_peak, mem_asked, gpu_peak, gpu_total (None where unknown): the run's usage.json first, Slurm's accounting
@@ -243,7 +243,7 @@ def _asked(job, key):
 
 
 def _asked_mem(job):
-    return resources.memory_bytes(_asked(job, "mem") or "", "M")
+    return figures.memory_bytes(_asked(job, "mem") or "", "M")
 
 
 def _asked_time(job):
@@ -271,18 +271,19 @@ def cause(job, err_tail) -> tuple[str, str]:
     if state in GOING or state in ("COMPLETED", "?", ""):
         return "", ""
     if job["memory_kill"] or state == "OUT_OF_MEMORY":
-        fit = memory_text(memory_after_kill(job["mem_peak"], job["mem_asked"]))
+        fit = figures.memory_text(memory_after_kill(job["mem_peak"], job["mem_asked"]))
         if fit is None:
             return "killed for memory; ask for more", f"{resubmit} --more"
-        return (f"killed for memory: peak {human_bytes(job['mem_peak'])} > {human_bytes(job['mem_asked'])} asked; "
+        peak, asked = figures.human_bytes(job["mem_peak"]), figures.human_bytes(job["mem_asked"])
+        return (f"killed for memory: peak {peak} > {asked} asked; "
                 f"try resources.mem={fit}", f"{resubmit} resources.mem={fit}   (or: {resubmit} --more)")
     where = progress(job)
     if state == "TIMEOUT":
         limit = job["time_limit_s"]  # a packed run's own: what resources.time sets, each run of a task adding its own
-        longer = resources.time_text(2 * limit) if limit else "2:00:00"
+        longer = figures.limit_text(2 * limit) if limit else "2:00:00"
         after = f" after {job['requeues']} requeue{'s' if job['requeues'] != 1 else ''}" if job["requeues"] else ""
-        reached = (f"its packed task's time limit {clock(job['task_limit_s'])}" if job["task_limit_s"]
-                   else f"time limit {clock(limit)}")
+        reached = (f"its packed task's time limit {figures.clock(job['task_limit_s'])}" if job["task_limit_s"]
+                   else f"time limit {figures.clock(limit) if limit else '?'}")
         return (f"{reached} reached{after}{where}; resume, or try resources.time={longer}",
                 f"{resubmit}   (or: {resubmit} resources.time={longer}, or --more)")
     if state == "CANCELLED":
@@ -360,31 +361,7 @@ def memory_after_kill(peak, asked) -> float | None:
     return wanted or None
 
 
-def memory_text(n) -> str | None:
-    """Bytes as a resources.mem at or above them: whole G above 768M, else 256M steps; None for None."""
-    if not n:
-        return None
-    mib = n / 2**20
-    if mib > 768:
-        return f"{math.ceil(mib / 1024)}G"
-    return f"{256 * math.ceil(mib / 256)}M"
-
-
 # ---------------------------------------------------------------- as shown
-
-def human_bytes(n) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
-    return f"{n}B"
-
-
-def clock(seconds) -> str:
-    """Seconds as Slurm shows a duration: M:SS, H:MM:SS, D-HH:MM:SS."""
-    return record._clock(round(seconds)) if seconds is not None else "?"
-
 
 def cut(text, width) -> str:
     """A table cell of at most `width` characters ("-" for none), cut with "..."."""
@@ -395,12 +372,12 @@ def cut(text, width) -> str:
 def shown(job) -> dict[str, str]:
     """The table's cells for the figures: TIME used/limit, CPU %, MEM peak/asked, WAIT."""
     used, limit = job["time_used_s"], job["time_limit_s"]
-    time_cell = f"{clock(used) if used is not None else '-'}/{clock(limit) if limit else '-'}"
+    time_cell = f"{figures.clock(round(used)) if used is not None else '-'}/{figures.clock(limit) if limit else '-'}"
     cpu = f"{job['cpu_pct']:.0f}%" if job["cpu_pct"] is not None else "-"
     peak, asked = job["mem_peak"], job["mem_asked"]
-    mem = f"{human_bytes(peak) if peak else '-'}/{human_bytes(asked) if asked else '-'}"
+    mem = f"{figures.human_bytes(peak) if peak else '-'}/{figures.human_bytes(asked) if asked else '-'}"
     return {"time": time_cell if used is not None or limit else "-", "cpu": cpu, "mem": mem if peak or asked else "-",
-            "wait": clock(job["wait_s"]) if job["wait_s"] is not None else "-"}
+            "wait": figures.clock(round(job["wait_s"])) if job["wait_s"] is not None else "-"}
 
 
 def summary(jobs) -> str:
@@ -416,8 +393,8 @@ def summary(jobs) -> str:
     tasks = {j["job_id"]: j["held_cpu_s"] or 0 for j in jobs if j["held_by_task"]}  # each allocation once
     held = (sum(tasks.values()) + sum(j["held_cpu_s"] or 0 for j in jobs if not j["held_by_task"])) / 3600
     return (f"{len(jobs)} runs, min/median/max: CPU {spread([j['cpu_pct'] for j in jobs], lambda v: f'{v:.0f}%')}, "
-            f"MEM {spread([j['mem_peak'] for j in jobs], human_bytes)}, "
-            f"TIME {spread([j['time_used_s'] for j in jobs], clock)}; "
+            f"MEM {spread([j['mem_peak'] for j in jobs], figures.human_bytes)}, "
+            f"TIME {spread([j['time_used_s'] for j in jobs], lambda v: figures.clock(round(v)))}; "
             f"CPU-hours {used:.3f} used of {held:.3f} held (elapsed x CPUs)")
 
 

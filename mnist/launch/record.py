@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
+from mnist import figures
 from mnist.errors import UserError
-from mnist.launch import gateway, resources
+from mnist.launch import gateway
 
 FILE_NAME = "jobs.jsonl"
 
@@ -270,9 +271,10 @@ def parse_squeue(text) -> dict[str, JobState]:
         job_id, state, used, node, reason, restarts, limit, submit, start, tres = fields[:len(SQUEUE_FIELDS)]
         allocated = _tres(tres)
         found[job_id] = JobState(
-            state.split()[0], used, node, "" if reason == "None" else reason, _int(restarts), duration_s(used),
-            duration_s(limit), _time(submit), _time(start) if state != "PENDING" else "", "", "", allocated.get("cpu"),
-            allocated.get("mem"), allocated.get("node"), source="squeue")
+            figures.state(state), used, node, "" if reason == "None" else reason, _int(restarts),
+            figures.duration_s(used), figures.duration_s(limit), _time(submit),
+            _time(start) if state != "PENDING" else "", "", "", allocated.get("cpu"), allocated.get("mem"),
+            allocated.get("node"), source="squeue")
     return found
 
 
@@ -289,7 +291,7 @@ def parse_sacct(text) -> dict[str, JobState]:
         job_id, state, exit_code, elapsed, total_cpu, max_rss, tasks, limit, submit, start, end, tres, node, reason, \
             nodes = fields[:len(SACCT_FIELDS)]
         if "." in job_id:
-            rss = resources.memory_bytes(max_rss)
+            rss = figures.memory_bytes(max_rss)
             if rss is not None:  # MaxRSS is one task's: a node holds its share of the step's tasks
                 job = job_id.split(".")[0]
                 per_node = math.ceil((_int(tasks) or 1) / (_int(nodes) or 1))
@@ -298,11 +300,12 @@ def parse_sacct(text) -> dict[str, JobState]:
         allocated = _tres(tres)
         seconds = _int(elapsed)
         found[job_id] = JobState(
-            state.split()[0], _clock(seconds), "" if node == "None assigned" else node,  # "CANCELLED by 0": CANCELLED
+            figures.state(state), figures.clock(seconds) if seconds is not None else "",
+            "" if node == "None assigned" else node,
             "" if reason == "None" else reason, None, seconds, 60 * _int(limit) if _int(limit) is not None else None,
             _time(submit), _time(start) if node != "None assigned" else "", _time(end), exit_code, allocated.get("cpu"),
             allocated.get("mem"),
-            allocated.get("node"), duration_s(total_cpu), source="sacct")
+            allocated.get("node"), figures.duration_s(total_cpu), source="sacct")
     return {job: state._replace(max_rss=steps.get(job)) for job, state in found.items()}
 
 
@@ -314,30 +317,6 @@ def _time(text):
     return "" if text in ("", "N/A", "Unknown", "None") else text
 
 
-def _clock(seconds):
-    """Seconds as Slurm writes a duration: M:SS, H:MM:SS or D-HH:MM:SS."""
-    if seconds is None:
-        return ""
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def duration_s(text) -> float | None:
-    """Seconds in a Slurm duration ([D-][H:]M:S[.mmm], as squeue and sacct print them); None if not one."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})(?:\.(\d+))?", str(text).strip())
-    if not match:
-        return None
-    parts = [int(p) for p in match.group(2).split(":")]
-    if match.group(1) and len(parts) < 3:  # D-H or D-H:M
-        parts += [0] * (3 - len(parts))
-    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-    return seconds + 86400 * int(match.group(1) or 0) + (float("0." + match.group(3)) if match.group(3) else 0)
-
-
 def _tres(text):
     """{cpu: 4, mem: bytes, node: 1, gpu: 1} from a TRES list (cpu=4,mem=16G,node=1,gres/gpu=1)."""
     found = {}
@@ -345,7 +324,7 @@ def _tres(text):
         key, _, value = item.partition("=")
         key = "gpu" if key == "gres/gpu" else key
         if key == "mem":
-            found[key] = resources.memory_bytes(value, "M")
+            found[key] = figures.memory_bytes(value, "M")
         elif key in ("cpu", "node", "gpu") and value.isdigit():
             found[key] = int(value)
     return found

@@ -10,10 +10,9 @@ import shutil
 import sys
 from dataclasses import dataclass
 
+from mnist import figures
 from mnist.errors import UserError
 
-MEMORY = re.compile(r"(\d+)([KMGT]?)", re.IGNORECASE)
-TIME = re.compile(r"(?:(\d+)-)?(\d+(?::\d+){0,2})")
 OPTION_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 
 
@@ -23,36 +22,23 @@ class ResourceError(UserError):
 
 def time_seconds(value) -> int:
     """Seconds in a Slurm time limit: minutes, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
-    text = str(value).strip()
-    match = TIME.fullmatch(text)
-    if isinstance(value, bool) or not match:
+    seconds = figures.duration_s(value)
+    if seconds is None or "." in str(value):
         raise ResourceError(
             f"resources.time={value!r} is not a Slurm time limit. Write minutes (90), H:M:S (0:5:0) "
             f"or D-H:M:S (1-12:00:00), e.g. resources.time=0:15:0."
         )
-    days, parts = match.group(1), [int(p) for p in match.group(2).split(":")]
-    if days is None:
-        units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)]
-        seconds = sum(p * u for p, u in zip(parts, units))
-    else:
-        seconds = int(days) * 86400 + sum(p * u for p, u in zip(parts, (3600, 60, 1)))
     if seconds <= 0:
         raise ResourceError(f"resources.time={value!r} is no time at all. Give the job e.g. resources.time=0:15:0.")
     return seconds
 
 
-def time_text(seconds) -> str:
-    """A time limit as resources.time takes it, H:MM:SS or D-HH:MM:SS: the inverse of time_seconds."""
-    days, rest = divmod(int(math.ceil(seconds)), 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
-
-
 def memory(value) -> str:
     """A Slurm memory request as sbatch takes it: a whole number with an optional K/M/G/T."""
     text = str(value).strip()
-    match = MEMORY.fullmatch(text)
-    if isinstance(value, bool) or not match or int(match.group(1)) == 0:
+    match = figures.MEMORY.fullmatch(text)
+    if isinstance(value, bool) or not match or not match.group(1).isdigit() or text[-1] in "nNcCpP" \
+            or int(match.group(1)) == 0:
         raise ResourceError(
             f"resources.mem={value!r} is not a memory size Slurm understands. Write a whole number "
             f"with K, M, G or T (megabytes without one), e.g. resources.mem=3G."
@@ -259,20 +245,9 @@ def _fitting(resources, most):
     return " ".join(fixes)
 
 
-UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-
-
-def memory_bytes(text, default_unit="") -> int | None:
-    """Bytes in a Slurm memory figure (sacct's 806660K, 2G, 100M, 0); None if not one."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)[nc]?", str(text).strip(), re.IGNORECASE)
-    if not match:
-        return None
-    return int(float(match.group(1)) * UNITS[(match.group(2) or default_unit).upper()])
-
-
 def memory_bytes_of(value) -> int:
     """A Slurm memory request (checked, as `memory`) in bytes; megabytes, sbatch's unit, when none is given."""
-    return memory_bytes(memory(value), "M")
+    return figures.memory_bytes(memory(value), "M")
 
 
 def memory_mb_of(value) -> int:

@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from mnist import rundir
+from mnist import figures, rundir
 from mnist.errors import UserError
 from mnist.launch import gateway, outcome, record, resources
 
@@ -172,25 +172,20 @@ def _more(config, job, given, limits):
     peak); for one that timed out, twice its own time limit (not its packed task's). Within the partition's limits."""
     res = config["resources"]
     if (job["memory_kill"] or job["state"] == "OUT_OF_MEMORY") and "resources.mem" not in given:
-        asked = job["mem_asked"] or resources.memory_bytes(res["mem"], "M")
+        asked = job["mem_asked"] or figures.memory_bytes(res["mem"], "M")
         wanted = outcome.memory_after_kill(job["mem_peak"], asked)
         cap = limits.get("mem")
-        res["mem"] = _mem_text(cap) if cap and wanted > cap else outcome.memory_text(wanted)
+        res["mem"] = figures.memory_text(cap, at_most=True) if cap and wanted > cap else figures.memory_text(wanted)
     if job["state"] == "TIMEOUT" and "resources.time" not in given:
         own = resources.time_seconds(res["time"])  # the run's own limit (a packed task's is the sum of its runs')
         cap = limits.get("time")
-        res["time"] = resources.time_text(min(2 * own, cap) if cap else 2 * own)
-
-
-def _mem_text(n):
-    mib = n // 2**20
-    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+        res["time"] = figures.limit_text(min(2 * own, cap) if cap else 2 * own)
 
 
 def _one_request(configs):
     """A job array asks once for all its tasks: the largest memory of its runs (the longest time is the
     launcher's rule)."""
-    largest = max((c["resources"]["mem"] for c in configs), key=lambda m: resources.memory_bytes(m, "M") or 0)
+    largest = max((c["resources"]["mem"] for c in configs), key=lambda m: figures.memory_bytes(m, "M") or 0)
     for c in configs:
         c["resources"]["mem"] = largest
 
@@ -202,8 +197,8 @@ def _partition_limits():
     limits = {}
     for line in out.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        limit = {"time": record.duration_s(fields.get("MaxTime", "")),
-                 "mem": resources.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}
+        limit = {"time": figures.duration_s(fields.get("MaxTime", "")),
+                 "mem": figures.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}
         limits[fields.get("PartitionName")] = limit
         if fields.get("Default") == "YES":
             limits[None] = limit

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnist import datafiles, rundir
+from mnist import datafiles, figures, rundir
 from mnist.errors import UserError
 from mnist.launch import gateway, record, resources
 
@@ -291,7 +291,7 @@ def fill_auto(cfgs, sweep=True, whole=True) -> list[str]:
                             "time": history.choose_time(pasts[key], asked.time, int(cfg.trainer.epochs))}
         for k in wanted:
             shown = choices[id(cfg)][k]
-            value = resources.time_text(60 * shown.value) if k == "time" else shown.value
+            value = figures.limit_text(60 * shown.value) if k == "time" else shown.value
             lines.append(f"resources.{k}=auto: {value} ({shown.why}; conf/ asks {asked[k]})")
     if "mem" in wanted:
         largest = max((choices[id(c)]["mem"].value for c in cfgs), key=resources.memory_bytes_of)
