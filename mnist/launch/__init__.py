@@ -3,7 +3,8 @@
 - `slurm`: checks a run or sweep and submits it through submitit, as one job or one job array;
 - `resources`: conf/resources/ checked and turned into sbatch options, and what the cluster's nodes hold;
 - `history`: resources=auto and runs_per_task=auto, from what past runs like this one used;
-- `gateway`: the one door to Slurm's commands (squeue, sacct, sinfo, scontrol, scancel);
+- `gateway`: the one door to Slurm's commands (squeue, sacct, sinfo, scontrol, scancel); their figures
+  (times, memory, states) are read and written by mnist/figures.py;
 - `record`: the record of submitted jobs (logs/jobs.jsonl) and Slurm's states for them;
 - `outcome`: why each job ended and what it used, with the fix;
 - `resubmit`: reruns what did not complete, as one array;
