@@ -171,6 +171,68 @@ def test_the_sweeper_hands_the_launcher_every_combination_without_composing_them
     assert Recorder.batches == [(0, expected)], f"BasicSweeper's split of `a,b` overrides into runs {CHANGED}"
 
 
+def test_a_dry_run_sweep_loops_as_hydras_sweeper_does_less_its_record(hydra, tmp_path):
+    """private_apis.sweep_without_record is BasicSweeper.sweep's loop without multirun.yaml: Hydra's loop must
+    still be the one it copies, and the copy must hand the launcher the same batches."""
+    import inspect
+
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext, RunMode
+
+    basic_sweeper, _ = private_apis.basic_sweeper_classes()
+    hydras = inspect.getsource(basic_sweeper.sweep)
+    for step in ("self._parse_config()", "parse_overrides(", "self.split_arguments(", "self.max_batch_size",
+                 "while not self.is_done()", "self.get_job_batch()", "initial_job_idx=initial_job_idx",
+                 "multirun.yaml"):
+        assert step in hydras, f"BasicSweeper.sweep no longer has `{step}`: its loop {CHANGED}"
+
+    master = hydra.config_loader.load_configuration(
+        "config", ["hydra.mode=MULTIRUN", "launcher=slurm", "dry_run=true", "hydra.sweeper.max_batch_size=3",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}"], RunMode.MULTIRUN)
+    sweeper = Plugins.instance().instantiate_sweeper(
+        hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=None), task_function=None,
+        config=master)
+
+    class Recorder:
+        def launch(self, job_overrides, initial_job_idx):
+            return (initial_job_idx, [list(o) for o in job_overrides])
+
+    sweeper.launcher = Recorder()
+    batches = sweeper.sweep(["trainer.seed=1,2", "model=mlp,cnn"])
+    runs = [[f"trainer.seed={seed}", f"model={model}"] for seed, model in itertools.product((1, 2), ("mlp", "cnn"))]
+    assert batches == [(0, runs[:3]), (3, runs[3:])]
+    assert not (tmp_path / "sweep").exists(), "a dry run wrote the sweep's record"
+
+
+def test_no_private_name_of_hydra_or_submitit_is_used_outside_private_apis():
+    """No `hydra._internal` or `submitit.core._submit` import, and no `x._name` that is not the module's own,
+    in mnist/ or hydra_plugins/, but in mnist/private_apis.py."""
+    import ast
+
+    root = conftest.ROOT
+    found = []
+    for path in sorted([*root.glob("mnist/**/*.py"), *root.glob("hydra_plugins/**/*.py")]):
+        if path.name == "private_apis.py":
+            continue
+        tree = ast.parse(path.read_text())
+        nodes = list(ast.walk(tree))
+        own = {n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        own |= {t.attr for n in nodes if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Attribute)}
+        for n in nodes:
+            if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__") \
+                    and n.attr not in own | {"_replace", "_asdict", "_fields"}:  # (a NamedTuple's public API)
+                found.append(f"{path.relative_to(root)}:{n.lineno} .{n.attr}")
+            modules = ([n.module or ""] if isinstance(n, ast.ImportFrom) else
+                       [a.name for a in n.names] if isinstance(n, ast.Import) else [])
+            names = [a.name for a in n.names] if isinstance(n, ast.ImportFrom) else []
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] in ("hydra", "submitit") and any(p.startswith("_") for p in parts + names):
+                    found.append(f"{path.relative_to(root)}:{n.lineno} import {module} {' '.join(names)}")
+    assert not found, f"private names outside mnist/private_apis.py: {found}"
+
+
 # -- submitit: the sbatch script a dry run prints (mnist/launch/slurm.py's render) ---------------
 
 @pytest.fixture

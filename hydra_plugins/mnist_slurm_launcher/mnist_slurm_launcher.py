@@ -60,15 +60,7 @@ class MnistSlurmSweeper(BasicSweeper):
         sweep folder, which it would create for it)."""
         if not self.config.get("dry_run"):
             return super().sweep(arguments)
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        self.overrides = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)),
-                                              self.max_batch_size)
-        returns, initial_job_idx = [], 0
-        while not self.is_done():
-            batch = self.get_job_batch()
-            returns.append(self.launcher.launch(batch, initial_job_idx=initial_job_idx))
-            initial_job_idx += len(batch)
-        return returns
+        return private_apis.sweep_without_record(self, arguments)
 
 
 def compose_runs(config_loader, master, job_overrides):

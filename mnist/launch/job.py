@@ -39,7 +39,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         return rundir.finished(self.run_dir, self.config)
 
-    def _train(self):
+    def train(self) -> object:
         from omegaconf import OmegaConf
 
         from mnist import private_apis
@@ -115,7 +115,7 @@ def train_runs(jobs) -> list[list[dict]]:
         task = {"index": index, "runs": len(jobs), "startup_s": startup_s, "started": time.time()}
         try:
             with usage.recording(job.run_dir, task):  # the run's own record of what it used: usage.json
-                results.append(job._train())
+                results.append(job.train())
         except (StopRequested, KeyboardInterrupt):
             raise
         except Exception:
