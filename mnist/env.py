@@ -50,6 +50,11 @@ def in_slurm_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
 
 
+def slurm_conf() -> str | None:
+    """The Slurm configuration file SLURM_CONF names for Slurm's commands, if it is set."""
+    return os.environ.get("SLURM_CONF")
+
+
 def restarts() -> int:
     """How many times Slurm has requeued this job so far (0 outside Slurm)."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)

@@ -3,8 +3,9 @@ loss.name, optimizer.name, optimizer.scheduler, data.name and trainer.precision;
 that get a ready batch script (slurm/<name>.sh).
 
 Standard library only: config.validate reads it on the login node, which never imports torch,
-and refuses any other name there; mnist/models.py, mnist/mlp.py and mnist/losses.py build from it on
-the compute node. tests/test_models.py builds every entry, so the two cannot disagree. A new choice is one line.
+and refuses any other name there; mnist/models.py, mnist/optimizers.py, mnist/layers.py and mnist/losses.py
+build from it on the compute node. tests/test_models.py builds every entry, so the two cannot disagree.
+A new choice is one line.
 """
 from typing import NamedTuple
 

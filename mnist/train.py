@@ -25,7 +25,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from mnist import checkpoint, data, env, rundir
 from mnist.board import Off, open_board
 from mnist.losses import Loss
-from mnist.models import build_model, build_optimizer
+from mnist.models import build_model
+from mnist.optimizers import build_optimizer
 from mnist.precision import Precision
 from mnist.progress import Progress, wanted
 from mnist.stopping import StopFlag, StopRequested

@@ -47,6 +47,31 @@ def fake_slurm(monkeypatch, tmp_path):
     return answers, calls
 
 
+def test_no_module_but_env_reads_slurms_variables():
+    """mnist/env.py is the one reader of SLURM_* variables: no other module of mnist/ (or the Hydra plugin) reads
+    one from os.environ or os.getenv."""
+    def slurm_name(node):
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("SLURM_")
+
+    def environ(node):
+        return isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
+
+    readers = []
+    for path in sorted([*ROOT.glob("mnist/**/*.py"), *ROOT.glob("hydra_plugins/**/*.py")]):
+        if path == ROOT / "mnist" / "env.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            reads = (
+                isinstance(node, ast.Subscript) and environ(node.value) and slurm_name(node.slice)
+                or isinstance(node, ast.Call) and node.args and slurm_name(node.args[0]) and (
+                    environ(node.func) or isinstance(node.func, ast.Attribute) and environ(node.func.value))
+                or isinstance(node, ast.Compare) and slurm_name(node.left) and any(environ(c) for c in node.comparators)
+            )
+            if reads:
+                readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not readers, f"Slurm's variables read outside mnist/env.py: {readers}"
+
+
 def test_a_slurm_that_hangs_is_said_once_with_the_one_timeout(fake_slurm, tmp_path, capsys):
     answers, calls = fake_slurm
     answers["squeue"] = subprocess.TimeoutExpired("squeue", gateway.TIMEOUT_S)

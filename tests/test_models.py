@@ -4,7 +4,8 @@ import torch
 from mnist.cnn import CNN
 from mnist.config import compose
 from mnist.mlp import MLP
-from mnist.models import build_model, build_optimizer
+from mnist.models import build_model
+from mnist.optimizers import build_optimizer
 
 
 def n_parameters(model):

@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from mnist import env
+
 TIMEOUT_S = 30  # a busy controller answers within seconds; one that does not is down
 DEFAULT_CONF = "/etc/slurm/slurm.conf"
 run = subprocess.run
@@ -18,7 +20,7 @@ run = subprocess.run
 
 def missing_conf() -> str:
     """Why Slurm's commands would retry for a minute before failing: SLURM_CONF names no file; else ""."""
-    conf = os.environ.get("SLURM_CONF")
+    conf = env.slurm_conf()
     return f"SLURM_CONF={conf} is not a file" if conf and not os.path.isfile(conf) else ""
 
 
@@ -38,7 +40,7 @@ def call(command) -> tuple[str, str]:
     if out.returncode != 0:
         said = [line.strip() for line in out.stderr.splitlines() if line.strip()]
         problem = said[-1] if said else f"{command[0]} failed (exit status {out.returncode})"
-        if "configuration" in problem and not os.environ.get("SLURM_CONF") and not Path(DEFAULT_CONF).exists():
+        if "configuration" in problem and not env.slurm_conf() and not Path(DEFAULT_CONF).exists():
             problem += f" (SLURM_CONF is not set and there is no {DEFAULT_CONF})"
         return "", problem
     return out.stdout, ""
