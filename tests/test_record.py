@@ -251,3 +251,59 @@ def test_without_slurm_a_jobs_end_is_read_from_its_err_as_slurm_would_say_it(tmp
     Path(job.stderr).write_text(err)
     [job] = outcome.describe([job], record.States(by_job={}))
     assert job["state"] == state
+
+
+def slurm_answering(monkeypatch, squeue, sacct):
+    """gateway.run as a Slurm that prints these lines for squeue and for sacct."""
+    from mnist.launch import gateway
+
+    def answer(command, **kwargs):
+        return subprocess.CompletedProcess(command, 0, {"squeue": squeue, "sacct": sacct}[command[0]], "")
+
+    monkeypatch.setattr(gateway, "run", answer)
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+
+
+SQUEUE_LINE = "{id}|{state}|0:13|{node}|{reason}|0|5:00|2026-12-03T18:35:17|{start}|cpu=1,mem=1G,node=1|\n"
+SACCT_LINE = "{id}|{state}|0:0|{elapsed}|00:00.010|||5|2026-12-03T18:35:17|{start}|{end}|{tres}|{node}|None|1\n"
+
+
+def test_array_tasks_cancelled_while_pending_read_cancelled_never_unknown(tmp_path, monkeypatch):
+    """As measured on this project's cluster: `sbatch -a 0-3%1`, then `scancel A_2` and `scancel A_1` while task 0
+    ran. Both vanished from squeue -r and from sacct (which still folded them as `A_[1,3%1] PENDING`, later
+    `A_[1%1] CANCELLED by 0`, task 2 on no line at all): they read CANCELLED, never started, not UNKNOWN."""
+    logs = tmp_path / "logs"
+    entries = [entry(f"28864001_{task}", tmp_path / "run" / str(task), logs) for task in range(4)]
+    logs.mkdir()
+    for task in (0, 3):
+        Path(entries[task].stdout).write_text("started\n")
+    squeue = SQUEUE_LINE.format(id="28864001_3", state="RUNNING", node="vm", reason="None",
+                                start="2026-12-03T18:35:49")
+    started = SACCT_LINE.format(id="28864001_0", state="COMPLETED", elapsed=31, start="2026-12-03T18:35:18",
+                                end="2026-12-03T18:35:49", tres="billing=1,cpu=1,mem=1G,node=1", node="vm")
+    for folded in ("28864001_[1,3%1]|PENDING", "28864001_[1%1]|CANCELLED by 0"):
+        state, *_ = folded.split("|")[1:]
+        line = SACCT_LINE.format(id=folded.split("|")[0], state=state, elapsed=0, start="Unknown", end="Unknown",
+                                 tres="", node="None assigned")
+        slurm_answering(monkeypatch, squeue, started + line)
+        found = record.states(entries)
+        assert {job: s.state for job, s in found.by_job.items()} == {
+            "28864001_0": "COMPLETED", "28864001_1": "CANCELLED", "28864001_2": "CANCELLED",
+            "28864001_3": "RUNNING"}, folded
+        described = {job["job_id"]: job["cause"] for job in outcome.describe(entries, found, logs)}
+        assert described["28864001_2"] == described["28864001_1"] == "cancelled before it started"
+
+
+@pytest.mark.parametrize("folded, tasks", [
+    ("5_[1-3]", {"1", "2", "3"}), ("5_[1,4-6%2]", {"1", "4", "5", "6"}), ("5_[1%1]", {"1"}), ("5_[7]", {"7"}),
+])
+def test_every_folded_form_of_an_array_is_read_for_each_of_its_tasks(tmp_path, monkeypatch, folded, tasks):
+    """sacct's and squeue's folded task lists (ranges, lists, a %limit): each task they hold gets the line's
+    state, and no other task does (those read as cancelled while pending: Slurm lists their array)."""
+    entries = [entry(f"5_{task}", tmp_path / str(task), tmp_path) for task in range(8)]
+    line = SACCT_LINE.format(id=folded, state="CANCELLED by 0", elapsed=0, start="Unknown", end="Unknown", tres="",
+                             node="None assigned")
+    slurm_answering(monkeypatch, "", line)
+    found = record.states(entries).by_job
+    assert {job for job, s in found.items() if s.source == "sacct"} == {f"5_{t}" for t in tasks}
+    assert {s.state for s in found.values()} == {"CANCELLED"}

@@ -223,15 +223,27 @@ def states(entries) -> States:
         return States({}, problem)
     # squeue -r lists every pending job and task. sacct's PENDING for one it does not list is out of
     # date: a task cancelled before it started stays in sacct's folded "N_[1-3%1] PENDING" for a while.
-    accounted = {job: state for job, state in accounting(arrays).items() if state.state != "PENDING"}
+    listed = accounting(arrays)
+    accounted = {job: state for job, state in listed.items() if state.state != "PENDING"}
+    known_arrays = {job.split("_")[0] for job in (*queued, *listed)}
     found = {}
     for entry in entries:
         job_id = entry.job_id
         live, past = _lookup(job_id, queued), _lookup(job_id, accounted)
-        state = _merged(live, past) or _submitit_outcome(entry)
+        state = _merged(live, past) or _submitit_outcome(entry) or _cancelled_pending(entry, known_arrays)
         if state:
             found[job_id] = state
     return States(found)
+
+
+def _cancelled_pending(entry, known_arrays):
+    """CANCELLED for an array task Slurm no longer lists while it lists its array: one cancelled while it
+    was pending leaves squeue and, until sacct folds it into a line such as "N_[1%1] CANCELLED", sacct too.
+    A task that started has a log; a pending one is in `squeue -r`."""
+    array, _, task = entry.job_id.partition("_")
+    if task and array in known_arrays and not Path(entry.stdout).exists():
+        return JobState("CANCELLED", reason="never started", source="inferred")
+    return None
 
 
 def _merged(live, past):
