@@ -160,14 +160,29 @@ def test_auto_packs_into_no_fewer_tasks_than_the_array_may_run_at_once(tiny_data
         return next(line for line in result.stderr.splitlines() if line.startswith("launcher.runs_per_task=auto"))
 
     eight = packing("launcher.array_parallelism=8")  # 2 tasks of 10 would leave 6 of the 8 idle
-    assert eight.startswith("launcher.runs_per_task=auto: 3 (the 20 runs as 7 tasks, which "
-                            "launcher.array_parallelism=8 lets all run at once: about 3 minutes of work each"), eight
+    assert eight.startswith("launcher.runs_per_task=auto: 3 (the 20 runs as 7 tasks, which can all run at once "
+                            "(launcher.array_parallelism=8): about 3 minutes of work each"), eight
     assert packing("launcher.array_parallelism=20") == (
-        "launcher.runs_per_task=auto: 1 (the 20 runs can all run at once within launcher.array_parallelism=20)")
+        "launcher.runs_per_task=auto: 1 (the 20 runs can all run at once (launcher.array_parallelism=20))")
     assert packing("launcher.array_parallelism=2").startswith(
         "launcher.runs_per_task=auto: 10 (about 10 minutes of work at 60 s a run")
     # no size to fill
     assert "launcher.runs_per_task=auto: 10 (about 10 minutes" in suggest(tmp_path, "trainer.epochs=1")
+
+
+@pytest.mark.slurm
+def test_auto_packs_for_what_the_partitions_nodes_hold_at_once_when_fewer_than_the_array_may_run(
+        slurm_env, tiny_data, tmp_path):
+    """The session cluster's node has 4 CPUs: 1-CPU tasks run 4 at a time, whatever launcher.array_parallelism=8
+    allows, so 20 one-minute runs pack 5 a task (4 tasks, one wave), not 3 (7 tasks, two waves)."""
+    for number in range(5):
+        past_run(tmp_path, number, 400, 60)
+    result = sweep(["trainer.epochs=1", "trainer.seed=range(20)", "launcher.runs_per_task=auto", "dry_run=true",
+                    "launcher.array_parallelism=8"], tmp_path, tiny_data)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^launcher.runs_per_task=auto: 5 \(the 20 runs as 4 tasks, which can all run at once "
+                     r"\(partition \w+'s nodes hold 4 such tasks at once\)", result.stderr, re.M), result.stderr
+    assert "#SBATCH --array=0-3%4" in result.stdout, result.stdout
 
 
 def test_auto_asks_sacct_only_about_past_runs_that_did_not_record_a_completed_end(tmp_path, monkeypatch):

@@ -196,7 +196,7 @@ def check_cluster(resources, nodes) -> None:
             f"resources.partition={partition!r}: this cluster has no such partition. It has: "
             f"{', '.join(partitions)}. Set one of them, or resources.partition=null for the default."
         )
-    pool = [n for n in nodes if (n.default if partition is None else n.partition == str(partition))]
+    pool = partition_nodes(resources, nodes)
     where = f"partition {pool[0].partition}" if pool else "this cluster"
     if resources.gpus_per_node and not any(n.gpus for n in pool or nodes):
         raise ResourceError(
@@ -205,6 +205,22 @@ def check_cluster(resources, nodes) -> None:
         )
     if pool:
         _check_fits(resources, pool[0].partition, pool)
+
+
+def partition_nodes(resources, nodes) -> list[Nodes]:
+    """The nodes of the partition the request names (the default one for resources.partition=null)."""
+    partition = resources.partition
+    return [n for n in nodes if (n.default if partition is None else n.partition == str(partition))]
+
+
+def jobs_at_once(resources, nodes) -> int:
+    """How many jobs of this request the nodes of its partition hold at the same time (each node holding as
+    many as its CPUs, memory and GPUs allow; a job of several nodes takes that many); 0 if none fits."""
+    cpus = resources.cpus_per_task * resources.tasks_per_node
+    memory_mb, gpus = memory_mb_of(resources.mem), resources.gpus_per_node
+    each = [n.count * min(n.cpus // cpus, n.memory_mb // memory_mb, n.gpus // gpus if gpus else n.cpus)
+            for n in partition_nodes(resources, nodes)]
+    return sum(each) // resources.nodes
 
 
 def _check_fits(resources, partition, pool):

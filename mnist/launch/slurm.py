@@ -206,8 +206,8 @@ def submit_array(runs, single=False, overrides=None, previous=None) -> str | Non
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder.
     `previous`: for a resubmission, the job id each run had before (the record links them)."""
     cfgs = [cfg for cfg, _ in runs]
-    chosen = fill_auto(cfgs, sweep=not single)
     asked = {}
+    chosen = fill_auto(cfgs, sweep=not single, checked=asked)
     for cfg in cfgs:
         check(cfg, asked)
     first = cfgs[0]
@@ -267,11 +267,12 @@ def runs_per_task(launcher) -> int:
     return value
 
 
-def fill_auto(cfgs, sweep=True, whole=True) -> list[str]:
+def fill_auto(cfgs, sweep=True, whole=True, checked=None) -> list[str]:
     """Replace resources.mem/time=auto and launcher.runs_per_task=auto by what the history of runs like these
     says (mnist.launch.history); returns the lines that say what was chosen, from how many runs, and
     what conf/ asks. One array asks for one memory: the largest chosen. `whole`: cfgs are all of the sweep's
-    runs (not so for `mnist.jobs suggest`'s one config)."""
+    runs (not so for `mnist.jobs suggest`'s one config). `checked`: check()'s answers, to which packing adds the
+    cluster's nodes (None: packing does not ask the cluster)."""
     from mnist.launch import history
 
     wanted = [k for k in ("mem", "time") if any(str(c.resources[k]) == "auto" for c in cfgs)]
@@ -301,14 +302,15 @@ def fill_auto(cfgs, sweep=True, whole=True) -> list[str]:
         if "time" in wanted:
             cfg.resources.time = choices[id(cfg)]["time"].value
     if pack:
-        lines.append(_pack_auto(cfgs, [pasts[keys[id(cfg)]] for cfg in cfgs], whole))
+        lines.append(_pack_auto(cfgs, [pasts[keys[id(cfg)]] for cfg in cfgs], whole, checked))
     return list(dict.fromkeys(lines))  # a seed sweep says it once
 
 
-def _pack_auto(cfgs, pasts, whole=True):
+def _pack_auto(cfgs, pasts, whole=True, asked=None):
     """launcher.runs_per_task=auto: tasks of about launcher.pack_minutes of estimated work, 1 without history; for
-    a sweep, never so few tasks that fewer run at once than launcher.array_parallelism allows (ceil(runs / it) runs
-    a task at most: all the tasks can then run in one wave)."""
+    a sweep, never so few tasks that fewer run at once than can (ceil(runs / at once) runs a task at most: all the
+    tasks can then run in one wave), where what can run at once is the smaller of launcher.array_parallelism and
+    what the partition's nodes hold."""
     from mnist.launch import history
 
     minutes = float(cfgs[0].launcher.pack_minutes)
@@ -321,20 +323,34 @@ def _pack_auto(cfgs, pasts, whole=True):
         run_s, runs = max(max(work), 1.0), len(cfgs)
         per_task = max(1, int(minutes * 60 // run_s))
         why = f"about {minutes:g} minutes of work at {max(work):.0f} s a run, by the past runs"
-        parallel = array_parallelism(cfgs[0].launcher)
+        parallel, limit = _at_once(cfgs[0], asked) if whole else (1, "")
         filling = math.ceil(runs / parallel) if whole else per_task
         if filling == 1 < per_task:
             per_task = 1
-            why = f"the {runs} run{'s' * (runs > 1)} can all run at once within launcher.array_parallelism={parallel}"
+            why = f"the {runs} run{'s' * (runs > 1)} can all run at once ({limit})"
         elif filling < per_task:
             per_task, task_s = filling, filling * run_s
             each = f"{task_s:.0f} s" if task_s < 120 else f"{task_s / 60:.0f} minutes"
-            why = (f"the {runs} runs as {math.ceil(runs / filling)} tasks, which launcher.array_parallelism={parallel} "
-                   f"lets all run at once: about {each} of work each at {max(work):.0f} s a run; tasks of "
+            why = (f"the {runs} runs as {math.ceil(runs / filling)} tasks, which can all run at once ({limit}): "
+                   f"about {each} of work each at {max(work):.0f} s a run; tasks of "
                    f"launcher.pack_minutes={minutes:g} would be fewer")
     for cfg in cfgs:
         cfg.launcher.runs_per_task = per_task
     return f"launcher.runs_per_task=auto: {per_task} ({why})"
+
+
+def _at_once(cfg, asked):
+    """(how many tasks of this sweep can run at once, what limits it): launcher.array_parallelism, or fewer where
+    the partition's nodes hold fewer such tasks side by side (asked once: one sinfo call, shared with check())."""
+    parallel = array_parallelism(cfg.launcher)
+    if asked is not None and "cluster" not in asked:
+        asked["cluster"] = resources.ask_cluster(cfg.dry_run)
+    nodes = (asked or {}).get("cluster")
+    held = resources.jobs_at_once(cfg.resources, nodes) if nodes else 0
+    if 0 < held < parallel:
+        partition = resources.partition_nodes(cfg.resources, nodes)[0].partition
+        return held, f"partition {partition}'s nodes hold {held} such tasks at once"
+    return parallel, f"launcher.array_parallelism={parallel}"
 
 
 def _packed(params, cfg, per_task):
