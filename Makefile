@@ -91,9 +91,10 @@ clean: ## remove run outputs (outputs/, multirun/); keeps data/ and .venv
 	rm -rf outputs multirun
 
 CLUSTER_DIR ?= .cluster
+NODES ?= 1
 .PHONY: cluster-up cluster-down
-cluster-up: $(VENV) ## start a real one-node Slurm here (Debian's slurmctld/slurmd/munge); prints the export line
-	@$(PYTHON) cluster/localslurm.py up --dir $(CLUSTER_DIR)
+cluster-up: $(VENV) ## start a real Slurm here, NODES=1 node(s) (Debian's slurmctld/slurmd/munge); prints the export line
+	@$(PYTHON) cluster/localslurm.py up --dir $(CLUSTER_DIR) --nodes $(NODES)
 
-cluster-down: $(VENV) ## stop the one-node Slurm that cluster-up started
+cluster-down: $(VENV) ## stop the Slurm that cluster-up started
 	@$(PYTHON) cluster/localslurm.py down --dir $(CLUSTER_DIR)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start and stop a real single-node Slurm cluster on this machine.
+"""Start and stop a real Slurm cluster on this machine: one node, or several (``nodes=N``).
 
 Everything lives under one folder: the generated ``slurm.conf`` (plus ``gres.conf`` and
 ``slurmdbd.conf``), the controller state, the slurmd spool, the logs, the pid files and,
@@ -16,9 +16,19 @@ Library use::
 
 Command line::
 
-    python cluster/localslurm.py up [--dir DIR] [--no-accounting] [--gpus N]
+    python cluster/localslurm.py up [--dir DIR] [--no-accounting] [--gpus N] [--nodes N]
     python cluster/localslurm.py status [--dir DIR]
     python cluster/localslurm.py down [--dir DIR]
+    python cluster/localslurm.py kill-node NAME [--dir DIR]       as if its power went: its slurmd and its jobs
+    python cluster/localslurm.py start-node NAME [--dir DIR]
+    python cluster/localslurm.py restart-controller [--dir DIR] [--down S]
+
+Several nodes (Debian's slurmd runs several on one host: each NodeName its own Port=, %n in the
+slurmd's spool, pid and log files, ``slurmd -N n1``) share this machine's CPUs and memory. Their names
+n1..nN are added to /etc/hosts (127.0.0.1) so that jobs resolve them, as on a real cluster. Partitions:
+``debug`` (all nodes, the default), ``short`` (tight limits: SHORT_MAX_TIME minutes, SHORT_MAX_MEM_MB per
+node), ``gpu`` (the node with the fake GPUs), ``low`` (preemptible: its jobs are requeued) and ``high``
+(preempts ``low``). TaskPlugin=task/affinity pins each task to its CPUs, as most sites do.
 
 Needs (Debian): ``slurmctld slurmd slurm-client munge`` and, for accounting,
 ``slurmdbd mariadb-server``; must run as root (SlurmUser=root, munged as munge).
@@ -48,13 +58,17 @@ PARTITION = "debug"
 NODE_NAME = socket.gethostname().split(".")[0] or "node1"
 # Ports are taken from this range (below Linux' ephemeral range 32768-60999), 4 per cluster.
 PORT_RANGE = (20000, 32000)
-N_PORTS = 4  # slurmctld, slurmd, slurmdbd, mariadb
+MAX_NODES = 8
+N_PORTS = 3 + MAX_NODES  # slurmctld, slurmd (the first node), slurmdbd, mariadb, then the other nodes' slurmd
+SHORT_MAX_TIME = 2  # minutes: the short partition's MaxTime
+SHORT_MAX_MEM_MB = 1024  # the short partition's MaxMemPerNode
+HOSTS = Path("/etc/hosts")
 START_TIMEOUT = 60.0
 # Subdirectories and files of the folder that belong to a cluster; wiped on each start.
 _OWNED = ("state", "spool", "log", "run", "mariadb", "slurm.conf", "gres.conf",
           "slurmdbd.conf", STATE_FILE)
 # Stop order: compute daemon first (while its controller is alive), database last.
-_STOP_ORDER = ("slurmd", "slurmctld", "slurmdbd", "mariadbd")
+_STOP_ORDER = ("slurmd", "slurmctld", "slurmdbd", "mariadbd")  # (slurmd-n1, ... stop with slurmd)
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sinfo", "squeue", "scontrol", "sbatch",
                   "scancel", "munged", "munge")
@@ -166,10 +180,25 @@ def _tail(path: Path, n: int = 25, skip: Sequence[str] = ()) -> str:
     return "\n".join(lines[-n:])
 
 
-def _daemon_env(conf_path: Path) -> dict[str, str]:
+def _daemon_env(conf_path: Path, node: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
     env["SLURM_CONF"] = str(conf_path)
+    if node:  # inherited by the node's slurmstepd processes: kill_node finds its jobs by it
+        env["LOCALSLURM_NODE"] = node
     return env
+
+
+def _ensure_resolvable(names: Sequence[str]) -> None:
+    """Node names that do not resolve get a line `127.0.0.1 n1 n2 ...  # localslurm` in /etc/hosts."""
+    missing = []
+    for name in names:
+        try:
+            socket.gethostbyname(name)
+        except OSError:
+            missing.append(name)
+    if missing:
+        with open(HOSTS, "a") as f:
+            f.write(f"127.0.0.1 {' '.join(missing)}  # localslurm: the nodes of a local multi-node cluster\n")
 
 
 def _munge_ok() -> bool:
@@ -232,7 +261,7 @@ class Cluster:
     """A running (or stopped) local Slurm cluster rooted at ``folder``."""
 
     def __init__(self, folder, *, name: str, port_base: int, first_job_id: int,
-                 accounting: bool, gpus: int, cpus: int, real_memory: int,
+                 accounting: bool, gpus: int, cpus: int, real_memory: int, nodes: int = 1,
                  pids: dict[str, dict[str, object]] | None = None):
         self.folder = Path(folder).resolve()
         self.name = name
@@ -242,8 +271,11 @@ class Cluster:
         self.gpus = gpus
         self.cpus = cpus
         self.real_memory = real_memory
+        self.nodes = nodes
         self.partition = PARTITION
-        self.node = NODE_NAME
+        # one node: the machine's own name; several: n1..nN (NodeHostname this machine, resolved by /etc/hosts)
+        self.node_names = [NODE_NAME] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
+        self.node = self.node_names[0]
         self.pids: dict[str, dict[str, object]] = dict(pids or {})
         self._procs: dict[str, subprocess.Popen] = {}
         self.start_seconds: float | None = None  # how long start() took
@@ -276,6 +308,14 @@ class Cluster:
         b = self.port_base
         return {"slurmctld": b, "slurmd": b + 1, "slurmdbd": b + 2, "mariadb": b + 3}
 
+    def slurmd_port(self, index: int) -> int:
+        """The port of the index-th node's slurmd (the first one's is ports["slurmd"])."""
+        return self.ports["slurmd"] if index == 0 else self.port_base + 3 + index
+
+    def slurmd_name(self, node: str) -> str:
+        """The name its slurmd has in ``pids``: slurmd for a one-node cluster, slurmd-<node> otherwise."""
+        return "slurmd" if self.nodes == 1 else f"slurmd-{node}"
+
     @property
     def env(self) -> dict[str, str]:
         """Variables to merge into os.environ for Slurm commands and submitit."""
@@ -296,14 +336,19 @@ class Cluster:
         return res.stdout + res.stderr
 
     def node_state(self, timeout: float = 3) -> str | None:
-        """The node's state as sinfo reports it ('idle', 'mixed', ...); None if unreachable."""
+        """The nodes' state as sinfo reports it ('idle', 'mixed', ...; several nodes: 'idle' when all are,
+        else the first other one's); None if unreachable."""
         try:
-            res = self.run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%T"], timeout=timeout)
+            res = self.run(["sinfo", "-h", "-N", "-n", ",".join(self.node_names), "-o", "%N %T"], timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
         if res.returncode != 0:
             return None
-        return res.stdout.strip() or None
+        states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
+        if set(states) != set(self.node_names):
+            return None
+        others = [state for state in states.values() if state != "idle"]
+        return others[0] if others else "idle"
 
     def wait_idle(self, timeout: float = 60) -> str | None:
         """Wait until the node is idle: earlier jobs ended and Slurm done cleaning up after them
@@ -321,7 +366,7 @@ class Cluster:
         return {"name": self.name, "port_base": self.port_base,
                 "first_job_id": self.first_job_id, "accounting": self.accounting,
                 "gpus": self.gpus, "cpus": self.cpus, "real_memory": self.real_memory,
-                "pids": self.pids}
+                "nodes": self.nodes, "pids": self.pids}
 
     def _save(self) -> None:
         tmp = self.folder / (STATE_FILE + ".tmp")
@@ -334,15 +379,16 @@ class Cluster:
                 if _alive(int(rec["pid"]), rec.get("start_time"))]  # type: ignore[arg-type]
 
     def is_up(self) -> bool:
-        wanted = {"slurmctld", "slurmd"} | ({"slurmdbd", "mariadbd"} if self.accounting else set())
+        wanted = {"slurmctld", *map(self.slurmd_name, self.node_names)} | (
+            {"slurmdbd", "mariadbd"} if self.accounting else set())
         return bool(self.pids) and wanted <= set(self.running_daemons())
 
     # ---- starting daemons
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], node: str | None = None) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.out", "ab")
         try:
-            proc = subprocess.Popen(args, env=_daemon_env(self.conf_path), cwd=str(self.folder),
+            proc = subprocess.Popen(args, env=_daemon_env(self.conf_path, node), cwd=str(self.folder),
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True)
         finally:
@@ -409,9 +455,10 @@ class Cluster:
         return "\n".join(parts)
 
     # ---- stopping
-    def _kill_job_processes(self) -> None:
-        """Kill slurmstepd processes of this cluster left behind (and their descendants)."""
-        marker = f"SLURM_CONF={self.conf_path}".encode()
+    def _kill_job_processes(self, node: str | None = None) -> None:
+        """Kill slurmstepd processes of this cluster left behind (and their descendants); only those of
+        `node` if given."""
+        marker = (f"LOCALSLURM_NODE={node}" if node else f"SLURM_CONF={self.conf_path}").encode()
         children: dict[int, list[int]] = {}
         stepds = []
         for entry in os.listdir("/proc"):
@@ -465,6 +512,35 @@ class Cluster:
         except (OSError, subprocess.TimeoutExpired):
             pass
 
+    def kill_node(self, node: str) -> None:
+        """As if the node's power went: its slurmd and every process of its jobs are killed (SIGKILL), with no
+        word to the controller, which marks the node DOWN once it misses its pings (SlurmdTimeout)."""
+        if node not in self.node_names:
+            raise SlurmStartError(f"no node {node!r} in this cluster (it has {', '.join(self.node_names)})")
+        name = self.slurmd_name(node)
+        if name in self.running_daemons():
+            self._signal(name, signal.SIGKILL)
+            self._wait_gone(name, 5.0)
+        self._kill_job_processes(node)
+
+    def start_node(self, node: str) -> None:
+        """Start a killed node's slurmd again; it rejoins once the controller hears from it."""
+        if node not in self.node_names:
+            raise SlurmStartError(f"no node {node!r} in this cluster (it has {', '.join(self.node_names)})")
+        self._spawn(self.slurmd_name(node), [_which("slurmd") or "slurmd", "-D", "-N", node], node=node)
+
+    def restart_controller(self, down_s: float = 0, timeout: float = 30) -> None:
+        """Stop slurmctld (SIGTERM: it saves its state), wait `down_s` seconds, start it again on its saved
+        state; returns once it answers. Jobs keep running on the nodes meanwhile."""
+        self._signal("slurmctld", signal.SIGTERM)
+        if not self._wait_gone("slurmctld", 10.0):
+            self._signal("slurmctld", signal.SIGKILL)
+            self._wait_gone("slurmctld", 5.0)
+        time.sleep(down_s)
+        self._spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-i"])
+        deadline = time.monotonic() + timeout
+        self._wait_for("slurmctld to answer again", self._answers, deadline, ["slurmctld"])
+
     def stop(self, grace: float = 5.0, keep_data: bool = False) -> None:
         """Stop the daemons this cluster started: SIGTERM, then SIGKILL after ``grace`` s.
 
@@ -472,8 +548,9 @@ class Cluster:
         MariaDB data directory is deleted unless ``keep_data``; configs and logs stay.
         """
         self._cancel_jobs()
-        names = [n for n in _STOP_ORDER if n in self.pids] + \
-                [n for n in self.pids if n not in _STOP_ORDER]
+        slurmds = sorted(n for n in self.pids if n.startswith("slurmd-"))
+        names = slurmds + [n for n in _STOP_ORDER if n in self.pids] + \
+            [n for n in self.pids if n not in _STOP_ORDER and n not in slurmds]
         # One at a time: slurmd while its controller is up (a slurmd without controller
         # ignores SIGTERM for minutes), the database last.
         for name in names:
@@ -539,8 +616,10 @@ class Cluster:
 def _slurm_conf(c: Cluster, host: str) -> str:
     f, p = c.folder, c.ports
     def_mem = max(256, min(2048, c.real_memory // max(1, c.cpus)))
+    several = c.nodes > 1
+    node_files = ".%n" if several else ""  # each node's slurmd its own spool, pid and log file
     lines = [
-        "# Generated by cluster/localslurm.py: a single-node test cluster on loopback.",
+        f"# Generated by cluster/localslurm.py: a {c.nodes}-node test cluster on loopback.",
         f"ClusterName={c.name}",
         f"SlurmctldHost={host}(127.0.0.1)",
         f"SlurmctldPort={p['slurmctld']}",
@@ -551,16 +630,16 @@ def _slurm_conf(c: Cluster, host: str) -> str:
         "CredType=cred/munge",
         "AuthInfo=cred_expire=10",
         f"StateSaveLocation={f}/state",
-        f"SlurmdSpoolDir={f}/spool",
+        f"SlurmdSpoolDir={f}/spool{'/%n' if several else ''}",
         f"SlurmctldPidFile={f}/run/slurmctld.slurm.pid",
-        f"SlurmdPidFile={f}/run/slurmd.slurm.pid",
+        f"SlurmdPidFile={f}/run/slurmd{node_files}.slurm.pid",
         f"SlurmctldLogFile={f}/log/slurmctld.log",
-        f"SlurmdLogFile={f}/log/slurmd.log",
+        f"SlurmdLogFile={f}/log/slurmd{node_files}.log",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         "MpiDefault=none",
         "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
+        f"TaskPlugin={'task/affinity' if several else 'task/none'}",
         "SlurmdParameters=config_overrides",
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core_Memory",
@@ -577,6 +656,10 @@ def _slurm_conf(c: Cluster, host: str) -> str:
         f"FirstJobId={c.first_job_id}",
         "JobCompType=jobcomp/none",
     ]
+    if several:
+        # a node that stops answering is DOWN after this long; its jobs are then requeued (JobRequeue=1,
+        # and submitit's jobs ask for --requeue) or end NODE_FAIL
+        lines += ["SlurmdTimeout=20", "JobRequeue=1", "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE"]
     if c.accounting:
         lines += [
             "AccountingStorageType=accounting_storage/slurmdbd",
@@ -587,14 +670,36 @@ def _slurm_conf(c: Cluster, host: str) -> str:
             lines.append("AccountingStorageTRES=gres/gpu")
     else:
         lines.append("AccountingStorageType=accounting_storage/none")
-    node = (f"NodeName={c.node} NodeAddr=127.0.0.1 CPUs={c.cpus} RealMemory={c.real_memory}"
-            " State=UNKNOWN")
     if c.gpus > 0:
         lines.append("GresTypes=gpu")
-        node += f" Gres=gpu:{c.gpus}"
-    lines += [node,
-              f"PartitionName={c.partition} Nodes={c.node} Default=YES MaxTime=INFINITE State=UP"]
+    if not several:
+        node = (f"NodeName={c.node} NodeAddr=127.0.0.1 CPUs={c.cpus} RealMemory={c.real_memory}"
+                " State=UNKNOWN")
+        lines += [node + (f" Gres=gpu:{c.gpus}" if c.gpus > 0 else ""),
+                  f"PartitionName={c.partition} Nodes={c.node} Default=YES MaxTime=INFINITE State=UP"]
+        return "\n".join(lines) + "\n"
+    cpus, memory = _node_share(c)
+    gpu_node = c.node_names[-1]
+    for index, name in enumerate(c.node_names):
+        gres = f" Gres=gpu:{c.gpus}" if c.gpus > 0 and name == gpu_node else ""
+        lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={c.slurmd_port(index)} "
+                     f"CPUs={cpus} RealMemory={memory}{gres} State=UNKNOWN")
+    everyone = ",".join(c.node_names)
+    lines += [
+        f"PartitionName={c.partition} Nodes={everyone} Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF",
+        f"PartitionName=short Nodes={everyone} MaxTime={SHORT_MAX_TIME} MaxMemPerNode={SHORT_MAX_MEM_MB} State=UP "
+        f"PreemptMode=OFF",
+        f"PartitionName=low Nodes={everyone} MaxTime=INFINITE PriorityTier=1 PreemptMode=REQUEUE State=UP",
+        f"PartitionName=high Nodes={everyone} MaxTime=INFINITE PriorityTier=2 PreemptMode=OFF State=UP",
+    ]
+    if c.gpus > 0:
+        lines.append(f"PartitionName=gpu Nodes={gpu_node} MaxTime=INFINITE State=UP PreemptMode=OFF")
     return "\n".join(lines) + "\n"
+
+
+def _node_share(c: Cluster) -> tuple[int, int]:
+    """(CPUs, memory in MB) of each node of a multi-node cluster: the machine's, shared out."""
+    return max(1, c.cpus // c.nodes), max(256, c.real_memory // c.nodes)
 
 
 _FAKE_GPU_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -605,6 +710,7 @@ def _gres_conf(c: Cluster) -> str:
     CUDA_VISIBLE_DEVICES empty; no File= makes the node INVAL)."""
     if c.gpus <= 0:
         return "AutoDetect=off\n"
+    node = f"NodeName={c.node_names[-1]} " if c.nodes > 1 else ""
     if c.gpus <= len(_FAKE_GPU_DEVICES):
         files = ",".join(_FAKE_GPU_DEVICES[:c.gpus])
     else:  # more than we have harmless devices for: make /dev/null look-alikes
@@ -612,7 +718,7 @@ def _gres_conf(c: Cluster) -> str:
         for i in range(c.gpus):
             os.mknod(c.run_dir / f"fakegpu{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         files = f"{c.run_dir}/fakegpu[0-{c.gpus - 1}]"
-    return f"AutoDetect=off\nName=gpu Count={c.gpus} File={files}\n"
+    return f"AutoDetect=off\n{node}Name=gpu Count={c.gpus} File={files}\n"
 
 
 def _slurmdbd_conf(c: Cluster, host: str) -> str:
@@ -670,11 +776,11 @@ def load(folder) -> Cluster | None:
 
 def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist",
           port_base: int | None = None, first_job_id: int | None = None,
-          timeout: float = START_TIMEOUT, cpus: int | None = None) -> Cluster:
-    """Start a fresh single-node cluster under ``folder`` and wait until its node is idle.
+          timeout: float = START_TIMEOUT, cpus: int | None = None, nodes: int = 1) -> Cluster:
+    """Start a fresh cluster of ``nodes`` nodes under ``folder`` and wait until its nodes are idle.
 
-    ``cpus``: the CPUs the node offers (default: this machine's); more than the machine has
-    lets more small jobs run at once, as tests want.
+    ``cpus``: the CPUs the node offers (default: this machine's), shared out between the nodes
+    of a multi-node cluster; more than the machine has lets more small jobs run at once, as tests want.
 
     Raises SlurmStartError (a RuntimeError) with the daemons' log tails on failure; the
     daemons started so far are stopped again.
@@ -684,6 +790,8 @@ def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist"
     problems = missing_requirements(accounting)
     if problems:
         raise SlurmStartError("; ".join(problems))
+    if not 1 <= nodes <= MAX_NODES:
+        raise SlurmStartError(f"nodes={nodes}: a local cluster has 1 to {MAX_NODES} nodes")
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     old = load(folder)
@@ -711,8 +819,12 @@ def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist"
     cpus = cpus or os.cpu_count() or 1
     real_memory = max(512, int(_mem_total_mb() * 0.95))
     cluster = Cluster(folder, name=name, port_base=port_base, first_job_id=first_job_id,
-                      accounting=accounting, gpus=gpus, cpus=cpus, real_memory=real_memory)
+                      accounting=accounting, gpus=gpus, cpus=cpus, real_memory=real_memory, nodes=nodes)
     cluster._t0 = t0
+    if nodes > 1:
+        _ensure_resolvable(cluster.node_names)
+        for node in cluster.node_names:
+            (folder / "spool" / node).mkdir()
     host = socket.gethostname().split(".")[0]
     cluster.conf_path.write_text(_slurm_conf(cluster, host))
     (folder / "gres.conf").write_text(_gres_conf(cluster))
@@ -727,7 +839,8 @@ def start(folder, *, accounting: bool = True, gpus: int = 1, name: str = "mnist"
             cluster._wait_for("slurmdbd to listen", lambda: _port_open(cluster.ports["slurmdbd"]),
                               deadline, ["mariadbd", "slurmdbd"])
         cluster._spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-i"])
-        cluster._spawn("slurmd", [_which("slurmd") or "slurmd", "-D", "-N", cluster.node])
+        for node in cluster.node_names:
+            cluster.start_node(node)
         daemons = list(cluster._procs)
         cluster._wait_for("the node to be idle",
                           lambda: cluster.node_state() == "idle", deadline, daemons)
@@ -798,7 +911,7 @@ def _cmd_up(args) -> int:
     else:
         try:
             cluster = start(folder, accounting=not args.no_accounting, gpus=args.gpus,
-                            name=args.name)
+                            name=args.name, nodes=args.nodes)
         except SlurmStartError as exc:
             print(str(exc), file=sys.stderr)
             return 1
@@ -820,6 +933,56 @@ def _cmd_down(args) -> int:
     return 0
 
 
+def _running(folder: Path) -> Cluster | None:
+    cluster = load(folder)
+    if cluster is None or not cluster.running_daemons():
+        print(f"no cluster running in {folder}", file=sys.stderr)
+        return None
+    return cluster
+
+
+def _cmd_kill_node(args) -> int:
+    cluster = _running(Path(args.dir).resolve())
+    if cluster is None:
+        return 1
+    try:
+        cluster.kill_node(args.name)
+    except SlurmStartError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"node {args.name} killed (its slurmd and its jobs' processes); the controller marks it DOWN when it "
+          f"misses its pings. Start it again with: python {sys.argv[0]} start-node {args.name} --dir {args.dir}")
+    return 0
+
+
+def _cmd_start_node(args) -> int:
+    cluster = _running(Path(args.dir).resolve())
+    if cluster is None:
+        return 1
+    try:
+        cluster.start_node(args.name)
+    except SlurmStartError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    cluster._procs = {}
+    print(f"node {args.name}: slurmd started")
+    return 0
+
+
+def _cmd_restart_controller(args) -> int:
+    cluster = _running(Path(args.dir).resolve())
+    if cluster is None:
+        return 1
+    try:
+        cluster.restart_controller(down_s=args.down)
+    except SlurmStartError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    cluster._procs = {}
+    print(f"slurmctld restarted (down {args.down:g} s)")
+    return 0
+
+
 def _cmd_status(args) -> int:
     folder = Path(args.dir).resolve()
     cluster = load(folder)
@@ -837,18 +1000,25 @@ def _cmd_status(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localslurm.py",
-                                     description="A real single-node Slurm cluster in a folder.")
+                                     description="A real Slurm cluster (one node or several) in a folder.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start the cluster in the background")
     up.add_argument("--no-accounting", action="store_true", help="no slurmdbd/mariadb (no sacct)")
     up.add_argument("--gpus", type=int, default=1, help="fake GPUs on the node (default 1)")
     up.add_argument("--name", default="mnist", help="ClusterName (default mnist)")
+    up.add_argument("--nodes", type=int, default=1, help=f"nodes, sharing this machine (1 to {MAX_NODES}; default 1)")
     for name, help_ in (("down", "stop the cluster"), ("status", "show daemons and sinfo")):
         sub.add_parser(name, help=help_)
+    for name, help_ in (("kill-node", "kill a node's slurmd and its jobs' processes, as if its power went"),
+                        ("start-node", "start a killed node's slurmd again")):
+        sub.add_parser(name, help=help_).add_argument("name", help="the node (n1, n2, ...)")
+    restart = sub.add_parser("restart-controller", help="stop slurmctld, wait, start it again on its saved state")
+    restart.add_argument("--down", type=float, default=0, help="seconds to stay down (default 0)")
     for p in sub.choices.values():
         p.add_argument("--dir", default=DEFAULT_DIR, help=f"cluster folder (default {DEFAULT_DIR})")
     args = parser.parse_args(argv)
-    return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status}[args.cmd](args)
+    return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "kill-node": _cmd_kill_node,
+            "start-node": _cmd_start_node, "restart-controller": _cmd_restart_controller}[args.cmd](args)
 
 
 if __name__ == "__main__":

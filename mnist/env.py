@@ -50,6 +50,12 @@ def in_slurm_job() -> bool:
     return "SLURM_JOB_ID" in os.environ
 
 
+def node_name() -> str:
+    """The node this process runs on: Slurm's name for it in a job (SLURMD_NODENAME), else the host's name.
+    (They differ where one host runs several slurmd, as the local multi-node cluster does.)"""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def slurm_conf() -> str | None:
     """The Slurm configuration file SLURM_CONF names for Slurm's commands, if it is set."""
     return os.environ.get("SLURM_CONF")
@@ -196,6 +202,7 @@ def record(device, threads, world_size=1) -> dict:
         "packages": {p: _version(p) for p in ("torch", "torchvision", "hydra-core", "omegaconf", "submitit", "numpy")},
         "git_commit": _git_commit(),
         "host": socket.gethostname(),
+        "node": node_name(),
         "platform": platform.platform(),
         "cpu_threads": threads,
         "world_size": world_size,

@@ -166,11 +166,15 @@ def _gpu_line(job):
 def _attempt_line(attempt):
     ranks, hosts = len(attempt.ranks), attempt.hosts
     peak = figures.human_bytes(attempt.node_peak)  # what resources.mem (a node's) must hold, as MEM shows
+    if len(attempt.node_peaks) > 1:  # each node's, the fullest first
+        each = sorted(attempt.node_peaks.items(), key=lambda item: -item[1])
+        peak = "peaks " + ", ".join(f"{node} {figures.human_bytes(bytes_)}" for node, bytes_ in each)
+    else:
+        peak = f"peak {peak}"
     end = attempt.end or "no end written (killed, or still running)"
     error = f": {attempt.error}" if attempt.error else ""
     return (f"started {attempt.started} on {','.join(hosts) or '?'}, {ranks} "
-            f"rank{'s' if ranks != 1 else ''}, {attempt.wall_s:.1f} s, {attempt.cpu_s:.1f} CPU s, "
-            f"peak {peak}{' on one node' if len(hosts) > 1 else ''}; {end}{error}")
+            f"rank{'s' if ranks != 1 else ''}, {attempt.wall_s:.1f} s, {attempt.cpu_s:.1f} CPU s, {peak}; {end}{error}")
 
 
 def tail(log_dir, job_id, lines, follow) -> None:

@@ -373,12 +373,17 @@ class Attempt:
     ranks: dict = field(default_factory=dict)  # {rank (text): RankUsage}
 
     @property
-    def node_peak(self) -> int:
-        """The peak memory of its fullest node (what resources.mem, a node's, must hold): ranks on a host add up."""
+    def node_peaks(self) -> dict[str, int]:
+        """{node: its peak memory}: the ranks on a node add up."""
         per_host = {}
         for rank in self.ranks.values():
             per_host[rank.host] = per_host.get(rank.host, 0) + rank.peak_rss
-        return max(per_host.values(), default=0)
+        return per_host
+
+    @property
+    def node_peak(self) -> int:
+        """The peak memory of its fullest node (what resources.mem, a node's, must hold)."""
+        return max(self.node_peaks.values(), default=0)
 
     @property
     def wall_s(self) -> float:

@@ -20,7 +20,6 @@ import datetime
 import os
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
@@ -127,7 +126,7 @@ class Recorder:
 
     def figures(self) -> rundir.RankUsage:
         gpu_peak, gpu_total = gpu_memory()
-        return rundir.RankUsage(socket.gethostname(), self.peak(), round(cpu_seconds() - self.cpu_before, 3),
+        return rundir.RankUsage(env.node_name(), self.peak(), round(cpu_seconds() - self.cpu_before, 3),
                                 round(time.time() - self.started, 3), env.cpus_given(), gpu_peak, gpu_total, _now())
 
     def write(self, **end) -> None:

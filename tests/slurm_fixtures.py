@@ -1,4 +1,4 @@
-"""Pytest fixtures that start real single-node Slurm clusters (cluster/localslurm.py).
+"""Pytest fixtures that start real Slurm clusters on this machine (cluster/localslurm.py).
 
 Load from tests/conftest.py with ``from slurm_fixtures import *``.
 
@@ -7,6 +7,9 @@ Load from tests/conftest.py with ``from slurm_fixtures import *``.
   (in-process submitit and subprocesses both see it), restored afterwards.
 - ``slurm_cluster_no_accounting`` (module): a second cluster, other ports, no slurmdbd,
   so ``sacct`` fails there; ``slurm_env_no_accounting`` (function) sets its SLURM_CONF.
+- ``multinode_cluster`` (session): two nodes n1, n2 (2 CPUs each), accounting, the fake GPU on n2,
+  partitions debug (default), short, gpu, low and high (localslurm's docstring); ``multinode_env``
+  (function) sets its SLURM_CONF.
 
 If a cluster cannot be started here (programs missing, not root, ...) the fixtures skip
 the test with the reason, unless ``REQUIRE_SLURM=1`` is set: then they fail it.
@@ -25,6 +28,8 @@ __all__ = [
     "slurm_env",
     "slurm_cluster_no_accounting",
     "slurm_env_no_accounting",
+    "multinode_cluster",
+    "multinode_env",
 ]
 
 _LOCALSLURM_PATH = Path(__file__).resolve().parent.parent / "cluster" / "localslurm.py"
@@ -98,6 +103,20 @@ def slurm_cluster_no_accounting(tmp_path_factory):
 def slurm_env_no_accounting(slurm_cluster_no_accounting, monkeypatch):
     """``slurm_cluster_no_accounting`` with its ``SLURM_CONF`` exported for this test."""
     return _export(slurm_cluster_no_accounting, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(tmp_path_factory):
+    """A running two-node cluster, sharing this machine (4 CPUs offered: 2 a node)."""
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm_multinode"), accounting=True, gpus=1, cpus=4, nodes=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def multinode_env(multinode_cluster, monkeypatch):
+    """``multinode_cluster`` with its ``SLURM_CONF`` exported for this test only."""
+    return _export(multinode_cluster, monkeypatch)
 
 
 def _export(cluster, monkeypatch):

@@ -42,7 +42,7 @@ def ended(state, elapsed_s=None, limit_s=None, mem=None, cpus=1):
 def cluster_states(monkeypatch):
     """Slurm's answers, as given: {job id: JobState}; and no cluster to check a dry run's request against."""
     known = {}
-    monkeypatch.setattr(resubmit, "_partition_limits", lambda: {})
+    monkeypatch.setattr(resources, "partition_limits", lambda: {})
     monkeypatch.setattr(record, "states", lambda entries: record.States(
         {e.job_id: known[e.job_id] for e in entries if e.job_id in known}))
     monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
@@ -76,12 +76,24 @@ def test_more_keeps_a_packed_task_within_its_partitions_time_limit(tmp_path, tin
     run's time (it doubled the task's and the task summed the runs again: --time=960) and packs 3 a task."""
     sweep, logs, _ = sweep_folder(tmp_path, 4, tiny_data, "resources.time=0:30:00", pack=4)
     cluster_states["40_0"] = ended("TIMEOUT", 7200, 7200)
-    monkeypatch.setattr(resubmit, "_partition_limits", lambda: {None: {"time": 200 * 60, "mem": 8 << 30}})
+    monkeypatch.setattr(resources, "partition_limits", lambda: {None: {"time": 200 * 60, "mem": 8 << 30}})
     resubmit.resubmit(logs, sweep, ["dry_run=true"], more=True)
     script = capsys.readouterr().out
     assert "#SBATCH --time=180\n" in script and "#SBATCH --array=0-1" in script, script
     times = [resources.time_seconds(OmegaConf.create(c).resources.time) for c in _configs(logs, sweep, more=True)]
     assert times == [3600] * 4
+
+
+def test_more_stops_at_the_partitions_limits_and_says_so(tmp_path, tiny_data, cluster_states, monkeypatch, capsys):
+    """A 2-hour run that timed out on a partition of 3 hours: --more asks 3 hours, not 4, and says it stopped short."""
+    sweep, logs, _ = sweep_folder(tmp_path, 1, tiny_data, "resources.time=2:00:00", pack=1)
+    cluster_states["40_0"] = ended("TIMEOUT", 7200, 7200)
+    monkeypatch.setattr(resources, "partition_limits", lambda: {None: {"time": 180 * 60, "mem": None}})
+    resubmit.resubmit(logs, sweep, ["dry_run=true"], more=True)
+    out, err = capsys.readouterr()
+    assert "#SBATCH --time=180\n" in out, out
+    assert f"--more for {sweep / '0'}: resources.time=3:00:00, partition (the default)'s MaxTime, not the 4:00:00 " \
+           f"it would ask" in err, err
 
 
 def _configs(logs, sweep, more):
@@ -131,7 +143,7 @@ def test_a_packed_resubmission_with_longer_runs_packs_fewer_within_maxtime(tmp_p
     """Following the TIMEOUT hint (resources.time=, no --more) must not leave a task over the partition's limit."""
     sweep, logs, _ = sweep_folder(tmp_path, 4, tiny_data, "resources.time=0:45:00", pack=4)
     cluster_states["40_0"] = ended("TIMEOUT", 10800, 10800)
-    monkeypatch.setattr(resubmit, "_partition_limits", lambda: {None: {"time": 240 * 60, "mem": None}})
+    monkeypatch.setattr(resources, "partition_limits", lambda: {None: {"time": 240 * 60, "mem": None}})
     resubmit.resubmit(logs, sweep, ["resources.time=1:30:00", "dry_run=true"])
     script = capsys.readouterr().out
     assert "#SBATCH --time=180\n" in script and "#SBATCH --array=0-1" in script, script  # 2 a task, not 4 (6 h)

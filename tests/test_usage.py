@@ -190,11 +190,11 @@ def test_a_local_run_writes_usage_json(tmp_path):
     assert figures["peak_rss"] > 100 * 2**20 and figures["cpu_s"] > 0.5 and figures["wall_s"] > 1
 
 
-def test_an_attempt_shows_the_peak_of_its_fullest_node_as_resources_mem_must_hold_it():
+def test_an_attempt_shows_each_nodes_peak_the_fullest_first_as_resources_mem_must_hold_it():
     from mnist.jobs import _attempt_line
 
     ranks = {str(rank): rundir.RankUsage(host, peak << 20, 2.0, 3.0)
              for rank, (host, peak) in enumerate([("node1", 600), ("node1", 700), ("node2", 900), ("node2", 200)])}
     line = _attempt_line(rundir.Attempt("1#0", started="2026-11-30T10:00:00", end="completed", ranks=ranks))
-    assert line == ("started 2026-11-30T10:00:00 on node1,node2, 4 ranks, 3.0 s, 8.0 CPU s, peak 1.3G on one node; "
-                    "completed")  # node1's 600M + 700M, not the 2.4G of all four
+    assert line == ("started 2026-11-30T10:00:00 on node1,node2, 4 ranks, 3.0 s, 8.0 CPU s, peaks node1 1.3G, "
+                    "node2 1.1G; completed")  # node1's 600M + 700M first (MEM's), not the 2.4G of all four

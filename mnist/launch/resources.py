@@ -135,7 +135,7 @@ SINFO_FIELDS = "%P|%c|%m|%G|%D"
 
 @dataclass
 class Nodes:
-    """A group of identical nodes of a partition, as sinfo lists them."""
+    """A group of identical nodes of a partition, as sinfo lists them, with the partition's limits (scontrol)."""
 
     partition: str
     cpus: int
@@ -143,6 +143,8 @@ class Nodes:
     gpus: int
     count: int
     default: bool = False
+    max_time_s: int | None = None  # MaxTime; None: none
+    max_mem: int | None = None  # MaxMemPerNode in bytes; None: none
 
 
 def _number(text):
@@ -169,8 +171,26 @@ def _sinfo(fields):
     return [line.split("|") for line in out.splitlines() if line.strip()]
 
 
+def partition_limits() -> dict[str | None, dict]:
+    """{partition name (None: the default): {"time": s, "mem": bytes per node}, None where it has no such limit}
+    from one `scontrol show partition -o`; {} where Slurm does not answer."""
+    from mnist.launch import gateway
+
+    out, _ = gateway.call(["scontrol", "show", "partition", "-o"])
+    limits = {}
+    for line in out.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        limit = {"time": figures.duration_s(fields.get("MaxTime", "")),
+                 "mem": figures.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}
+        limits[fields.get("PartitionName")] = limit
+        if fields.get("Default") == "YES":
+            limits[None] = limit
+    return limits
+
+
 def ask_cluster(dry_run=False) -> list[Nodes] | None:
-    """The cluster's nodes, from one sinfo call. A dry run without a reachable Slurm says so and returns None."""
+    """The cluster's nodes (one sinfo call) with their partitions' limits (one scontrol call). A dry run without
+    a reachable Slurm says so and returns None."""
     try:
         if shutil.which("sbatch") is None:
             raise ResourceError(
@@ -178,7 +198,12 @@ def ask_cluster(dry_run=False) -> list[Nodes] | None:
                 "login node, train here with launcher=local, or start a one-node Slurm with `make cluster-up` "
                 "and `export SLURM_CONF=...` as it prints."
             )
-        return parse_sinfo(_sinfo(SINFO_FIELDS))
+        nodes = parse_sinfo(_sinfo(SINFO_FIELDS))
+        limits = partition_limits()
+        for group in nodes:
+            group.max_time_s = limits.get(group.partition, {}).get("time")
+            group.max_mem = limits.get(group.partition, {}).get("mem")
+        return nodes
     except ResourceError as e:
         if not dry_run:
             raise
@@ -205,6 +230,41 @@ def check_cluster(resources, nodes) -> None:
         )
     if pool:
         _check_fits(resources, pool[0].partition, pool)
+        check_limits(resources, time_seconds(resources.time), nodes)
+
+
+def check_limits(resources, time_s, nodes, what="", time_fix="") -> None:
+    """Refuse a time over the partition's MaxTime or memory over its MaxMemPerNode (Slurm would leave the job
+    pending for ever, PartitionTimeLimit), naming the limit and a partition that would take the job.
+    `time_s`: what the job asks (a packed task: its runs' sum), `what` and `time_fix`: the words for it and its fix."""
+    pool = partition_nodes(resources, nodes)
+    partition, limit_s, limit_mem = pool[0].partition, pool[0].max_time_s, pool[0].max_mem
+    mem = memory_bytes_of(resources.mem)
+    over = []
+    if limit_s and time_s > limit_s:
+        over.append((f"{what or f'resources.time={resources.time}'} is over partition {partition}'s MaxTime of "
+                     f"{figures.limit_text(limit_s)}", time_fix or f"resources.time={figures.limit_text(limit_s)}"))
+    if limit_mem and mem > limit_mem:
+        over.append((f"resources.mem={resources.mem} is over partition {partition}'s MaxMemPerNode of "
+                     f"{figures.memory_text(limit_mem, at_most=True)}",
+                     f"resources.mem={figures.memory_text(limit_mem, at_most=True)}"))
+    if not over:
+        return
+    takers = sorted({(not n.default, n.partition) for n in nodes if n.partition != partition and _holds(resources, n)
+                     and (not n.max_time_s or time_s <= n.max_time_s) and (not n.max_mem or mem <= n.max_mem)})
+    elsewhere = f", or a partition that takes it: resources.partition={takers[0][1]}" if takers else ""
+    raise ResourceError(
+        f"{' and '.join(why for why, _ in over)}: Slurm would refuse the job or keep it pending for ever. "
+        f"Ask for what fits, {' '.join(fix for _, fix in over)}{elsewhere} (`scontrol show partition` lists "
+        f"the limits)."
+    )
+
+
+def _holds(resources, nodes) -> bool:
+    """Whether a node of this group holds one node's share of the request."""
+    cpus = resources.cpus_per_task * resources.tasks_per_node
+    return (cpus <= nodes.cpus and memory_mb_of(resources.mem) <= nodes.memory_mb
+            and resources.gpus_per_node <= nodes.gpus)
 
 
 def partition_nodes(resources, nodes) -> list[Nodes]:
@@ -226,8 +286,8 @@ def jobs_at_once(resources, nodes) -> int:
 def _check_fits(resources, partition, pool):
     """Refuse what no node of the partition can hold: Slurm would keep it pending for ever (PartitionConfig)."""
     cpus = resources.cpus_per_task * resources.tasks_per_node
-    memory_mb, gpus = memory_mb_of(resources.mem), resources.gpus_per_node
-    fits = any(cpus <= n.cpus and memory_mb <= n.memory_mb and gpus <= n.gpus for n in pool)
+    gpus = resources.gpus_per_node
+    fits = any(_holds(resources, n) for n in pool)
     nodes = sum(n.count for n in pool)
     if fits and resources.nodes <= nodes:
         return

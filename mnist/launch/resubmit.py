@@ -126,7 +126,7 @@ def _configs(todo, overrides, more, log_dir):
 
     composed = _plain(compose(["launcher=slurm", *overrides]))
     given = rundir.given_keys(overrides)
-    limits = _partition_limits()  # (a packed task must fit, whatever times the command or --more asks)
+    limits = resources.partition_limits()  # (a packed task must fit, whatever times the command or --more asks)
     configs = []
     for folder, job, _ in todo:
         saved = rundir.read_config(folder)
@@ -139,7 +139,8 @@ def _configs(todo, overrides, more, log_dir):
         if "launcher.log_dir" not in given:
             merged["launcher"]["log_dir"] = str(log_dir)
         if more and job:
-            _more(merged, job, given, _limits_of(limits, merged))
+            for short in _more(merged, job, given, _limits_of(limits, merged)):
+                print(f"--more for {folder}: {short}", file=sys.stderr)
         configs.append(rundir.resume_config(folder, merged, overrides))
     _one_request(configs)
     _fit_packing(configs, _limits_of(limits, configs[0]).get("time"))
@@ -167,19 +168,28 @@ def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _more(config, job, given, limits):
+def _more(config, job, given, limits) -> list[str]:
     """--more: for a run killed for memory, what its cause says to ask (twice its memory, or more for a larger
-    peak); for one that timed out, twice its own time limit (not its packed task's). Within the partition's limits."""
-    res = config["resources"]
+    peak); for one that timed out, twice its own time limit (not its packed task's). Within the partition's limits;
+    returns what had to stop short of what it wanted, in words."""
+    res, short = config["resources"], []
+    partition = res.get("partition") or "(the default)"
     if (job["memory_kill"] or job["state"] == "OUT_OF_MEMORY") and "resources.mem" not in given:
         asked = job["mem_asked"] or figures.memory_bytes(res["mem"], "M")
         wanted = outcome.memory_after_kill(job["mem_peak"], asked)
         cap = limits.get("mem")
         res["mem"] = figures.memory_text(cap, at_most=True) if cap and wanted > cap else figures.memory_text(wanted)
+        if cap and wanted > cap:
+            short.append(f"resources.mem={res['mem']}, partition {partition}'s MaxMemPerNode, not the "
+                         f"{figures.memory_text(wanted)} it would ask")
     if job["state"] == "TIMEOUT" and "resources.time" not in given:
         own = resources.time_seconds(res["time"])  # the run's own limit (a packed task's is the sum of its runs')
         cap = limits.get("time")
         res["time"] = figures.limit_text(min(2 * own, cap) if cap else 2 * own)
+        if cap and 2 * own > cap:
+            short.append(f"resources.time={res['time']}, partition {partition}'s MaxTime, not the "
+                         f"{figures.limit_text(2 * own)} it would ask")
+    return short
 
 
 def _one_request(configs):
@@ -188,21 +198,6 @@ def _one_request(configs):
     largest = max((c["resources"]["mem"] for c in configs), key=lambda m: figures.memory_bytes(m, "M") or 0)
     for c in configs:
         c["resources"]["mem"] = largest
-
-
-def _partition_limits():
-    """{partition name (None: the default): {"time": s, "mem": bytes per node}} from `scontrol show partition -o`;
-    {} where Slurm does not answer."""
-    out, _ = gateway.call(["scontrol", "show", "partition", "-o"])
-    limits = {}
-    for line in out.splitlines():
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        limit = {"time": figures.duration_s(fields.get("MaxTime", "")),
-                 "mem": figures.memory_bytes(fields.get("MaxMemPerNode", ""), "M")}
-        limits[fields.get("PartitionName")] = limit
-        if fields.get("Default") == "YES":
-            limits[None] = limit
-    return limits
 
 
 # ---------------------------------------------------------------- submitting

@@ -1,0 +1,99 @@
+"""Beyond one node, on a real two-node Slurm (cluster/localslurm.py: n1 and n2 sharing this machine, 2 CPUs each,
+partitions debug, short, gpu, low and high): data-parallel training across nodes, partitions and their limits."""
+import csv
+import json
+import re
+
+import pytest
+from conftest import run
+from test_slurm import noise_dataset, submitted_id, wait_for
+
+pytestmark = pytest.mark.slurm
+
+
+def submit(args, tmp_path, data):
+    sweep = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if "-m" in args else []
+    return run([*sweep, "launcher=slurm", f"data.root={data}", f"launcher.log_dir={tmp_path / 'logs'}",
+                *(a for a in args if a != "-m")], cwd=tmp_path)
+
+
+def metrics_but_timings(run_dir):
+    return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")}
+            for row in csv.DictReader(open(run_dir / "metrics.csv"))]
+
+
+def test_two_nodes_train_as_two_ranks_on_one_node_do_bit_for_bit(multinode_env, tmp_path):
+    """nodes=2 x 1 task and nodes=1 x 2 tasks: the same world size and sharding, so the same metrics to the last
+    digit; one log of rank 0's lines; environment.json names the nodes; `show` gives each node's peak."""
+    data = noise_dataset(tmp_path / "data", 1024)
+    common = ["model=mlp", "data.batch_size=32", "trainer.epochs=2", "trainer.log_interval=4", "resources.mem=1G"]
+    across = submitted_id(submit([*common, "resources.nodes=2", "resources.tasks_per_node=1",
+                                  f"hydra.run.dir={tmp_path / 'across'}"], tmp_path, data))
+    within = submitted_id(submit([*common, "resources.nodes=1", "resources.tasks_per_node=2",
+                                  f"hydra.run.dir={tmp_path / 'within'}"], tmp_path, data))
+    assert wait_for(across) == {across: "COMPLETED"} and wait_for(within) == {within: "COMPLETED"}
+
+    assert metrics_but_timings(tmp_path / "across") == metrics_but_timings(tmp_path / "within")
+    log = (tmp_path / "logs" / f"mlp_{across}.out").read_text()
+    assert "Training on cpu, 1 CPU thread per rank, 2 ranks (gloo)" in log
+    assert log.count("Test set: Average loss") == 2 and log.count("Train Epoch: 1 [0/1024 (0%)]") == 1, log
+    environment = json.loads((tmp_path / "across" / "environment.json").read_text())
+    assert environment["world_size"] == 2 and environment["slurm"]["SLURM_JOB_NODELIST"] == "n[1-2]"
+    assert environment["node"] == "n1"  # rank 0's
+
+    shown = run(["--logs", str(tmp_path / "logs"), "show", across], tmp_path, module="mnist.jobs")
+    assert shown.returncode == 0, shown.stderr
+    peaks = re.search(r"attempt 0: .* on (n\d),(n\d), 2 ranks, .*, peaks (n\d) ([\d.]+M), (n\d) ([\d.]+M);",
+                      shown.stdout)
+    assert peaks and {peaks.group(1), peaks.group(2)} == {peaks.group(3), peaks.group(5)} == {"n1", "n2"}, shown.stdout
+    fullest = re.search(r"memory: +peak ([\d.]+M) of 1.0G asked", shown.stdout)
+    assert fullest and fullest.group(1) == peaks.group(4), shown.stdout  # MEM is the fullest node's, not the sum
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["resources.partition=short", "resources.time=0:10:0", "resources.mem=1G"],
+     ["resources.time=0:10:0 is over partition short's MaxTime of 0:02:00", "resources.time=0:02:00",
+      "or a partition that takes it: resources.partition=debug"]),
+    (["resources.partition=short", "resources.mem=2G"],
+     ["resources.mem=2G is over partition short's MaxMemPerNode of 1G", "resources.mem=1G",
+      "resources.partition=debug"]),
+    (["-m", "trainer.seed=1,2,3", "launcher.runs_per_task=3", "resources.partition=short", "resources.time=0:1:0",
+      "resources.mem=1G"],
+     ["a task of 3 packed runs (0:03:00) is over partition short's MaxTime of 0:02:00", "launcher.runs_per_task=2"]),
+])
+def test_a_request_over_a_partitions_limit_is_refused_at_submit_naming_it_and_a_partition_that_takes_it(
+        multinode_env, tiny_data, tmp_path, overrides, expected):
+    """Slurm would take these and leave them pending for ever (PartitionTimeLimit); a dry run is refused alike."""
+    for dry in ("dry_run=false", "dry_run=true"):
+        result = submit([*overrides, dry], tmp_path, tiny_data)
+        assert result.returncode == 2, result.stderr
+        message = result.stderr.strip()
+        assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+        for phrase in expected:
+            assert phrase in message, f"{phrase!r} not in: {message}"
+    assert not (tmp_path / "logs" / "jobs.jsonl").exists()  # nothing submitted
+
+
+def test_a_run_in_the_short_partition_trains_end_to_end(multinode_env, tiny_data, tmp_path):
+    job = submitted_id(submit(["resources.partition=short", "resources.time=0:2:0", "resources.mem=1G",
+                               "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data))
+    assert wait_for(job) == {job: "COMPLETED"}
+    listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs")
+    assert re.search(rf"^{job}\s+mlp\s+COMPLETED\s", listing.stdout, re.M), listing.stdout
+    assert len(metrics_but_timings(tmp_path / "run")) == 1
+
+
+def test_auto_packing_stays_within_the_partitions_max_time_and_counts_its_nodes(multinode_env, tiny_data, tmp_path):
+    """20 one-minute runs: the short partition's two nodes hold 4 such tasks at once (5 runs a task would do), but
+    a task asks for the sum of its runs' limits and short allows 2 minutes: 2 runs a task."""
+    from test_sweeps import past_run
+
+    for number in range(5):
+        past_run(tmp_path, number, 400, 60)
+    result = submit(["-m", "trainer.epochs=1", "trainer.seed=range(20)", "launcher.runs_per_task=auto",
+                     "launcher.array_parallelism=8", "resources.partition=short", "resources.time=0:1:0",
+                     "resources.mem=1G", "dry_run=true"], tmp_path, tiny_data)
+    assert result.returncode == 0, result.stderr
+    assert "launcher.runs_per_task=auto: 2 (a task asks for the sum of its runs' time limits, and 2 of 0:01:00 " \
+           "fill partition short's MaxTime of 0:02:00; by the past runs 5 would do)\n" in result.stderr, result.stderr
+    assert "#SBATCH --array=0-9%8" in result.stdout and "#SBATCH --time=2\n" in result.stdout, result.stdout
