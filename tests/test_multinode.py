@@ -97,3 +97,16 @@ def test_auto_packing_stays_within_the_partitions_max_time_and_counts_its_nodes(
     assert "launcher.runs_per_task=auto: 2 (a task asks for the sum of its runs' time limits, and 2 of 0:01:00 " \
            "fill partition short's MaxTime of 0:02:00; by the past runs 5 would do)\n" in result.stderr, result.stderr
     assert "#SBATCH --array=0-9%8" in result.stdout and "#SBATCH --time=2\n" in result.stdout, result.stdout
+
+
+def test_a_tasks_training_step_runs_on_every_cpu_its_task_holds(multinode_env, tiny_data, tmp_path):
+    """Since Slurm 22.05 srun no longer takes --cpus-per-task from sbatch; where tasks are pinned (task/affinity,
+    as here and at most sites) a step that is not told runs on one CPU of the two its task holds."""
+    job = submitted_id(submit(["resources.cpus_per_task=2", "resources.mem=1G", "trainer.epochs=1",
+                               f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data))
+    assert wait_for(job) == {job: "COMPLETED"}
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["cpus_available"] == 2 and environment["cpu_threads"] == 2, environment
+    [script] = (tmp_path / "logs" / "submitit").glob(f"{job}/*_submission.sh")
+    srun = next(line for line in script.read_text().splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=2" in srun, srun  # told, whatever this Slurm's srun would inherit

@@ -44,8 +44,10 @@ def parameters(cfg, name, array=False) -> dict:
     if launcher.activate_env and sys.prefix != sys.base_prefix:
         setup.append(f"source {shlex.quote(os.path.join(sys.prefix, 'bin', 'activate'))}")
     setup += [str(line) for line in launcher.setup]
-    # submitit's own srun --output/--error name files in its folder; ours come after and win.
-    srun_args = ["--output", out, "--error", err]
+    # submitit's own srun --output/--error name files in its folder; ours come after and win. Since Slurm 22.05
+    # srun does not take --cpus-per-task from sbatch (nor does submitit pass it): where tasks are pinned to their
+    # CPUs, the training step would run on one of them.
+    srun_args = ["--output", out, "--error", err, f"--cpus-per-task={options['cpus_per_task']}"]
     signal_delay_s = resources.signal_delay(int(launcher.signal_delay_s), options["time"] * 60)
     params = dict(options, job_name=name, setup=setup, srun_args=srun_args, signal_delay_s=signal_delay_s)
     if array:
