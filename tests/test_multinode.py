@@ -26,7 +26,7 @@ def test_two_nodes_train_as_two_ranks_on_one_node_do_bit_for_bit(multinode_env, 
     """nodes=2 x 1 task and nodes=1 x 2 tasks: the same world size and sharding, so the same metrics to the last
     digit; one log of rank 0's lines; environment.json names the nodes; `show` gives each node's peak."""
     data = noise_dataset(tmp_path / "data", 1024)
-    common = ["model=mlp", "data.batch_size=32", "trainer.epochs=2", "trainer.log_interval=4", "resources.mem=1G"]
+    common = ["model=mlp", "data.batch_size=32", "trainer.epochs=2", "trainer.log_interval=4", "resources.mem=3G"]
     across = submitted_id(submit([*common, "resources.nodes=2", "resources.tasks_per_node=1",
                                   f"hydra.run.dir={tmp_path / 'across'}"], tmp_path, data))
     within = submitted_id(submit([*common, "resources.nodes=1", "resources.tasks_per_node=2",
@@ -46,7 +46,7 @@ def test_two_nodes_train_as_two_ranks_on_one_node_do_bit_for_bit(multinode_env, 
     peaks = re.search(r"attempt 0: .* on (n\d),(n\d), 2 ranks, .*, peaks (n\d) ([\d.]+M), (n\d) ([\d.]+M);",
                       shown.stdout)
     assert peaks and {peaks.group(1), peaks.group(2)} == {peaks.group(3), peaks.group(5)} == {"n1", "n2"}, shown.stdout
-    fullest = re.search(r"memory: +peak ([\d.]+M) of 1.0G asked", shown.stdout)
+    fullest = re.search(r"memory: +peak ([\d.]+M) of 3.0G asked", shown.stdout)
     assert fullest and fullest.group(1) == peaks.group(4), shown.stdout  # MEM is the fullest node's, not the sum
 
 
