@@ -657,9 +657,10 @@ def _slurm_conf(c: Cluster, host: str) -> str:
         "JobCompType=jobcomp/none",
     ]
     if several:
-        # a node that stops answering is DOWN after this long; its jobs are then requeued (JobRequeue=1,
-        # and submitit's jobs ask for --requeue) or end NODE_FAIL
-        lines += ["SlurmdTimeout=20", "JobRequeue=1", "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE"]
+        # a node that stops answering is DOWN after this long; its jobs are then requeued if they asked for it
+        # (--requeue: the launcher's jobs and the course's scripts do), else end NODE_FAIL (JobRequeue=0, as
+        # at many sites)
+        lines += ["SlurmdTimeout=20", "JobRequeue=0", "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE"]
     if c.accounting:
         lines += [
             "AccountingStorageType=accounting_storage/slurmdbd",

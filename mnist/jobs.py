@@ -110,7 +110,8 @@ def _details(job, history):
     state = job["state"] + (f", {job['reason']}" if job["reason"] else "") + (
         f", exit code {job['exit_code']}" if job["exit_code"] not in ("", "0:0") else "")
     lines = [f"Job {job['job_id']} ({job['name']})",
-             ("state", state + (f", requeued {job['requeues']}x" if job["requeues"] else "")),
+             ("state", state + (f", requeued {job['requeues']}x" if job["requeues"] else "")
+              + (f" (last: {job['requeued_because']})" if job.get("requeued_because") else "")),
              ("cause", job["cause"] or "-"), ("fix", job["fix"] or "-"),
              ("node", job["node"] or "-"),
              ("submitted", f"{slurm.submit or job.get('submitted') or '-'}; started {slurm.start or '-'}; "

@@ -3,6 +3,8 @@ partitions debug, short, gpu, low and high): data-parallel training across nodes
 import csv
 import json
 import re
+import subprocess
+import time
 
 import pytest
 from conftest import run
@@ -110,3 +112,50 @@ def test_a_tasks_training_step_runs_on_every_cpu_its_task_holds(multinode_env, t
     [script] = (tmp_path / "logs" / "submitit").glob(f"{job}/*_submission.sh")
     srun = next(line for line in script.read_text().splitlines() if line.startswith("srun "))
     assert "--cpus-per-task=2" in srun, srun  # told, whatever this Slurm's srun would inherit
+
+
+def wait_until(what, check, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"no {what} after {timeout} s")
+
+
+def test_a_node_that_dies_mid_job_requeues_it_to_the_other_node_where_it_resumes(multinode_env, multinode_cluster,
+                                                                                  tmp_path):
+    """The cluster's JobRequeue=0, as at many sites; the launcher's jobs ask for --requeue (as the course scripts
+    do), so Slurm requeues a job whose node failed. Killed mid-epoch with its node (its slurmd and processes, as
+    if the power went), the run resumes on the other node from its last checkpoint and ends with the metrics of an
+    uninterrupted run; the job's CAUSE named the node while it was requeued; no file of the run folder is damaged."""
+    data = noise_dataset(tmp_path / "data", 4096)
+    common = ["model=mlp", "data.batch_size=16", "trainer.epochs=4", "trainer.log_interval=16", "trainer.threads=1"]
+    straight = run([*common, f"data.root={data}", f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    job = submitted_id(submit([*common, "resources.mem=1G", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data))
+    log = tmp_path / "logs" / f"mlp_{job}.out"
+    wait_until("epoch 2 in the log", lambda: log.exists() and "Train Epoch: 2 " in log.read_text())
+    node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    assert node in ("n1", "n2"), node
+    multinode_cluster.kill_node(node)
+    try:
+        listing = wait_until("the requeue in mnist.jobs", lambda: re.search(
+            rf"^{job}\s+mlp\s+(PENDING|RUNNING)\s.*requeued: its node {node} failed", run(
+                ["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout, re.M))
+        assert listing
+        assert wait_for(job, timeout=300) == {job: "COMPLETED"}
+    finally:
+        multinode_cluster.start_node(node)
+    assert metrics_but_timings(tmp_path / "run") == metrics_but_timings(tmp_path / "straight")
+    text = log.read_text()
+    assert "Resuming from" in text and text.count("Test set: Average loss") >= 4, text
+    shown = run(["--logs", str(tmp_path / "logs"), "show", job], tmp_path, module="mnist.jobs").stdout
+    other = {"n1": "n2", "n2": "n1"}[node]
+    assert f"requeued 1x (last: its node {node} failed)" in shown, shown
+    assert re.search(rf"attempt 0: .* on {node}, .*no end written", shown) and \
+        re.search(rf"attempt 1: .* on {other}, .*completed", shown), shown
+    from mnist import rundir
+
+    assert rundir.complete(tmp_path / "run", rundir.read_config(tmp_path / "run"))  # config, metrics, checkpoint whole

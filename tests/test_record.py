@@ -307,3 +307,22 @@ def test_every_folded_form_of_an_array_is_read_for_each_of_its_tasks(tmp_path, m
     found = record.states(entries).by_job
     assert {job for job, s in found.items() if s.source == "sacct"} == {f"5_{t}" for t in tasks}
     assert {s.state for s in found.values()} == {"CANCELLED"}
+
+
+def test_a_job_requeued_after_its_node_failed_says_which_node(tmp_path):
+    """`sacct -D` as measured on the multi-node cluster after `localslurm.py kill-node n1`: the attempt on n1
+    ended NODE_FAIL, the job runs again on n2. The state is the latest attempt's; the cause names the node."""
+    fields = ("|{exit}|{elapsed}|00:00.010|||5|2026-12-03T19:10:20|{start}|{end}|billing=1,cpu=1,mem=1G,node=1|"
+              "{node}|{why}|1")
+    lines = "\n".join([
+        "28107001|NODE_FAIL" + fields.format(exit="0:0", elapsed=32, start="2026-12-03T19:10:28",
+                                             end="2026-12-03T19:11:00", node="n1", why="None"),
+        "28107001.batch|CANCELLED" + fields.format(exit="0:0", elapsed=32, start="2026-12-03T19:10:28",
+                                                   end="2026-12-03T19:11:00", node="n1", why=""),
+        "28107001|RUNNING" + fields.format(exit="0:0", elapsed=10, start="2026-12-03T19:11:12", end="Unknown",
+                                           node="n2", why="BeginTime"),
+    ]) + "\n"
+    job = record.parse_sacct(lines)["28107001"]
+    assert (job.state, job.node, job.earlier) == ("RUNNING", "n2", (("NODE_FAIL", "n1"),))
+    [described] = outcome.describe([entry("28107001", tmp_path / "run", tmp_path)], record.States({"28107001": job}))
+    assert described["cause"] == "requeued: its node n1 failed; resuming from its checkpoint"

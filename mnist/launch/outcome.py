@@ -85,6 +85,7 @@ def _job(entry, known, attempts, log_dir):
         job["last_line"] = _last_line(tail(str(Path(entry.run_dir) / rundir.LOG), OUT_TAIL_BYTES))
     job["requeues"] = (slurm.restarts if slurm and slurm.restarts is not None
                        else max((a.restart for a in attempts), default=0))
+    job["requeued_because"] = requeued_because(slurm)
     job.update(measured(slurm, attempts, job["memory_kill"], job))
     job["cause"], job["fix"] = cause(job, err_tail)
     return job
@@ -259,15 +260,28 @@ def _hosts(attempts):
 
 # ---------------------------------------------------------------- causes
 
+def requeued_because(slurm) -> str:
+    """Why Slurm requeued the job last, by accounting's record of its earlier attempt: "its node n1 failed",
+    "preempted"; "" where it was not requeued for a fault (or accounting does not say)."""
+    if not slurm or not slurm.earlier:
+        return ""
+    state, node = slurm.earlier[-1]
+    return {"NODE_FAIL": f"its node {node} failed", "PREEMPTED": "preempted"}.get(state, "")
+
+
 def cause(job, err_tail) -> tuple[str, str]:
-    """(one line saying why the job ended unsuccessfully, the command that fixes it); ("", "") otherwise."""
+    """(one line saying why the job ended unsuccessfully, the command that fixes it); ("", "") otherwise. A job
+    Slurm requeued after a fault and that has not ended says so."""
     state = job["state"]
     resubmit = resubmit_command(job)
+    requeued = f"requeued: {job['requeued_because']}; " if job.get("requeued_because") else ""
     if state == "PENDING":
         reason = job["reason"]
         if not reason:
-            return "pending (not yet looked at by Slurm's scheduler)", ""
-        return f"pending: {reason}" + (f" ({WAITING[reason]})" if reason in WAITING else ""), ""
+            return f"{requeued}pending (not yet looked at by Slurm's scheduler)", ""
+        return f"{requeued}pending: {reason}" + (f" ({WAITING[reason]})" if reason in WAITING else ""), ""
+    if state in GOING and requeued:
+        return f"{requeued}resuming from its checkpoint", ""
     if state in GOING or state in ("COMPLETED", "?", ""):
         return "", ""
     if job["memory_kill"] or state == "OUT_OF_MEMORY":

@@ -199,6 +199,7 @@ class JobState(NamedTuple):
     cpu_s: float = None  # accounting's TotalCPU (finished steps only)
     max_rss: int = None  # accounting's MaxRSS, the largest step's, times its tasks on one node (a node's peak)
     source: str = ""  # squeue, sacct or result
+    earlier: tuple = ()  # accounting's (state, node) of each attempt before a requeue, oldest first
 
 
 class States(NamedTuple):
@@ -250,7 +251,7 @@ def _merged(live, past):
     """squeue's state wins; accounting adds what squeue lacks (CPU time, MaxRSS, exit code)."""
     if live is None or past is None:
         return live or past
-    return live._replace(cpu_s=past.cpu_s, max_rss=past.max_rss, exit_code=past.exit_code,
+    return live._replace(cpu_s=past.cpu_s, max_rss=past.max_rss, exit_code=past.exit_code, earlier=past.earlier,
                          elapsed_s=live.elapsed_s if live.elapsed_s is not None else past.elapsed_s)
 
 
@@ -265,11 +266,12 @@ def _squeue(job_list):
 
 
 def accounting(job_ids) -> dict[str, JobState]:
-    """{job id: JobState} of these jobs (ids of jobs, arrays or tasks) as accounting knows them, in one sacct call;
-    {} where accounting is off (sacct fails) or there is no Slurm."""
+    """{job id: JobState} of these jobs (ids of jobs, arrays or tasks) as accounting knows them, in one sacct call
+    (-D: a requeued job's earlier attempts too); {} where accounting is off (sacct fails) or there is no Slurm."""
     if not job_ids:
         return {}
-    out, _ = gateway.call(["sacct", "-n", "-P", "-j", ",".join(sorted(set(job_ids))), "-o", ",".join(SACCT_FIELDS)])
+    out, _ = gateway.call(["sacct", "-n", "-P", "-D", "-j", ",".join(sorted(set(job_ids))), "-o",
+                           ",".join(SACCT_FIELDS)])
     return parse_sacct(out)
 
 
@@ -293,7 +295,8 @@ def parse_squeue(text) -> dict[str, JobState]:
 def parse_sacct(text) -> dict[str, JobState]:
     """{job id: JobState} from `sacct -n -P` lines (SACCT_FIELDS): a job's line, then its steps' (N.batch,
     N.0), whose MaxRSS (one task's, times the step's tasks per node) gives the job's peak per node. Pending
-    array tasks may be folded (N_[1-3%1])."""
+    array tasks may be folded (N_[1-3%1]). With -D a requeued job has a line per attempt, oldest first: the last
+    is the job's, the others its `earlier` (NODE_FAIL on n1, PREEMPTED, REQUEUED, ...)."""
     found, steps = {}, {}
     for line in text.splitlines():
         fields = [field.strip() for field in line.split("|")]
@@ -311,13 +314,15 @@ def parse_sacct(text) -> dict[str, JobState]:
             continue
         allocated = _tres(tres)
         seconds = _int(elapsed)
+        before = found.get(job_id)
+        earlier = (*before.earlier, (before.state, before.node)) if before else ()
         found[job_id] = JobState(
             figures.state(state), figures.clock(seconds) if seconds is not None else "",
             "" if node == "None assigned" else node,
             "" if reason == "None" else reason, None, seconds, 60 * _int(limit) if _int(limit) is not None else None,
             _time(submit), _time(start) if node != "None assigned" else "", _time(end), exit_code, allocated.get("cpu"),
             allocated.get("mem"),
-            allocated.get("node"), figures.duration_s(total_cpu), source="sacct")
+            allocated.get("node"), figures.duration_s(total_cpu), source="sacct", earlier=earlier)
     return {job: state._replace(max_rss=steps.get(job)) for job, state in found.items()}
 
 

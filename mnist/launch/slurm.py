@@ -55,7 +55,10 @@ def parameters(cfg, name, array=False) -> dict:
     # The batch script's own output (the setup lines, srun's and Slurm's messages) goes to the same files,
     # not to submitit's folder: sbatch --output/--error too. Both are opened for appending (submitit asks
     # for --open-mode=append, which srun inherits), so a requeued job adds to them.
-    params["additional_parameters"] = {"output": out, "error": err, **resources.extra_options(cfg.resources)}
+    # --requeue: Slurm requeues the job (it resumes from its checkpoint) when its node fails or it is preempted,
+    # also on clusters whose JobRequeue=0; the course's batch scripts ask the same
+    params["additional_parameters"] = {"output": out, "error": err, "requeue": True,
+                                       **resources.extra_options(cfg.resources)}
     return params
 
 
