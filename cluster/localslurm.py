@@ -529,17 +529,23 @@ class Cluster:
             raise SlurmStartError(f"no node {node!r} in this cluster (it has {', '.join(self.node_names)})")
         self._spawn(self.slurmd_name(node), [_which("slurmd") or "slurmd", "-D", "-N", node], node=node)
 
-    def restart_controller(self, down_s: float = 0, timeout: float = 30) -> None:
-        """Stop slurmctld (SIGTERM: it saves its state), wait `down_s` seconds, start it again on its saved
-        state; returns once it answers. Jobs keep running on the nodes meanwhile."""
+    def stop_controller(self) -> None:
+        """Stop slurmctld (SIGTERM: it saves its state). Jobs keep running on the nodes meanwhile."""
         self._signal("slurmctld", signal.SIGTERM)
         if not self._wait_gone("slurmctld", 10.0):
             self._signal("slurmctld", signal.SIGKILL)
             self._wait_gone("slurmctld", 5.0)
-        time.sleep(down_s)
+
+    def start_controller(self, timeout: float = 30) -> None:
+        """Start slurmctld again on its saved state; returns once it answers."""
         self._spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-D", "-i"])
-        deadline = time.monotonic() + timeout
-        self._wait_for("slurmctld to answer again", self._answers, deadline, ["slurmctld"])
+        self._wait_for("slurmctld to answer again", self._answers, time.monotonic() + timeout, ["slurmctld"])
+
+    def restart_controller(self, down_s: float = 0, timeout: float = 30) -> None:
+        """stop_controller, `down_s` seconds down, start_controller."""
+        self.stop_controller()
+        time.sleep(down_s)
+        self.start_controller(timeout)
 
     def stop(self, grace: float = 5.0, keep_data: bool = False) -> None:
         """Stop the daemons this cluster started: SIGTERM, then SIGKILL after ``grace`` s.

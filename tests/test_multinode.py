@@ -159,3 +159,32 @@ def test_a_node_that_dies_mid_job_requeues_it_to_the_other_node_where_it_resumes
     from mnist import rundir
 
     assert rundir.complete(tmp_path / "run", rundir.read_config(tmp_path / "run"))  # config, metrics, checkpoint whole
+
+
+def test_a_controller_restart_mid_sweep_loses_no_job_and_no_record_line(multinode_env, multinode_cluster, tiny_data,
+                                                                        tmp_path):
+    """While slurmctld is down the array's tasks keep training; `mnist.jobs` says Slurm cannot be reached (exit 0,
+    the table of what the record knows); once it is back, every task reads its true state and the record has a
+    line for each."""
+    result = submit(["-m", "trainer.seed=1,2,3", "trainer.epochs=3", "resources.mem=1G"], tmp_path, tiny_data)
+    array = submitted_id(result)
+    logs = tmp_path / "logs"
+    wait_until("a running task", lambda: "RUNNING" in run(["--logs", str(logs)], tmp_path, module="mnist.jobs").stdout)
+    multinode_cluster.stop_controller()
+    try:
+        down = run(["--logs", str(logs)], tmp_path, module="mnist.jobs")
+        assert down.returncode == 0, down.stderr
+        assert "Slurm cannot be reached" in down.stdout + down.stderr, down.stdout + down.stderr
+        assert all(re.search(rf"^{array}_{task}\s+mlp\s", down.stdout, re.M) for task in range(3)), down.stdout
+    finally:
+        multinode_cluster.start_controller()
+    assert wait_for(array, timeout=300) == {f"{array}_{task}": "COMPLETED" for task in range(3)}
+
+    def all_completed():  # (the controller may show them COMPLETING until their nodes have told it again)
+        listing = run(["--logs", str(logs)], tmp_path, module="mnist.jobs").stdout
+        return all(re.search(rf"^{array}_{task}\s+mlp\s+COMPLETED\s", listing, re.M) for task in range(3))
+
+    wait_until("every task COMPLETED in mnist.jobs", all_completed)
+    assert len((logs / "jobs.jsonl").read_text().splitlines()) == 3
+    for task in range(3):
+        assert len(metrics_but_timings(tmp_path / "sweep" / str(task))) == 3
