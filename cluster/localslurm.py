@@ -696,7 +696,9 @@ def _slurm_conf(c: Cluster, host: str) -> str:
         f"PartitionName={c.partition} Nodes={everyone} Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF",
         f"PartitionName=short Nodes={everyone} MaxTime={SHORT_MAX_TIME} MaxMemPerNode={SHORT_MAX_MEM_MB} State=UP "
         f"PreemptMode=OFF",
-        f"PartitionName=low Nodes={everyone} MaxTime=INFINITE PriorityTier=1 PreemptMode=REQUEUE State=UP",
+        # a preempted job gets SIGTERM and GraceTime to checkpoint, then it is killed and requeued
+        f"PartitionName=low Nodes={everyone} MaxTime=INFINITE PriorityTier=1 PreemptMode=REQUEUE GraceTime=20 "
+        f"State=UP",
         f"PartitionName=high Nodes={everyone} MaxTime=INFINITE PriorityTier=2 PreemptMode=OFF State=UP",
     ]
     if c.gpus > 0:

@@ -73,8 +73,8 @@ def _removed_if_unused(run_dir):
 
 
 def _train_here(cfg, run_dir):
-    """Train in this process. Ctrl-C (or USR2, which sbatch scripts forward before the time
-    limit) finishes the step, writes a checkpoint and exits: 130 for Ctrl-C, 3 for USR2."""
+    """Train in this process. Ctrl-C, USR2 (which sbatch scripts forward before the time limit) or SIGTERM (Slurm
+    ending the job) finishes the step, writes a checkpoint and exits: 130 for Ctrl-C, 3 for USR2, 143 for SIGTERM."""
     from mnist import datafiles, private_apis
 
     if not datafiles.will_download(cfg.data):  # missing or bad data: said at once, not after torch loads (~2 s)
@@ -96,15 +96,17 @@ def _train_here(cfg, run_dir):
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(stopping.REQUEUE_SIGNAL, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)  # (before usage's handler, which writes its figures, then this)
     try:
         with usage.recording(run_dir):
             train(cfg, run_dir, stop)
     except stopping.StopRequested:
-        interrupted = received[0] == signal.SIGINT
-        why = "Interrupted" if interrupted else "Stopped before the time limit"
+        why, code = {signal.SIGINT: ("Interrupted", stopping.INTERRUPTED_EXIT),
+                     signal.SIGTERM: ("Terminated", stopping.TERMINATED_EXIT)}.get(
+            received[0], ("Stopped before the time limit", stopping.REQUEUE_EXIT))
         print(f"\n{why}. {run_dir} keeps the log, config, metrics and a checkpoint of where training was; "
               f"resume with: python -m mnist.run hydra.run.dir={run_dir}", file=sys.stderr)
-        sys.exit(stopping.INTERRUPTED_EXIT if interrupted else stopping.REQUEUE_EXIT)
+        sys.exit(code)
 
 
 def main(overrides=None) -> None:

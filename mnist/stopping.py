@@ -1,12 +1,14 @@
 """Stopping early and being requeued: the one protocol between a signal, training and the job.
 
-Slurm sends SIGUSR2 before a job's time limit (sbatch --signal) or when it is preempted; Ctrl-C
-is SIGINT. Either sets a `StopFlag`; training finishes its step, writes a checkpoint of exactly
-where it is and raises `StopRequested`. Then:
+Slurm sends SIGUSR2 before a job's time limit (sbatch --signal), SIGTERM when it ends a job (preempted,
+cancelled, or past its limit); Ctrl-C is SIGINT. Each sets a `StopFlag`; training finishes its step,
+writes a checkpoint of exactly where it is and raises `StopRequested`. Then:
 
-- a submitit job asks submitit to requeue it (mnist/launch/job.py);
-- `python -m mnist.run` exits REQUEUE_EXIT after USR2, which slurm/*.sh turns into
-  `scontrol requeue`, or INTERRUPTED_EXIT after Ctrl-C.
+- after USR2 a submitit job asks submitit to requeue it (mnist/launch/job.py), and `python -m mnist.run`
+  exits REQUEUE_EXIT, which slurm/*.sh turns into `scontrol requeue`;
+- after SIGTERM both exit with the checkpoint written: Slurm requeues a preempted job itself (it resumes
+  there), a cancelled one keeps its checkpoint (TERMINATED_EXIT);
+- after Ctrl-C `python -m mnist.run` exits INTERRUPTED_EXIT.
 
 Either way, running again in the same folder resumes. Standard library only.
 """
@@ -16,6 +18,7 @@ REQUEUE_SIGNAL = signal.SIGUSR2
 REQUEUE_SIGNAL_NAME = REQUEUE_SIGNAL.name.removeprefix("SIG")  # USR2, as sbatch --signal and trap/kill spell it
 REQUEUE_EXIT = 3  # "stopped before the time limit, checkpointed: requeue me"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+TERMINATED_EXIT = 143  # 128 + SIGTERM
 
 
 class StopFlag:
@@ -26,6 +29,22 @@ class StopFlag:
 
 class StopRequested(Exception):
     """Training stopped on request after writing a checkpoint; running again resumes it."""
+
+
+def stop_on_terminate(stop, received=None) -> object:
+    """SIGTERM (Slurm ending the job) sets `stop` (and is appended to `received`), then runs the handler that was
+    there before (the run's usage record writes its last figures; submitit's logs the signal). Returns that one."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminated(signum, frame):
+        if received is not None:
+            received.append(signum)
+        stop.requested = True
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, terminated)
+    return previous
 
 
 EARLY = []  # requeue signals that came before training began (Slurm's timing is coarse)

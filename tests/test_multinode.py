@@ -188,3 +188,32 @@ def test_a_controller_restart_mid_sweep_loses_no_job_and_no_record_line(multinod
     assert len((logs / "jobs.jsonl").read_text().splitlines()) == 3
     for task in range(3):
         assert len(metrics_but_timings(tmp_path / "sweep" / str(task))) == 3
+
+
+def test_a_preempted_job_checkpoints_where_it_was_is_requeued_and_resumes_exactly(multinode_env, multinode_cluster,
+                                                                                  tmp_path):
+    """A run in the preemptible partition `low` (PreemptMode=REQUEUE, GraceTime=20) is preempted mid-epoch by a
+    `high` job that needs every CPU: Slurm's SIGTERM makes it checkpoint where it is; Slurm requeues it; it resumes
+    from that batch. Its metrics then equal an uninterrupted run's (here: up to the epoch after the stop)."""
+    data = noise_dataset(tmp_path / "data", 1024)
+    common = ["model=cnn", "data.batch_size=16", "trainer.log_interval=8", "trainer.threads=1"]
+    job = submitted_id(submit([*common, "trainer.epochs=1000", "resources.partition=low", "resources.mem=1G",
+                               f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data))
+    log = tmp_path / "logs" / f"cnn_{job}.out"
+    wait_until("epoch 2 in the log", lambda: log.exists() and "Train Epoch: 2 " in log.read_text())
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N2", "-c2", "--mem=1G", "-o", "/dev/null",
+                           "--wrap", "sleep 2"], capture_output=True, text=True)
+    assert high.returncode == 0, high.stderr
+    stopped = wait_until("the stop", lambda: re.search(r"^Stopped in epoch (\d+) after batch \d+", log.read_text(),
+                                                       re.M))
+    epochs = int(stopped.group(1)) + 1
+    wait_until("the resumed run past the epoch it stopped in", lambda: "Resuming from" in log.read_text()
+               and len(metrics_but_timings(tmp_path / "run")) >= epochs)
+    shown = run(["--logs", str(tmp_path / "logs"), "show", job], tmp_path, module="mnist.jobs").stdout
+    subprocess.run(["scancel", job], check=True)
+    assert "requeued 1x (last: preempted)" in shown, shown
+    assert "Checkpointed in" in log.read_text() and f"at epoch {epochs - 1}, batch" in log.read_text()
+    straight = run([*common, f"trainer.epochs={epochs}", f"data.root={tmp_path / 'data'}",
+                    f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    assert metrics_but_timings(tmp_path / "run")[:epochs] == metrics_but_timings(tmp_path / "straight")

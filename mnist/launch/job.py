@@ -44,7 +44,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         from mnist import private_apis
         from mnist.env import restarts
-        from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested
+        from mnist.stopping import REQUEUE_SIGNAL, TERMINATED_EXIT, StopFlag, StopRequested, stop_on_terminate
         from mnist.train import train
 
         cfg = OmegaConf.create(self.config)
@@ -53,16 +53,24 @@ class TrainJob(submitit.helpers.Checkpointable):
         if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch, replacing any
             # the submitting shell had set (sbatch passes its environment on); a MASTER_PORT set there is kept
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        requeues = restarts()
+        requeues, stop, terminated = restarts(), StopFlag(), []
+        before = stop_on_terminate(stop, terminated)  # Slurm ends the job: preempted (it requeues it), cancelled...
+        submitit_handler = private_apis.submitit_requeue_handler()
         if requeues >= self.max_requeues:
             signal.signal(REQUEUE_SIGNAL, self._last_warning)
-            return train(cfg, self.run_dir)
-
-        stop, submitit_handler = StopFlag(), private_apis.submitit_requeue_handler()
-        signal.signal(REQUEUE_SIGNAL, lambda signum, frame: setattr(stop, "requested", True))
+        else:
+            signal.signal(REQUEUE_SIGNAL, lambda signum, frame: setattr(stop, "requested", True))
         try:
             return train(cfg, self.run_dir, stop)
         except StopRequested:
+            if terminated:
+                if environment.global_rank == 0:
+                    print(f"Checkpointed in {self.run_dir}: Slurm is ending this job (preempted: it requeues it, "
+                          f"and it resumes there; cancelled or out of time: the checkpoint stays)", flush=True)
+                # Wait for Slurm's kill: a preempted job that ended itself within its GraceTime would count as
+                # ended, not be requeued. (An exit, not an error submitit would record as the job's result.)
+                time.sleep(TERMINATED_WAIT_S)
+                raise SystemExit(TERMINATED_EXIT) from None
             if environment.global_rank != 0:  # rank 0 requeues the whole job, which ends this task too
                 time.sleep(300)
                 raise
@@ -72,10 +80,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise
         finally:  # between the runs of a packed task, a signal requeues the task at once
             signal.signal(REQUEUE_SIGNAL, submitit_handler)
+            signal.signal(signal.SIGTERM, before)
 
     def _last_warning(self, signum, frame):
         print(f"Time limit near and no requeue left ({self.max_requeues} used): Slurm will stop this job. "
               f"Resume it later with: python -m mnist.run hydra.run.dir={self.run_dir}", file=sys.stderr, flush=True)
+
+
+TERMINATED_WAIT_S = 3600  # longer than any GraceTime or KillWait
 
 
 class PackedJob(submitit.helpers.Checkpointable):
