@@ -942,54 +942,37 @@ def _cmd_down(args) -> int:
     return 0
 
 
-def _running(folder: Path) -> Cluster | None:
+def _on_running(args, act, done: str) -> int:
+    """Do `act(cluster)` to the cluster running in args.dir; print `done`, or why not (exit status 1)."""
+    folder = Path(args.dir).resolve()
     cluster = load(folder)
     if cluster is None or not cluster.running_daemons():
         print(f"no cluster running in {folder}", file=sys.stderr)
-        return None
-    return cluster
+        return 1
+    try:
+        act(cluster)
+    except SlurmStartError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    cluster._procs = {}  # the daemons it started are our children only until we exit; they keep running
+    print(done)
+    return 0
 
 
 def _cmd_kill_node(args) -> int:
-    cluster = _running(Path(args.dir).resolve())
-    if cluster is None:
-        return 1
-    try:
-        cluster.kill_node(args.name)
-    except SlurmStartError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(f"node {args.name} killed (its slurmd and its jobs' processes); the controller marks it DOWN when it "
-          f"misses its pings. Start it again with: python {sys.argv[0]} start-node {args.name} --dir {args.dir}")
-    return 0
+    return _on_running(args, lambda c: c.kill_node(args.name),
+                       f"node {args.name} killed (its slurmd and its jobs' processes); the controller marks it DOWN "
+                       f"when it misses its pings. Start it again with: python {sys.argv[0]} start-node {args.name} "
+                       f"--dir {args.dir}")
 
 
 def _cmd_start_node(args) -> int:
-    cluster = _running(Path(args.dir).resolve())
-    if cluster is None:
-        return 1
-    try:
-        cluster.start_node(args.name)
-    except SlurmStartError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    cluster._procs = {}
-    print(f"node {args.name}: slurmd started")
-    return 0
+    return _on_running(args, lambda c: c.start_node(args.name), f"node {args.name}: slurmd started")
 
 
 def _cmd_restart_controller(args) -> int:
-    cluster = _running(Path(args.dir).resolve())
-    if cluster is None:
-        return 1
-    try:
-        cluster.restart_controller(down_s=args.down)
-    except SlurmStartError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    cluster._procs = {}
-    print(f"slurmctld restarted (down {args.down:g} s)")
-    return 0
+    return _on_running(args, lambda c: c.restart_controller(down_s=args.down),
+                       f"slurmctld restarted (down {args.down:g} s)")
 
 
 def _cmd_status(args) -> int:

@@ -13,10 +13,20 @@ from test_slurm import noise_dataset, submitted_id, wait_for
 pytestmark = pytest.mark.slurm
 
 
-def submit(args, tmp_path, data):
+def submit(args, tmp_path, data, env=None):
     sweep = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if "-m" in args else []
     return run([*sweep, "launcher=slurm", f"data.root={data}", f"launcher.log_dir={tmp_path / 'logs'}",
-                *(a for a in args if a != "-m")], cwd=tmp_path)
+                *(a for a in args if a != "-m")], cwd=tmp_path, env=env)
+
+
+def free_port():
+    """A port free now, for torch's rendezvous: the jobs of every cluster of the suite share this one machine,
+    where the port submitit draws from the job id may be taken (a real cluster's nodes are machines of their own)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def metrics_but_timings(run_dir):
@@ -30,9 +40,13 @@ def test_two_nodes_train_as_two_ranks_on_one_node_do_bit_for_bit(multinode_env, 
     data = noise_dataset(tmp_path / "data", 1024)
     common = ["model=mlp", "data.batch_size=32", "trainer.epochs=2", "trainer.log_interval=4", "resources.mem=3G"]
     across = submitted_id(submit([*common, "resources.nodes=2", "resources.tasks_per_node=1",
-                                  f"hydra.run.dir={tmp_path / 'across'}"], tmp_path, data))
+                                  f"hydra.run.dir={tmp_path / 'across'}"], tmp_path, data,
+                                 env={"MASTER_PORT": free_port()}))
     within = submitted_id(submit([*common, "resources.nodes=1", "resources.tasks_per_node=2",
-                                  f"hydra.run.dir={tmp_path / 'within'}"], tmp_path, data))
+                                  f"hydra.run.dir={tmp_path / 'within'}"], tmp_path, data,
+                                 env={"MASTER_PORT": free_port()}))
+    [script] = (tmp_path / "logs" / "submitit").glob(f"{across}/*_submission.sh")
+    assert "--kill-on-bad-exit=1" in script.read_text()  # a rank that fails ends the job, not a 30-minute wait
     assert wait_for(across) == {across: "COMPLETED"} and wait_for(within) == {within: "COMPLETED"}
 
     assert metrics_but_timings(tmp_path / "across") == metrics_but_timings(tmp_path / "within")

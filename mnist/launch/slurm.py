@@ -48,6 +48,8 @@ def parameters(cfg, name, array=False) -> dict:
     # srun does not take --cpus-per-task from sbatch (nor does submitit pass it): where tasks are pinned to their
     # CPUs, the training step would run on one of them.
     srun_args = ["--output", out, "--error", err, f"--cpus-per-task={options['cpus_per_task']}"]
+    if options["nodes"] * options["ntasks_per_node"] > 1:  # a rank that fails ends the step, not waits for the others
+        srun_args.append("--kill-on-bad-exit=1")  # (else they wait for it for torch's 30-minute timeout)
     signal_delay_s = resources.signal_delay(int(launcher.signal_delay_s), options["time"] * 60)
     params = dict(options, job_name=name, setup=setup, srun_args=srun_args, signal_delay_s=signal_delay_s)
     if array:
