@@ -13,7 +13,7 @@ from conftest import imported_modules, run, write_dataset
 from omegaconf import OmegaConf
 from test_slurm import submitted_id, wait_for
 
-from mnist import rundir
+from mnist import figures, rundir
 from mnist.config import compose
 from mnist.launch import history, record
 from mnist.launch.job import TrainJob
@@ -219,10 +219,11 @@ def test_auto_judges_a_resubmitted_run_by_its_latest_job(tmp_path, monkeypatch):
 
 
 def chosen(output, key):
-    """The value auto chose for `key` (resources.mem: megabytes, resources.time: minutes) and from how many runs."""
-    found = re.search(rf"^{key}=auto: (?:0:)?(\d+)(?:M|:00) \((?:the peak|p95) of (\d+) past runs", output, re.M)
+    """The value auto chose for `key` (resources.mem: megabytes, written 768M or 1G; resources.time: minutes) and
+    from how many runs."""
+    found = re.search(rf"^{key}=auto: (?:0:)?(\d+)(M|G|:00) \((?:the peak|p95) of (\d+) past runs", output, re.M)
     assert found, output
-    return int(found.group(1)), int(found.group(2))
+    return int(found.group(1)) * (1024 if found.group(2) == "G" else 1), int(found.group(3))
 
 
 @pytest.mark.slurm
@@ -240,7 +241,9 @@ def test_after_five_runs_auto_asks_for_what_they_used_and_a_run_killed_for_memor
     (mem, runs), (minutes, _) = chosen(auto.stdout, "resources.mem"), chosen(auto.stdout, "resources.time")
     assert runs == 5 and mem < 3 * 1024 and minutes < 5 and "conf/ asks 3G" in auto.stdout
     job = submitted_id(auto)
-    assert wait_for(job) == {job: "COMPLETED"} and f"mem: {mem}M" in (tmp_path / "auto" / "config.yaml").read_text()
+    assert wait_for(job) == {job: "COMPLETED"}
+    asked = re.search(r"^  mem: (\S+)$", (tmp_path / "auto" / "config.yaml").read_text(), re.M).group(1)
+    assert figures.memory_bytes(asked, "M") == mem << 20, asked
 
     wide_mem, _ = chosen(suggest(tmp_path, wide, "trainer.epochs=1"), "resources.mem")
     peak = max(a.node_peak for d in (tmp_path / "wide").glob("[0-4]") for a in rundir.read_usage(d))
