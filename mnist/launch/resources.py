@@ -260,11 +260,16 @@ def check_limits(resources, time_s, nodes, what="", time_fix="") -> None:
     )
 
 
+def _shares(resources, nodes) -> int:
+    """How many of the request's node shares (its CPUs, memory and GPUs on one node) a node of this group holds."""
+    cpus, gpus = resources.cpus_per_task * resources.tasks_per_node, resources.gpus_per_node
+    return min(nodes.cpus // cpus, nodes.memory_mb // memory_mb_of(resources.mem), nodes.gpus // gpus if gpus
+               else nodes.cpus)
+
+
 def _holds(resources, nodes) -> bool:
     """Whether a node of this group holds one node's share of the request."""
-    cpus = resources.cpus_per_task * resources.tasks_per_node
-    return (cpus <= nodes.cpus and memory_mb_of(resources.mem) <= nodes.memory_mb
-            and resources.gpus_per_node <= nodes.gpus)
+    return _shares(resources, nodes) >= 1
 
 
 def partition_nodes(resources, nodes) -> list[Nodes]:
@@ -273,14 +278,24 @@ def partition_nodes(resources, nodes) -> list[Nodes]:
     return [n for n in nodes if (n.default if partition is None else n.partition == str(partition))]
 
 
+def max_time_s(resources, nodes) -> int | None:
+    """The MaxTime of the request's partition in seconds; None where it has none or the cluster is not known."""
+    pool = partition_nodes(resources, nodes or [])
+    return pool[0].max_time_s if pool else None
+
+
+def runs_within(per_task, run_limit_s, limit_s) -> int:
+    """How many runs a task may pack: `per_task`, or fewer where their summed time limits (a task asks for the
+    sum) would pass the partition's MaxTime `limit_s` (None: no limit); at least 1."""
+    if limit_s and per_task * run_limit_s > limit_s:
+        return max(1, limit_s // run_limit_s)
+    return per_task
+
+
 def jobs_at_once(resources, nodes) -> int:
     """How many jobs of this request the nodes of its partition hold at the same time (each node holding as
     many as its CPUs, memory and GPUs allow; a job of several nodes takes that many); 0 if none fits."""
-    cpus = resources.cpus_per_task * resources.tasks_per_node
-    memory_mb, gpus = memory_mb_of(resources.mem), resources.gpus_per_node
-    each = [n.count * min(n.cpus // cpus, n.memory_mb // memory_mb, n.gpus // gpus if gpus else n.cpus)
-            for n in partition_nodes(resources, nodes)]
-    return sum(each) // resources.nodes
+    return sum(n.count * _shares(resources, n) for n in partition_nodes(resources, nodes)) // resources.nodes
 
 
 def _check_fits(resources, partition, pool):

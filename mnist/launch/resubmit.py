@@ -157,9 +157,10 @@ def _fit_packing(configs, max_time_s):
     per_task = configs[0]["launcher"].get("runs_per_task", 1)
     packing = min(per_task, len(configs)) if isinstance(per_task, int) else 1
     longest = max(resources.time_seconds(c["resources"]["time"]) for c in configs)
-    if max_time_s and packing > 1 and packing * longest > max_time_s:
+    fitting = resources.runs_within(packing, longest, max_time_s)
+    if fitting < packing:
         for c in configs:
-            c["launcher"]["runs_per_task"] = max(1, max_time_s // longest)
+            c["launcher"]["runs_per_task"] = fitting
 
 
 def _plain(cfg):

@@ -224,8 +224,8 @@ def submit_array(runs, single=False, overrides=None, previous=None) -> str | Non
     array = len(tasks) > 1  # (submitit submits a batch of one job as a plain job)
     params = _packed(_common_parameters(cfgs, name, array), first, per_task)
     if per_task > 1 and asked.get("cluster"):
-        limit_s = resources.partition_nodes(first.resources, asked["cluster"])[0].max_time_s or 0
-        fewer = max(1, limit_s // (60 * params["time"] // per_task)) if limit_s else per_task
+        longest = max(resources.time_seconds(c.resources.time) for c in cfgs)
+        fewer = resources.runs_within(per_task, longest, resources.max_time_s(first.resources, asked["cluster"]))
         resources.check_limits(first.resources, 60 * params["time"], asked["cluster"],
                                what=f"a task of {per_task} packed runs ({figures.limit_text(60 * params['time'])})",
                                time_fix=f"launcher.runs_per_task={fewer}")
@@ -347,13 +347,14 @@ def _pack_auto(cfgs, pasts, whole=True, asked=None):
             why = (f"the {runs} runs as {math.ceil(runs / filling)} tasks, which can all run at once ({limit}): "
                    f"about {each} of work each at {max(work):.0f} s a run; tasks of "
                    f"launcher.pack_minutes={minutes:g} would be fewer")
-    pool = resources.partition_nodes(cfgs[0].resources, (asked or {}).get("cluster") or [])
-    limit_s = pool[0].max_time_s if pool else None
+    nodes = (asked or {}).get("cluster")
+    limit_s = resources.max_time_s(cfgs[0].resources, nodes)
     run_limit_s = max(resources.time_seconds(c.resources.time) for c in cfgs)
-    if limit_s and per_task * run_limit_s > limit_s:  # a task asks for the sum of its runs' time limits
-        wanted, per_task = per_task, max(1, limit_s // run_limit_s)
+    wanted, per_task = per_task, resources.runs_within(per_task, run_limit_s, limit_s)
+    if per_task < wanted:
+        partition = resources.partition_nodes(cfgs[0].resources, nodes)[0].partition
         why = (f"a task asks for the sum of its runs' time limits, and {per_task} of "
-               f"{figures.limit_text(run_limit_s)} fill partition {pool[0].partition}'s MaxTime of "
+               f"{figures.limit_text(run_limit_s)} fill partition {partition}'s MaxTime of "
                f"{figures.limit_text(limit_s)}; by the past runs {wanted} would do")
     for cfg in cfgs:
         cfg.launcher.runs_per_task = per_task
