@@ -512,11 +512,14 @@ class Cluster:
         except (OSError, subprocess.TimeoutExpired):
             pass
 
+    def _known_node(self, node: str) -> None:
+        if node not in self.node_names:
+            raise SlurmStartError(f"no node {node!r} in this cluster (it has {', '.join(self.node_names)})")
+
     def kill_node(self, node: str) -> None:
         """As if the node's power went: its slurmd and every process of its jobs are killed (SIGKILL), with no
         word to the controller, which marks the node DOWN once it misses its pings (SlurmdTimeout)."""
-        if node not in self.node_names:
-            raise SlurmStartError(f"no node {node!r} in this cluster (it has {', '.join(self.node_names)})")
+        self._known_node(node)
         name = self.slurmd_name(node)
         if name in self.running_daemons():
             self._signal(name, signal.SIGKILL)
@@ -525,8 +528,7 @@ class Cluster:
 
     def start_node(self, node: str) -> None:
         """Start a killed node's slurmd again; it rejoins once the controller hears from it."""
-        if node not in self.node_names:
-            raise SlurmStartError(f"no node {node!r} in this cluster (it has {', '.join(self.node_names)})")
+        self._known_node(node)
         self._spawn(self.slurmd_name(node), [_which("slurmd") or "slurmd", "-D", "-N", node], node=node)
 
     def stop_controller(self) -> None:

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "loss", "optimizer", "data", "resources", "launcher", "logger")
 # keys that moved: the old spelling is refused with a message naming the new one
-MOVED = {"model.time": "resources.time (per model.arch defaults: time_limits in conf/resources/cpu.yaml)"}
+# (old key: (new key, what it sets, where its defaults are now))
+MOVED = {"model.time": ("resources.time", "the Slurm time limit",
+                        "per model.arch defaults: time_limits in conf/resources/cpu.yaml")}
 PRESETS = "experiment"  # the group of presets, added with +experiment=<name>: conf/experiment/
 
 
@@ -84,8 +86,9 @@ def check_keys(overrides) -> None:
             continue
         key = match.group(1)
         if key in MOVED:
-            raise ConfigError(f"`{override}`: {key} has moved; the Slurm time limit is {MOVED[key]}. "
-                              f"Write `{MOVED[key].split()[0]}={override.split('=', 1)[1]}` instead.")
+            new, what, where = MOVED[key]
+            raise ConfigError(f"`{override}`: {key} has moved; {what} is {new} ({where}). "
+                              f"Write `{new}={override.split('=', 1)[1]}` instead.")
         if key.split(".")[0] == "hydra" or ("." not in key and key in GROUPS):
             continue
         keyed.append((key, override))
