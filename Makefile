@@ -18,7 +18,7 @@ TORCH_BUILD = $(PYTHON) -m pip install --quiet torch==$(TORCH_VERSION)+$(TORCH_C
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: MODEL=$(MODEL) DATA=$(DATA) ARGS='<more overrides>' SOURCE=<folder for make data>" \
-		"TORCH_CUDA=<cu126|cu130|cpu for make install>"
+		"TORCH_CUDA=<cu126|cu130|cpu for make install> NODES=<nodes for make cluster-up>"
 
 install: $(VENV) ## create .venv and install the project into it (editable); TORCH_CUDA=cu126: torch for older drivers
 ifdef TORCH_CUDA
