@@ -209,6 +209,8 @@ def test_a_preempted_job_checkpoints_where_it_was_is_requeued_and_resumes_exactl
     """A run in the preemptible partition `low` (PreemptMode=REQUEUE, GraceTime=20) is preempted mid-epoch by a
     `high` job that needs every CPU: Slurm's SIGTERM makes it checkpoint where it is; Slurm requeues it; it resumes
     from that batch. Its metrics then equal an uninterrupted run's (here: up to the epoch after the stop)."""
+    # the high job needs every CPU of both nodes: both must be back in service (an earlier test killed one)
+    assert multinode_cluster.wait_idle(timeout=120) == "idle"
     data = noise_dataset(tmp_path / "data", 1024)
     common = ["model=cnn", "data.batch_size=16", "trainer.log_interval=8", "trainer.threads=1"]
     job = submitted_id(submit([*common, "trainer.epochs=1000", "resources.partition=low", "resources.mem=1G",
