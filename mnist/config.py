@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "loss", "optimizer", "data", "resources", "launcher", "logger")
+GROUPS = ("model", "loss", "optimizer", "data", "resources", "launcher", "logger", "search")
 # keys that moved: the old spelling is refused with a message naming the new one
 # (old key: (new key, what it sets, where its defaults are now))
 MOVED = {"model.time": ("resources.time", "the Slurm time limit",

@@ -175,11 +175,12 @@ class Run:
     rows: list  # metrics.csv's rows so far
 
 
-def train(cfg, run_dir, stop=None) -> list[dict]:
+def train(cfg, run_dir, stop=None, epoch_end=None) -> list[dict]:
     """Train cfg.model on cfg.data for cfg.trainer.epochs, resuming from run_dir's checkpoint.
 
     If `stop.requested` becomes true, write a checkpoint where training is and raise StopRequested.
-    Returns metrics.csv's rows.
+    `epoch_end(rows)`, if given, is called once an epoch is written (checkpoint, metrics.csv), and on resuming with
+    the rows so far; if it returns true the run ends there (a search's pruned trial). Returns metrics.csv's rows.
     """
     rank, local_rank, world_size = env.distributed()
     run_dir = Path(run_dir)
@@ -193,7 +194,7 @@ def train(cfg, run_dir, stop=None) -> list[dict]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         with _holding(run_dir, rank, world_size, device):
-            return _train(cfg, run_dir, stop or StopFlag(), device, threads, rank, world_size)
+            return _train(cfg, run_dir, stop or StopFlag(), device, threads, rank, world_size, epoch_end)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
@@ -220,7 +221,7 @@ def _holding(run_dir, rank, world_size, device):
         yield
 
 
-def _train(cfg, run_dir, stop, device, threads, rank, world_size):
+def _train(cfg, run_dir, stop, device, threads, rank, world_size, epoch_end):
     main = rank == 0
     log = open_log(run_dir, main)
     saved = checkpoint.load(run_dir, cfg.model.name)  # before writing anything: a bad one changes nothing
@@ -252,8 +253,12 @@ def _train(cfg, run_dir, stop, device, threads, rank, world_size):
         rundir.write_config(run_dir, OmegaConf.to_container(cfg, resolve=True))
         env.write_record(run_dir / rundir.ENVIRONMENT, device, threads, world_size)
         rundir.write_metrics(run_dir, rows)  # the rows the checkpoint vouches for, no more
+    ended = epoch_end is not None and rows and epoch_end(rows)
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
+        if ended:
+            break
         run_epoch(run, epoch, resume=partial if epoch == start_epoch else None)
+        ended = epoch_end is not None and epoch_end(rows)
     steps.board.close()
     return rows
 

@@ -42,11 +42,19 @@ def ended(state, elapsed_s=None, limit_s=None, mem=None, cpus=1):
 def cluster_states(monkeypatch):
     """Slurm's answers, as given: {job id: JobState}; and no cluster to check a dry run's request against."""
     known = {}
-    monkeypatch.setattr(resources, "partition_limits", lambda: {})
+    monkeypatch.setattr(resources, "ask_cluster", lambda dry_run=False: None)
     monkeypatch.setattr(record, "states", lambda entries: record.States(
         {e.job_id: known[e.job_id] for e in entries if e.job_id in known}))
     monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
     return known
+
+
+def one_partition(monkeypatch, **limits):
+    """A cluster of one default partition with these limits (resources.Nodes' fields), and nodes that hold any
+    request of these tests. Returns the list of its calls, one per asking."""
+    nodes, calls = [resources.Nodes("batch", 64, 256 << 10, 0, 4, default=True, **limits)], []
+    monkeypatch.setattr(resources, "ask_cluster", lambda dry_run=False: calls.append(dry_run) or nodes)
+    return calls
 
 
 def test_held_cpu_hours_count_a_packed_tasks_allocation_once(tmp_path, tiny_data, cluster_states):
@@ -76,8 +84,9 @@ def test_more_keeps_a_packed_task_within_its_partitions_time_limit(tmp_path, tin
     run's time (it doubled the task's and the task summed the runs again: --time=960) and packs 3 a task."""
     sweep, logs, _ = sweep_folder(tmp_path, 4, tiny_data, "resources.time=0:30:00", pack=4)
     cluster_states["40_0"] = ended("TIMEOUT", 7200, 7200)
-    monkeypatch.setattr(resources, "partition_limits", lambda: {None: {"time": 200 * 60, "mem": 8 << 30}})
+    asked = one_partition(monkeypatch, max_time_s=200 * 60, max_mem=8 << 30)
     resubmit.resubmit(logs, sweep, ["dry_run=true"], more=True)
+    assert len(asked) == 1  # one sinfo and one scontrol for --more, the packing and the submission's checks
     script = capsys.readouterr().out
     assert "#SBATCH --time=180\n" in script and "#SBATCH --array=0-1" in script, script
     times = [resources.time_seconds(OmegaConf.create(c).resources.time) for c in _configs(logs, sweep, more=True)]
@@ -88,7 +97,7 @@ def test_more_stops_at_the_partitions_limits_and_says_so(tmp_path, tiny_data, cl
     """A 2-hour run that timed out on a partition of 3 hours: --more asks 3 hours, not 4, and says it stopped short."""
     sweep, logs, _ = sweep_folder(tmp_path, 1, tiny_data, "resources.time=2:00:00", pack=1)
     cluster_states["40_0"] = ended("TIMEOUT", 7200, 7200)
-    monkeypatch.setattr(resources, "partition_limits", lambda: {None: {"time": 180 * 60, "mem": None}})
+    one_partition(monkeypatch, max_time_s=180 * 60, max_mem=None)
     resubmit.resubmit(logs, sweep, ["dry_run=true"], more=True)
     out, err = capsys.readouterr()
     assert "#SBATCH --time=180\n" in out, out
@@ -102,7 +111,7 @@ def _configs(logs, sweep, more):
     submissions = resubmit._submissions(entries, folders)
     jobs = resubmit._jobs(submissions, logs)
     todo = [(f, jobs[id(submissions[f][-1])], "") for f in folders]
-    return resubmit._configs(todo, ["dry_run=true"], more, logs)
+    return resubmit._configs(todo, ["dry_run=true"], more, logs, {})
 
 
 @pytest.mark.parametrize("peak, asked, suggested", [
@@ -143,7 +152,7 @@ def test_a_packed_resubmission_with_longer_runs_packs_fewer_within_maxtime(tmp_p
     """Following the TIMEOUT hint (resources.time=, no --more) must not leave a task over the partition's limit."""
     sweep, logs, _ = sweep_folder(tmp_path, 4, tiny_data, "resources.time=0:45:00", pack=4)
     cluster_states["40_0"] = ended("TIMEOUT", 10800, 10800)
-    monkeypatch.setattr(resources, "partition_limits", lambda: {None: {"time": 240 * 60, "mem": None}})
+    one_partition(monkeypatch, max_time_s=240 * 60, max_mem=None)
     resubmit.resubmit(logs, sweep, ["resources.time=1:30:00", "dry_run=true"])
     script = capsys.readouterr().out
     assert "#SBATCH --time=180\n" in script and "#SBATCH --array=0-1" in script, script  # 2 a task, not 4 (6 h)

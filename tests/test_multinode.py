@@ -62,8 +62,38 @@ def test_two_nodes_train_as_two_ranks_on_one_node_do_bit_for_bit(multinode_env, 
     peaks = re.search(r"attempt 0: .* on (n\d),(n\d), 2 ranks, .*, peaks (n\d) ([\d.]+M), (n\d) ([\d.]+M);",
                       shown.stdout)
     assert peaks and {peaks.group(1), peaks.group(2)} == {peaks.group(3), peaks.group(5)} == {"n1", "n2"}, shown.stdout
-    fullest = re.search(r"memory: +peak ([\d.]+M) of 3.0G asked", shown.stdout)
-    assert fullest and fullest.group(1) == peaks.group(4), shown.stdout  # MEM is the fullest node's, not the sum
+    fullest = re.search(r"memory: +peak ([\d.]+)M of 3.0G asked", shown.stdout)
+    nodes = [float(peaks.group(4)[:-1]), float(peaks.group(6)[:-1])]
+    # MEM is the fullest node's (its own record's, or Slurm's MaxRSS where that is higher), not the nodes' sum
+    assert fullest and max(nodes) <= float(fullest.group(1)) < 0.8 * sum(nodes), shown.stdout
+
+
+def test_a_two_node_run_stopped_mid_epoch_near_its_limit_resumes_exactly(multinode_env, tmp_path):
+    """USR2 as Slurm sends it before a time limit (to every task of the step: both nodes' ranks): the ranks agree on
+    the batch to stop after, rank 0 checkpoints, the job is requeued onto the two nodes and ends with the metrics
+    of an uninterrupted two-node run."""
+    from test_slurm import wait_for_text
+
+    data = noise_dataset(tmp_path / "data", 4096)
+    common = ["model=mlp", "data.batch_size=16", "trainer.epochs=4", "trainer.log_interval=1", "resources.mem=1G",
+              "resources.nodes=2", "resources.tasks_per_node=1", "launcher.max_requeues=1"]
+    straight = submitted_id(submit([*common, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path, data,
+                                   env={"MASTER_PORT": free_port()}))
+    requeued = submitted_id(submit([*common, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data,
+                                   env={"MASTER_PORT": free_port()}))
+    log = tmp_path / "logs" / f"mlp_{requeued}.out"
+    wait_for_text(log, "Training on cpu, 1 CPU thread per rank, 2 ranks (gloo)", timeout=300)
+    subprocess.run(["scancel", "--signal=USR2", requeued], check=True)
+    assert wait_for(requeued, timeout=300) == {requeued: "COMPLETED"}
+    assert wait_for(straight, timeout=300) == {straight: "COMPLETED"}
+    text = log.read_text()
+    stopped = re.search(r"^Stopped in epoch (\d) after batch \d+; checkpoint written$", text, re.M)
+    assert stopped and "asking Slurm to requeue" in text and "Resuming from" in text, text
+    assert f"at epoch {stopped.group(1)}, batch" in text, text
+    assert metrics_but_timings(tmp_path / "run") == metrics_but_timings(tmp_path / "straight")
+    assert len(metrics_but_timings(tmp_path / "run")) == 4
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["slurm"]["SLURM_JOB_NODELIST"] == "n[1-2]" and environment["world_size"] == 2
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -97,6 +127,20 @@ def test_a_run_in_the_short_partition_trains_end_to_end(multinode_env, tiny_data
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs")
     assert re.search(rf"^{job}\s+mlp\s+COMPLETED\s", listing.stdout, re.M), listing.stdout
     assert len(metrics_but_timings(tmp_path / "run")) == 1
+
+
+def test_a_gpu_run_in_the_gpu_partition_lands_on_its_gpu_node_end_to_end(multinode_env, tiny_data, tmp_path):
+    """resources=gpu resources.partition=gpu: the job runs on the node with the (fake) GPU, which Slurm grants it;
+    it trains on the CPU here (trainer.device=cpu), as the fake GPU has no CUDA behind it."""
+    job = submitted_id(submit(["resources=gpu", "resources.partition=gpu", "resources.mem=1G", "trainer.epochs=1",
+                               "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, tiny_data))
+    assert wait_for(job) == {job: "COMPLETED"}
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["node"] == "n2" and environment["cuda_visible_devices"] == "0", environment
+    [script] = (tmp_path / "logs" / "submitit").glob(f"{job}/*_submission.sh")
+    assert "#SBATCH --partition=gpu" in script.read_text() and "#SBATCH --gpus-per-node=1" in script.read_text()
+    shown = run(["--logs", str(tmp_path / "logs"), "show", job], tmp_path, module="mnist.jobs")
+    assert shown.returncode == 0 and re.search(r"attempt 0: .* on n2, ", shown.stdout), shown.stdout
 
 
 def test_auto_packing_stays_within_the_partitions_max_time_and_counts_its_nodes(multinode_env, tiny_data, tmp_path):
@@ -208,28 +252,46 @@ def test_a_preempted_job_checkpoints_where_it_was_is_requeued_and_resumes_exactl
                                                                                   tmp_path):
     """A run in the preemptible partition `low` (PreemptMode=REQUEUE, GraceTime=20) is preempted mid-epoch by a
     `high` job that needs every CPU: Slurm's SIGTERM makes it checkpoint where it is; Slurm requeues it; it resumes
-    from that batch. Its metrics then equal an uninterrupted run's (here: up to the epoch after the stop)."""
+    from that batch. Its metrics then equal an uninterrupted run's (here: up to the epoch after the stop). The
+    course's script, preempted beside it, does the same: it waits for Slurm's kill rather than end within the
+    GraceTime (a job that ends itself then is not requeued)."""
+    from conftest import ROOT
+
     # the high job needs every CPU of both nodes: both must be back in service (an earlier test killed one)
     assert multinode_cluster.wait_idle(timeout=120) == "idle"
     data = noise_dataset(tmp_path / "data", 1024)
     common = ["model=cnn", "data.batch_size=16", "trainer.log_interval=8", "trainer.threads=1"]
     job = submitted_id(submit([*common, "trainer.epochs=1000", "resources.partition=low", "resources.mem=1G",
                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, data))
-    log = tmp_path / "logs" / f"cnn_{job}.out"
-    wait_until("epoch 2 in the log", lambda: log.exists() and "Train Epoch: 2 " in log.read_text())
+    script = subprocess.run(["sbatch", "--parsable", "-p", "low", "--mem=1G", f"--output={tmp_path}/script_%j.out",
+                             f"--error={tmp_path}/script_%j.err", "slurm/cnn.sh", *common, "trainer.epochs=1000",
+                             f"data.root={data}", f"hydra.run.dir={tmp_path / 'script_run'}"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr
+    script_job = script.stdout.strip()
+    logs = {job: tmp_path / "logs" / f"cnn_{job}.out", script_job: tmp_path / f"script_{script_job}.out"}
+    for log in logs.values():
+        wait_until("epoch 2 in the log", lambda log=log: log.exists() and "Train Epoch: 2 " in log.read_text())
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N2", "-c2", "--mem=1G", "-o", "/dev/null",
                            "--wrap", "sleep 2"], capture_output=True, text=True)
     assert high.returncode == 0, high.stderr
-    stopped = wait_until("the stop", lambda: re.search(r"^Stopped in epoch (\d+) after batch \d+", log.read_text(),
-                                                       re.M))
-    epochs = int(stopped.group(1)) + 1
-    wait_until("the resumed run past the epoch it stopped in", lambda: "Resuming from" in log.read_text()
-               and len(metrics_but_timings(tmp_path / "run")) >= epochs)
-    shown = run(["--logs", str(tmp_path / "logs"), "show", job], tmp_path, module="mnist.jobs").stdout
-    subprocess.run(["scancel", job], check=True)
-    assert "requeued 1x (last: preempted)" in shown, shown
-    assert "Checkpointed in" in log.read_text() and f"at epoch {epochs - 1}, batch" in log.read_text()
-    straight = run([*common, f"trainer.epochs={epochs}", f"data.root={tmp_path / 'data'}",
-                    f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    assert metrics_but_timings(tmp_path / "run")[:epochs] == metrics_but_timings(tmp_path / "straight")
+    for job_id, run_dir in ((job, tmp_path / "run"), (script_job, tmp_path / "script_run")):
+        log = logs[job_id]
+        # where it resumes: mid-epoch, as a rule; after a whole epoch where the signal came in its last batch or test
+        resumed = wait_until("the resume", lambda log=log: re.search(
+            r"^Resuming from \S+ (?:at epoch (\d+), batch \d+|after epoch (\d+))$", log.read_text(), re.M))
+        mid_epoch, after_epoch = resumed.groups()
+        epochs = int(mid_epoch or int(after_epoch) + 1)
+        wait_until("the resumed run past the epoch it stopped in", lambda run_dir=run_dir, epochs=epochs:
+                   len(metrics_but_timings(run_dir)) >= epochs)
+        shown = run(["--logs", str(tmp_path / "logs"), "show", job_id], tmp_path, module="mnist.jobs").stdout
+        subprocess.run(["scancel", job_id], check=True)
+        text = log.read_text()
+        if job_id == job:
+            assert "requeued 1x (last: preempted)" in shown, shown
+            assert "Checkpointed in" in text, text
+        assert not mid_epoch or re.search(rf"^Stopped in epoch {mid_epoch} after batch \d+", text, re.M), text
+        straight = run([*common, f"trainer.epochs={epochs}", f"data.root={tmp_path / 'data'}",
+                        f"hydra.run.dir={tmp_path / f'straight_{job_id}'}"], cwd=tmp_path)
+        assert straight.returncode == 0, straight.stderr
+        assert metrics_but_timings(run_dir)[:epochs] == metrics_but_timings(tmp_path / f"straight_{job_id}")

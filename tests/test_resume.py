@@ -108,3 +108,48 @@ def test_resuming_uses_the_runs_own_config_and_refuses_a_conflicting_override(da
     resumed = run([f"hydra.run.dir={run_dir}", f"trainer.epochs={EPOCHS}", "trainer.threads=1"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_dir, straight)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own (this machine's CI runs as root), to fill: (folder, resize); resize(bytes) mounts it at
+    that size, and resize(bytes, "remount") grows it, keeping its files, as freeing space would."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def resize(size, *more):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*more, f"size={size}"]), "tmpfs", str(disk)],
+                       check=True)
+
+    yield disk, resize
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_keeps_the_last_one_and_the_run_resumes(data, straight,
+                                                                                                 small_disk):
+    """Room for one checkpoint and a half: epoch 1's is written, epoch 2's cannot be. The error names the folder and
+    the space left, epoch 1's checkpoint stays whole, and once space is freed the same command ends the run as an
+    uninterrupted one."""
+    small_disk, resize = small_disk
+    size = (straight / "checkpoint.pt").stat().st_size * 3 // 2
+    resize(size)
+    run_dir = small_disk / "run"
+    full = run(args(data, run_dir), cwd=small_disk)
+    assert full.returncode == 2, full.stderr
+    message = full.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert f"No space left to write checkpoint.pt in {run_dir}: " in message and " free on its disk; the previous " \
+        "checkpoint.pt (" in message and "run the same command again" in message, message
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1  # whole, and epoch 1's
+    assert [p.name for p in run_dir.glob(".*.tmp")] == []
+    assert len(metrics_without_timing(run_dir)) == 1
+
+    resize(size * 4, "remount")
+    resumed = run(args(data, run_dir), cwd=small_disk)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout
+    assert_same_run(run_dir, straight)

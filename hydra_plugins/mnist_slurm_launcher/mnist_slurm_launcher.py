@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 BasicSweeper, BasicSweeperConf = private_apis.basic_sweeper_classes()
 
 
+LAUNCHER = "hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher.MnistSlurmLauncher"
+
+
 @dataclass
 class MnistSlurmLauncherConf:
-    _target_: str = "hydra_plugins.mnist_slurm_launcher.mnist_slurm_launcher.MnistSlurmLauncher"
+    _target_: str = LAUNCHER
 
 
 @dataclass
@@ -49,15 +52,22 @@ ConfigStore.instance().store(group="hydra/sweeper", name="mnist_slurm", node=Mni
 
 
 class MnistSlurmSweeper(BasicSweeper):
-    """Hydra's basic sweeper (the same `a,b`, `range()`, `hydra.sweeper.params`, batches), for the
-    launcher below, which composes every run of a batch before it acts on any."""
+    """Every `-m` of this project (conf/config.yaml selects it): Hydra's basic sweeper (the same `a,b`, `range()`,
+    `hydra.sweeper.params`, batches), or with search=optuna a search (mnist.search.sweep), whose overrides
+    are a search space rather than a grid."""
 
     def validate_batch_is_legal(self, batch):
-        pass  # MnistSlurmLauncher.launch composes each run of the batch first, in this process
+        if self.config.hydra.launcher.get("_target_") != LAUNCHER:
+            super().validate_batch_is_legal(batch)
+        # (MnistSlurmLauncher.launch composes each run of the batch first, in this process)
 
     def sweep(self, arguments):
         """A dry run writes nothing: Hydra's sweep, less its record of the sweep (multirun.yaml in the
         sweep folder, which it would create for it)."""
+        if self.config.get("search", {}).get("name", "none") != "none":
+            from mnist.search.sweep import search
+
+            return search(self.config, arguments)
         if not self.config.get("dry_run"):
             return super().sweep(arguments)
         return private_apis.sweep_without_record(self, arguments)

@@ -24,10 +24,11 @@ class TrainJob(submitit.helpers.Checkpointable):
     it at its limit, as TIMEOUT, with the last whole epoch's checkpoint in place.
     """
 
-    def __init__(self, config, run_dir, max_requeues):
+    def __init__(self, config, run_dir, max_requeues, epoch_end=None):
         self.config = config
         self.run_dir = str(run_dir)
         self.max_requeues = max_requeues
+        self.epoch_end = epoch_end  # train()'s: a search's trial reports each epoch and may be pruned
 
     def __call__(self):
         results = train_runs([self])
@@ -61,7 +62,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         else:
             signal.signal(REQUEUE_SIGNAL, lambda signum, frame: setattr(stop, "requested", True))
         try:
-            return train(cfg, self.run_dir, stop)
+            return train(cfg, self.run_dir, stop, epoch_end=getattr(self, "epoch_end", None))
         except StopRequested:
             if terminated:
                 if environment.global_rank == 0:
@@ -102,6 +103,26 @@ class PackedJob(submitit.helpers.Checkpointable):
 
     def __call__(self):
         return train_runs(self.jobs)
+
+
+class SearchWorker(submitit.helpers.Checkpointable):
+    """A task of a search's array (mnist.search): trial after trial of the study in `folder`, each a TrainJob in
+    its trial's folder, until the study has its n_trials. Near its time limit the trial in progress checkpoints
+    and submitit requeues this worker, which then finishes that trial first (it is this worker's, and free)."""
+
+    def __init__(self, folder, max_requeues):
+        self.folder = str(folder)
+        self.max_requeues = max_requeues
+
+    def __call__(self):
+        from mnist.env import job_id
+        from mnist.search.worker import run_trials
+
+        def train_one(config, run_dir, reporter):
+            config["data"]["download"] = False
+            train_runs([TrainJob(config, run_dir, self.max_requeues, epoch_end=reporter)])
+
+        return run_trials(self.folder, job_id(), train_one)
 
 
 def train_runs(jobs) -> list[list[dict]]:

@@ -171,7 +171,7 @@ def _sinfo(fields):
     return [line.split("|") for line in out.splitlines() if line.strip()]
 
 
-def partition_limits() -> dict[str | None, dict]:
+def _partition_limits() -> dict[str | None, dict]:
     """{partition name (None: the default): {"time": s, "mem": bytes per node}, None where it has no such limit}
     from one `scontrol show partition -o`; {} where Slurm does not answer."""
     from mnist.launch import gateway
@@ -199,7 +199,7 @@ def ask_cluster(dry_run=False) -> list[Nodes] | None:
                 "and `export SLURM_CONF=...` as it prints."
             )
         nodes = parse_sinfo(_sinfo(SINFO_FIELDS))
-        limits = partition_limits()
+        limits = _partition_limits()
         for group in nodes:
             group.max_time_s = limits.get(group.partition, {}).get("time")
             group.max_mem = limits.get(group.partition, {}).get("mem")
@@ -210,6 +210,17 @@ def ask_cluster(dry_run=False) -> list[Nodes] | None:
         last = str(e).strip().splitlines()[-1]
         print(f"(dry run: the request is not checked against a cluster: {last})", file=sys.stderr)
         return None
+
+
+def limits_by_partition(nodes) -> dict[str | None, dict]:
+    """{partition (None: the default): {"time": MaxTime s, "mem": MaxMemPerNode bytes}} of ask_cluster's nodes."""
+    limits = {}
+    for group in nodes or []:
+        limit = {"time": group.max_time_s, "mem": group.max_mem}
+        limits[group.partition] = limit
+        if group.default:
+            limits[None] = limit
+    return limits
 
 
 def check_cluster(resources, nodes) -> None:

@@ -39,13 +39,14 @@ def resubmit(log_dir, target, overrides, more=False) -> str | None:
     if not todo:
         print(f"Nothing to rerun in {target}: " + "; ".join(f"{f} {why}" for f, _, why in left) + ".")
         return None
-    configs = _configs(todo, overrides, more, log_dir)
+    asked = {}  # what the cluster says, asked once for --more, the packing and the submission's checks
+    configs = _configs(todo, overrides, more, log_dir, asked)
     dry = bool(configs[0].get("dry_run"))
     say = (lambda text: print(text, file=sys.stderr)) if dry else print
     say(f"{'Would rerun' if dry else 'Rerunning'} {len(todo)} of {len(folders)} runs in {target}"
         + (f" ({len(left)} left alone: " + "; ".join(f"{Path(f).name} {why}" for f, _, why in left) + ")"
            if left else ""))
-    return _submit(todo, configs, say, dry)
+    return _submit(todo, configs, say, asked)
 
 
 def _run_folders(entries, target, log_dir):
@@ -119,14 +120,15 @@ def _why_not(folder, jobs):
 
 # ---------------------------------------------------------------- configs
 
-def _configs(todo, overrides, more, log_dir):
+def _configs(todo, overrides, more, log_dir, asked):
     """Each run's config: its own, with the command's where-and-how (and --more) applied, as resume_config rules.
     The new jobs are recorded where the old ones were read (log_dir), wherever the runs' configs say."""
     from mnist.config import compose
 
     composed = _plain(compose(["launcher=slurm", *overrides]))
     given = rundir.given_keys(overrides)
-    limits = resources.partition_limits()  # (a packed task must fit, whatever times the command or --more asks)
+    asked["cluster"] = resources.ask_cluster(composed["dry_run"])
+    limits = resources.limits_by_partition(asked["cluster"])  # (a packed task must fit, whatever --more asks)
     configs = []
     for folder, job, _ in todo:
         saved = rundir.read_config(folder)
@@ -203,7 +205,7 @@ def _one_request(configs):
 
 # ---------------------------------------------------------------- submitting
 
-def _submit(todo, configs, say, dry):
+def _submit(todo, configs, say, asked):
     from omegaconf import OmegaConf
 
     from mnist.launch import slurm
@@ -215,7 +217,7 @@ def _submit(todo, configs, say, dry):
     runs = [(OmegaConf.create(c), folder) for (folder, _, _), c in zip(todo, configs)]
     # submitit submits a batch of one as a plain job: one run is one job (%x_%j logs), more are one array
     previous = [job["job_id"] if job else "" for _, job, _ in todo]
-    array = slurm.submit_array(runs, single=len(runs) == 1, previous=previous)
+    array = slurm.submit_array(runs, single=len(runs) == 1, previous=previous, asked=asked)
     if array:
         per_task = configs[0]["launcher"].get("runs_per_task", 1)
         if len(runs) == 1:

@@ -209,11 +209,12 @@ def submit(cfg, run_dir, overrides=None) -> str | None:
     return submit_array([(cfg, run_dir)], single=True, overrides=overrides)
 
 
-def submit_array(runs, single=False, overrides=None, previous=None) -> str | None:
+def submit_array(runs, single=False, overrides=None, previous=None, asked=None) -> str | None:
     """Several runs (a sweep) as ONE job array: one sbatch call, each task with its own folder.
-    `previous`: for a resubmission, the job id each run had before (the record links them)."""
+    `previous`: for a resubmission, the job id each run had before (the record links them); `asked`: what the
+    caller already asked the cluster (check's cache)."""
     cfgs = [cfg for cfg, _ in runs]
-    asked = {}
+    asked = {} if asked is None else asked
     chosen = fill_auto(cfgs, sweep=not single, checked=asked)
     for cfg in cfgs:
         check(cfg, asked)
@@ -253,6 +254,35 @@ def submit_array(runs, single=False, overrides=None, previous=None) -> str | Non
     if previous is None:  # a resubmission says itself which folder each task reruns
         _announce(first, name, jobs, run_dirs, array, tasks)
     return jobs[0].job_id.split("_")[0]
+
+
+def submit_workers(cfg, folder, workers, previous=None) -> str | None:
+    """A search's workers (mnist.search): ONE job array of `workers` tasks, each training trials of the study in
+    `folder` until it has its n_trials; every task asks for what `cfg`'s resources say a run needs."""
+    from mnist.launch.job import SearchWorker
+
+    check(cfg)
+    array = workers > 1
+    params = _common_parameters([cfg], "search", array)
+    if cfg.dry_run:
+        sys.stdout.write(render(cfg, params, array_size=workers if array else None))
+        return None
+    executor = _executor(cfg, params)
+    worker = SearchWorker(folder, int(cfg.launcher.max_requeues))
+    with _submitting():
+        if not array:
+            jobs = [executor.submit(worker)]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(worker) for _ in range(workers)]
+    _record(cfg, "search", jobs, [(cfg, folder)] * workers, array, [[i] for i in range(workers)], previous)
+    main_id = jobs[0].job_id.split("_")[0]
+    out, _ = _log_files(cfg, "search", f"{main_id}_0" if array else main_id, array)
+    print(f"Submitted job {'array ' * array}{main_id} (search): {workers} worker{'s' * array}, at most "
+          f"{min(workers, int(cfg.launcher.array_parallelism))} at once, each training trials until the study "
+          f"has them all\n  search folder: {folder}\n"
+          f"  logs:          {out.replace(f'{main_id}_0', f'{main_id}_<task>')}\n  watch with:    python -m mnist.jobs")
+    return main_id
 
 
 def array_parallelism(launcher) -> int:

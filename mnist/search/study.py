@@ -1,0 +1,221 @@
+"""A search's study and its folder: what the login node writes before the workers start, what every worker
+reads, and who trains which trial.
+
+    <sweep>/search.json     the space, the settings and the overrides every trial shares (written once)
+    <sweep>/study.journal   Optuna's study, shared by the workers through the file system (no server)
+    <sweep>/<n>/            trial n's run folder: config.yaml, metrics.csv, checkpoint.pt, usage.json, train.log,
+                            and trial.json (its state, parameters and objective)
+
+A worker takes a trial under `.study.lock` and holds the trial's `.claim` (an flock: it dies with the
+worker) while it trains it, so two workers never train one trial, and a trial whose worker died is
+free to finish. No torch here; optuna only inside the functions that need it.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist import atomic
+from mnist.search import space as spaces
+
+SEARCH = "search.json"
+JOURNAL = "study.journal"
+TRIAL = "trial.json"
+STUDY_NAME = "search"
+OBJECTIVES = {"accuracy": "accuracy", "test_loss": "test_loss"}  # search.objective -> metrics.csv's column
+
+
+@dataclass
+class Search:
+    """search.json: what every worker of a search shares."""
+
+    folder: Path
+    space: spaces.Space
+    settings: dict  # conf/search/optuna.yaml's values
+    overrides: list  # every trial's overrides but its parameters (the command's fixed ones)
+
+    @property
+    def n_trials(self) -> int:
+        n = int(self.settings["n_trials"])
+        if self.settings["sampler"] == "grid":  # a grid has so many points, and a repeated one teaches nothing
+            n = min(n, grid_size(self.space))
+        return n
+
+    def objective(self, row) -> float:
+        return float(row[OBJECTIVES[self.settings["objective"]]])
+
+    def trial_overrides(self, params) -> list[str]:
+        return [*self.overrides, *spaces.overrides(self.space, params)]
+
+
+def grid_size(space) -> int:
+    size = 1
+    for values in spaces.grid(space).values():
+        size *= len(values)
+    return size
+
+
+def write_search(folder, space, settings, overrides) -> Search:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"space": {"fixed": space.fixed, "params": {k: p.to_dict() for k, p in space.params.items()}},
+                "settings": dict(settings), "overrides": list(overrides)}
+    atomic.write_whole(folder / SEARCH, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
+    return read_search(folder)
+
+
+def read_search(folder) -> Search:
+    document = json.loads((Path(folder) / SEARCH).read_text())
+    space = spaces.Space(fixed=document["space"]["fixed"],
+                         params={k: spaces.Param.from_dict(p) for k, p in document["space"]["params"].items()})
+    return Search(Path(folder), space, document["settings"], document["overrides"])
+
+
+def is_search(folder) -> bool:
+    return (Path(folder) / SEARCH).is_file()
+
+
+class Study:
+    """The search's Optuna study (created on first use) with its sampler, pruner and journal storage."""
+
+    def __init__(self, search, worker="login"):
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.search = search
+        self.storage = JournalStorage(JournalFileBackend(str(search.folder / JOURNAL)))
+        self.study = optuna.create_study(study_name=STUDY_NAME, storage=self.storage,
+                                         direction=search.settings["direction"],
+                                         pruner=_pruner(search.settings["pruner"]), load_if_exists=True)
+        self.study.sampler = _sampler(search, _seed(search.settings.get("seed"), worker, len(self.study.trials)))
+
+    def trial(self, number) -> object:
+        """Trial `number` as a Trial to report to and ask whether to prune, also one another worker began (its
+        worker died: this one finishes it)."""
+        import optuna
+
+        study_id = self.storage.get_study_id_from_name(STUDY_NAME)
+        return optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def _seed(seed, worker, trials):
+    """search.seed for this worker at this point of the study: workers started together, or a search continued,
+    would otherwise draw the very suggestions another already drew. None stays None (a fresh draw)."""
+    if seed is None:
+        return None
+    return (int(seed) + zlib.crc32(str(worker).encode()) + 7919 * trials) % 2**32
+
+
+def _sampler(search, seed):
+    import optuna
+
+    name = search.settings["sampler"]
+    if name == "grid":
+        return optuna.samplers.GridSampler(spaces.grid(search.space), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(name):
+    import optuna
+
+    if name == "median":  # (a trial is compared with others once a few have ended, from its first epoch on)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def trial_folder(search, number) -> Path:
+    return search.folder / str(number)
+
+
+@contextlib.contextmanager
+def _locked(path) -> Iterator[None]:
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644)) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _claim(folder):
+    """An open file holding `folder/.claim`'s flock, or None if a live worker holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(os.open(folder / ".claim", os.O_RDWR | os.O_CREAT, 0o644))
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+@dataclass
+class Claimed:
+    """A trial this worker trains: its number, parameters and folder, and the study's Trial to report to."""
+
+    number: int
+    params: dict
+    folder: Path
+    trial: object  # optuna.trial.Trial
+    resumed: bool
+    reported: tuple = ()  # the epochs whose objective the study has
+
+
+@contextlib.contextmanager
+def claim_next(opened, worker) -> Iterator[Claimed | None]:
+    """The next trial for `worker` to train, held until the block ends: first an interrupted one (this worker's
+    own before others'), then a new one from the sampler; None once the study has its n_trials."""
+    import optuna
+
+    study, search, claim = opened.study, opened.search, None
+    with _locked(search.folder / ".study.lock"):
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        running.sort(key=lambda t: (t.user_attrs.get("worker") != worker, t.number))
+        for frozen in running:
+            claim = _claim(trial_folder(search, frozen.number))
+            if claim is not None:
+                number, params, resumed = frozen.number, frozen.params, True
+                reported = tuple(frozen.intermediate_values)
+                break
+        else:
+            if len(study.trials) < search.n_trials:
+                trial = study.ask(spaces.distributions(search.space))
+                number, params, resumed, reported = trial.number, trial.params, False, ()
+                claim = _claim(trial_folder(search, number))
+        if claim is None:
+            yield None
+            return
+        trial = opened.trial(number)
+        trial.set_user_attr("worker", worker)
+        claimed = Claimed(number, params, trial_folder(search, number), trial, resumed, reported)
+        write_trial(claimed, "RUNNING", worker=worker)
+    try:
+        yield claimed
+    finally:
+        claim.close()
+
+
+def write_trial(claimed, state, **more) -> None:
+    path = claimed.folder / TRIAL
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        document = {}
+    document.update(number=claimed.number, state=state, params=claimed.params, **more)
+    atomic.write_whole(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=1) + "\n"))
+
+
+def read_trials(folder) -> list[dict]:
+    """Every trial.json of a search folder, by number (no optuna: for listings and reports)."""
+    trials = []
+    for path in Path(folder).glob(f"*/{TRIAL}"):
+        with contextlib.suppress(OSError, ValueError):
+            trials.append(json.loads(path.read_text()))
+    return sorted(trials, key=lambda t: t.get("number", 0))
