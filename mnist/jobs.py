@@ -42,13 +42,20 @@ def describe(log_dir, entries=None) -> list[dict]:
 
 def table(jobs) -> list[str]:
     """The status table's lines, and one summary line per array of two or more tasks."""
-    lines = []
+    from mnist.search import study
+
+    lines, searches = [], {}
     for job in jobs:
         cells = outcome.shown(job)
         requeued = f"{job['requeues']}x" if job["requeues"] else "-"
+        folder = job["run_dir"]
+        if study.is_search(folder):  # a search's worker: the trial it is on
+            searches[folder] = True
+            trial = study.current_trial(folder, job["job_id"])
+            folder = f"{folder} (trial {trial})" if trial is not None else folder
         lines.append((job["job_id"], job["name"] or "-", job["state"], requeued, cells["time"], cells["cpu"],
                       cells["mem"], job["node"] or "-", outcome.cut(job["cause"], CAUSE_WIDTH),
-                      outcome.cut(job["last_line"], LINE_WIDTH), job["run_dir"]))
+                      outcome.cut(job["last_line"], LINE_WIDTH), folder))
     widths = [max(len(str(x)) for x in column) for column in zip(HEADER, *lines)]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (HEADER, *lines)]
     arrays = {}
@@ -56,6 +63,7 @@ def table(jobs) -> list[str]:
         if "_" in job["job_id"]:
             arrays.setdefault(job["job_id"].split("_")[0], []).append(job)
     summaries = [f"array {array}: {outcome.summary(tasks)}" for array, tasks in arrays.items() if len(tasks) > 1]
+    summaries += [f"search {folder}: {study.progress(folder)}" for folder in searches]
     return out + ([""] + summaries if summaries else [])
 
 

@@ -25,6 +25,10 @@ def _task(cfg):
     run_dir = HydraConfig.get().runtime.output_dir
     overrides = list(HydraConfig.get().overrides.task)
     with report_errors(), _removed_if_unused(run_dir):
+        if cfg.search.name != "none":  # (with -m, the sweeper searches and this never runs)
+            raise UserError(f"search={cfg.search.name} searches the space a -m command line gives: add -m, e.g. "
+                            f"python -m mnist.run -m search={cfg.search.name} 'optimizer.lr=tag(log, interval(0.01, "
+                            f"3))' (conf/search/{cfg.search.name}.yaml).")
         cfg = own_config(finalize(cfg), run_dir, overrides)
         rundir.check_free(run_dir, _job_id())
         if cfg.launcher.name == "local":  # (a finished run: train() says so, once it has read the checkpoint)

@@ -342,14 +342,15 @@ def progress(job) -> str:
     """ " at epoch 3, batch 120/938 (checkpoint: epoch 2)": how far the log says it got."""
     stopped = STOPPED_LINE.findall(job["out_tail"])
     lines = rundir.TRAIN_LINE.findall(job["out_tail"])
-    done = len(_metrics(job["run_dir"]))
+    folder = _training_in(job)
+    done = len(_metrics(folder))
     saved = f" (checkpoint: epoch {done})" if done else " (no checkpoint yet)"
     if not lines:
         return saved if job["attempts"] else ""
     epoch, seen, total = (int(x) for x in lines[-1][:3])
     if done > epoch:  # a later submission of the run folder has trained on since
         saved = ""
-    config = _config(job)
+    config = _config(job) if folder == job["run_dir"] else rundir.config_if_readable(folder) or {}
     batch_size = (config.get("data") or {}).get("batch_size") or 64
     resources = config.get("resources") or {}
     world = (resources.get("nodes") or 1) * (resources.get("tasks_per_node") or 1)
@@ -358,6 +359,17 @@ def progress(job) -> str:
     if stopped and int(stopped[-1][0]) == epoch:
         batch = int(stopped[-1][1])
     return f" at epoch {epoch}, batch {batch}/{batches}{saved}"
+
+
+def _training_in(job):
+    """The folder the job trains in: its run folder, or for a search's worker the trial it is (or was) on."""
+    from mnist.search import study
+
+    if study.is_search(job["run_dir"]):
+        trial = study.current_trial(job["run_dir"], job["job_id"])
+        if trial is not None:
+            return str(Path(job["run_dir"]) / str(trial))
+    return job["run_dir"]
 
 
 def _metrics(run_dir):

@@ -28,6 +28,14 @@ from mnist.launch import gateway, outcome, record, resources
 def resubmit(log_dir, target, overrides, more=False) -> str | None:
     """Submit the unfinished runs of TARGET as one job array; returns its id, or None (nothing to rerun, dry run)."""
     entries = record.read(log_dir)
+    from mnist.search import study
+
+    if study.is_search(target) or record.JOB_ID.fullmatch(str(target)) and study.is_search(
+            (_run_folders(entries, target, log_dir) or [""])[0]):
+        from mnist.search.sweep import resubmit_search
+
+        folder = target if study.is_search(target) else _run_folders(entries, target, log_dir)[0]
+        return resubmit_search(folder, log_dir, overrides, more)
     folders = _run_folders(entries, target, log_dir)
     submissions = _submissions(entries, folders)
     jobs = _jobs(submissions, log_dir)

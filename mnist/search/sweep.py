@@ -4,6 +4,7 @@ once), or processes here, one after another's trials or side by side (launcher=l
 
 The same command again, with the same hydra.sweep.dir, continues the study: it never starts over.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mnist import callbacks
 from mnist.config import report_errors
 from mnist.errors import UserError
 from mnist.search import space as spaces
@@ -23,13 +25,13 @@ CHANGEABLE = ("n_trials", "workers", "pruner")
 
 def search(config, arguments) -> None:
     """Hydra's sweeper hands over the composed config (the search's values, not its space) and the overrides."""
-    with report_errors():
+    folder = Path(str(config.hydra.sweep.dir)).resolve()
+    with report_errors(), _removed_if_unused(folder):
         settings = OmegaConf.to_container(config.search, resolve=True)
         spaces.check_settings(config.search, cpus=len(os.sched_getaffinity(0)))
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         space = spaces.parse(list(arguments), base)
         space.fixed = [o for o in space.fixed if not _is_about_the_search(o)]
-        folder = Path(str(config.hydra.sweep.dir)).resolve()
         if config.dry_run:
             return _dry_run(config, folder, space, settings)
         _continued(folder, space, settings)
@@ -41,6 +43,17 @@ def search(config, arguments) -> None:
             submit_workers(config, folder, workers_wanted(found))
         else:
             sys.exit(run_here(found, min(int(settings["workers"]), len(os.sched_getaffinity(0)))))
+
+
+@contextlib.contextmanager
+def _removed_if_unused(folder):
+    """A search refused before it starts leaves no folder behind (Hydra's callback made it for the sweep)."""
+    try:
+        yield
+    except (UserError, SystemExit):
+        if callbacks.created_here(folder) and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def _is_about_the_search(override):
@@ -99,3 +112,44 @@ def _dry_run(config, folder, space, settings):
         from mnist.launch.slurm import submit_workers
 
         submit_workers(config, folder, int(settings["workers"]))
+
+
+def resubmit_search(folder, log_dir, overrides, more=False) -> str | None:
+    """`python -m mnist.jobs resubmit SWEEP` for a search: workers that first finish the interrupted trials, then go
+    on to n_trials (as many as search.workers, no more than trials are left). Its own where-and-how come from the
+    search's command, then these overrides."""
+    from mnist.config import compose, finalize
+    from mnist.launch import slurm
+
+    folder = Path(folder).resolve()
+    found = studies.read_search(folder)
+    if more:
+        raise UserError("--more is for runs killed for memory or time; a search's workers requeue themselves at "
+                        "their time limit. Give the workers more with resources.mem=... or resources.time=... "
+                        f"instead: python -m mnist.jobs resubmit {folder} resources.time=...")
+    trials = studies.read_trials(folder)
+    ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+    if ended >= found.n_trials:
+        print(f"Nothing to rerun in {folder}: {studies.progress(folder)}.")
+        return None
+    going = slurm.still_queued(log_dir, [folder])
+    if going:
+        why = next(iter(going.values()))
+        fix = ("Slurm is ending it: run this again once it has ended (seconds)" if "COMPLETING" in why else
+               "it goes on with the study by itself. Cancel it first (python -m mnist.jobs cancel JOB) to send new "
+               "workers")
+        raise UserError(f"{folder} has a worker {why}: {fix}.")
+    cfg = finalize(compose(["launcher=slurm", *found.space.fixed, f"launcher.log_dir={log_dir}", *overrides]))
+    workers = workers_wanted(found)
+    if not cfg.dry_run:
+        print(f"Resubmitting {folder}: {studies.progress(folder)}")
+    return slurm.submit_workers(cfg, folder, workers, previous=_last_workers(log_dir, folder, workers))
+
+
+def _last_workers(log_dir, folder, workers):
+    """The job ids of the search's last workers, one for each new worker (the record links them)."""
+    from mnist.launch import record
+
+    mine = [e.job_id for e in record.read(log_dir) if Path(e.run_dir).resolve() == folder]
+    last = [job for job in mine if mine and job.split("_")[0] == mine[-1].split("_")[0]]
+    return (last + [""] * workers)[:workers]
