@@ -49,6 +49,9 @@ a wait for its answer) every step, as it was, every log_interval steps, as it is
 once per round), in rotated turns; `x baseline` is the median over rounds of each one's time over the
 baseline's in the same round.
 
+Submitting (--sections submit, sweep) and searching (--sections search, with a Slurm up: a 24-trial search
+against a 24-run grid over the same space): benchmarks/submit_speed.py, sweep_speed.py, search_speed.py.
+
 On a GPU machine, `make bench ARGS='--device cuda'` is the whole GPU record in one go: the epochs and test
 passes with the data on the GPU, each speed switch, and the data-parallel step (with 2 GPUs), written to
 bench/train_speed_cuda.json.
@@ -76,7 +79,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
-from benchmarks import submit_speed, sweep_speed
+from benchmarks import search_speed, submit_speed, sweep_speed
 from mnist import data, datafiles, env, registry
 from mnist.config import compose, report_errors
 from mnist.losses import Loss
@@ -84,7 +87,7 @@ from mnist.precision import Precision
 from mnist.train import Steps, build, evaluate, train_epoch
 
 PATHS = ("in_memory", "classic", "floor")
-SECTIONS = ("train", "switches", "parallel", "submit", "sweep")
+SECTIONS = ("train", "switches", "parallel", "submit", "sweep", "search")
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "benchmarks" / "record.json"  # the best value of each target so far: make bench ARGS=--save-record
 DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
@@ -503,6 +506,13 @@ def targets(report):
                               f"{packed['target_ratio']}x of unpacked, median of {packed['rounds']} rounds",
                      packed["ratio"], "<=",
                      packed["target_ratio"]))
+    found = report.get("search", {})
+    if "epochs_ratio" in found:
+        rows.append(("search", f"{found['trials']} trials: at most {found['target_epochs_ratio']}x the "
+                               f"{found['runs']}-run grid's epochs", found["epochs_ratio"], "<=",
+                     found["target_epochs_ratio"]))
+        rows.append(("search", f"{found['trials']} trials: best accuracy at most {found['target_points']} points "
+                               f"behind the grid's", found["points_behind"], "<=", found["target_points"]))
     sweep = report.get("sweep", {})
     if "ratio" in sweep:
         rows.append(("sweep", f"{sweep['n']} runs: one array faster than {sweep['n']} submissions", sweep["ratio"],
@@ -553,7 +563,7 @@ def print_report(report):
         print_switches(report["switches"], settings)
     if "parallel" in report:
         print_parallel(report["parallel"], settings)
-    submission = submit_speed.table(report) + sweep_speed.table(report)
+    submission = submit_speed.table(report) + sweep_speed.table(report) + search_speed.table(report)
     if submission:
         print("\nOn the login node:\n" + "\n".join(submission))
     if report["targets"]:
@@ -706,6 +716,9 @@ def main(argv=None):
         progress("timing a job's start, and a packed sweep against an unpacked one")
         report["lean_start"] = sweep_speed.measure_start(first.data.root)
         report["packed_sweep"] = sweep_speed.measure_sweep(first.data.root)
+    if "search" in args.sections:
+        progress("a search against a grid over the same space")
+        report["search"] = search_speed.measure_search(Path(first.data.root).resolve())
     report["targets"] = targets(report)
     record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     against_record(report["targets"], record)

@@ -58,6 +58,9 @@ STATE, by the first rule that applies:
 No run is left out: one not started, still going or failed has its row (numbers `-` where no epoch
 finished) and, once it has an epoch, its line in the figures. Reads only the CSV, YAML and JSON
 files; imports no torch, and matplotlib (Agg, no display needed) only to draw the figures.
+
+A search's folder (search=optuna: one holding search.json) gets mnist.search.report's instead: its trials ranked by
+the objective, the best one and the command that trains it on, search.csv and its two figures.
 """
 import argparse
 import csv
@@ -529,6 +532,11 @@ def report(path, out_dir=None, log_dir=None, figures=True) -> list[dict]:
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a folder. Give the run folder or sweep folder that holds it: "
                         f"python -m mnist.report {path.parent}")
+    from mnist.search import report as search_report
+    from mnist.search import study
+
+    if study.is_search(path):  # a search=optuna sweep: its trials ranked (mnist/search/report.py)
+        return search_report.report(path, out_dir, figures=figures)
     folders = rundir.find_runs(path)
     if not folders:
         raise UserError(
@@ -545,27 +553,9 @@ def report(path, out_dir=None, log_dir=None, figures=True) -> list[dict]:
     slurm_lookup(runs, log_dir)
     table = summarize(runs, path)
 
-    out_dir = Path(out_dir) if out_dir is not None else path
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(table, out_dir / CSV_NAME)
-    except OSError as e:
-        raise UserError(f"Cannot write the report into {out_dir} ({e.strerror or e}). Write it elsewhere: "
-                        f"python -m mnist.report {path} --out <folder>") from None
-    written = [out_dir / CSV_NAME]
-    skipped = None
-    if figures:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            skipped = "figures skipped: matplotlib is not installed (.venv/bin/pip install matplotlib)"
-        else:
-            try:
-                write_figures(table, out_dir, str(path.resolve()))
-            except OSError as e:
-                raise UserError(f"Cannot write the figures into {out_dir} ({e.strerror or e}). Write them "
-                                f"elsewhere: python -m mnist.report {path} --out <folder>") from None
-            written += [out_dir / LOSS_PNG, out_dir / ACCURACY_PNG]
+    draw = (lambda folder: write_figures(table, folder, str(path.resolve()))) if figures else None
+    written, skipped = write_files(path, out_dir, CSV_NAME, lambda csv: write_csv(table, csv), (LOSS_PNG, ACCURACY_PNG),
+                                   draw)
 
     print(f"{len(table)} run{'s' if len(table) != 1 else ''} in {path}\n")
     print(format_table(table))
@@ -579,6 +569,31 @@ def report(path, out_dir=None, log_dir=None, figures=True) -> list[dict]:
     if skipped:
         print(skipped, file=sys.stderr)
     return table
+
+
+def write_files(path, out_dir, csv_name, write_table, pngs=(), write_pngs=None) -> tuple[list[Path], str | None]:
+    """Write the report of `path` into out_dir (default: path): `write_table(the csv's path)`, then, unless
+    write_pngs is None, `write_pngs(out_dir)` where matplotlib is installed. Returns (the files written, why the
+    figures were skipped, or None); a folder that cannot be written is one paragraph."""
+    out_dir = Path(out_dir) if out_dir is not None else Path(path)
+    fix = f"Write it elsewhere: python -m mnist.report {path} --out <folder>"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_table(out_dir / csv_name)
+    except OSError as e:
+        raise UserError(f"Cannot write the report into {out_dir} ({e.strerror or e}). {fix}") from None
+    written = [out_dir / csv_name]
+    if write_pngs is None:
+        return written, None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return written, "figures skipped: matplotlib is not installed (.venv/bin/pip install matplotlib)"
+    try:
+        write_pngs(out_dir)
+    except OSError as e:
+        raise UserError(f"Cannot write the figures into {out_dir} ({e.strerror or e}). {fix}") from None
+    return written + [out_dir / png for png in pngs], None
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,6 @@ trains right here (launcher=local) or submits a Slurm job (launcher=slurm).
     python -m mnist.run -m model=mlp,cnn                  a sweep, one run after another
 """
 import shutil
-import signal
 import sys
 from contextlib import contextmanager
 
@@ -89,25 +88,12 @@ def _train_here(cfg, run_dir):
         private_apis.defer_dynamo()
     from mnist.train import train
 
-    stop, received = stopping.StopFlag(), list(stopping.EARLY)
-    stop.requested = bool(received)
-
-    def request_stop(signum, frame):
-        if received and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        received.append(signum)
-        stop.requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(stopping.REQUEUE_SIGNAL, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)  # (before usage's handler, which writes its figures, then this)
+    stop, received = stopping.stop_on_signals()  # (before usage's SIGTERM handler, which writes its figures, then this)
     try:
         with usage.recording(run_dir):
             train(cfg, run_dir, stop)
     except stopping.StopRequested:
-        why, code = {signal.SIGINT: ("Interrupted", stopping.INTERRUPTED_EXIT),
-                     signal.SIGTERM: ("Terminated", stopping.TERMINATED_EXIT)}.get(
-            received[0], ("Stopped before the time limit", stopping.REQUEUE_EXIT))
+        why, code = stopping.stopped_by(received)
         print(f"\n{why}. {run_dir} keeps the log, config, metrics and a checkpoint of where training was; "
               f"resume with: python -m mnist.run hydra.run.dir={run_dir}", file=sys.stderr)
         sys.exit(code)

@@ -53,3 +53,27 @@ EARLY = []  # requeue signals that came before training began (Slurm's timing is
 def catch_early_signals() -> None:
     """Remember a requeue signal that comes while Python is still importing and composing."""
     signal.signal(REQUEUE_SIGNAL, lambda signum, frame: EARLY.append(signum))
+
+
+def stop_on_signals() -> tuple[StopFlag, list]:
+    """A process that trains here: Ctrl-C, USR2 (which sbatch scripts forward before the time limit) and SIGTERM
+    (Slurm ending the job) set the flag (a second Ctrl-C stops at once). Returns (the flag, the signals received,
+    a requeue signal that came early included)."""
+    stop, received = StopFlag(), list(EARLY)
+    stop.requested = bool(received)
+
+    def request_stop(signum, frame):
+        if received and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.requested = True
+
+    for signum in (signal.SIGINT, REQUEUE_SIGNAL, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    return stop, received
+
+
+def stopped_by(received) -> tuple[str, int]:
+    """(what stopped the process, in words; its exit status) from the first signal it received."""
+    return {signal.SIGINT: ("Interrupted", INTERRUPTED_EXIT), signal.SIGTERM: ("Terminated", TERMINATED_EXIT)}.get(
+        received[0], ("Stopped before the time limit", REQUEUE_EXIT))

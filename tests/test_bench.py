@@ -108,3 +108,19 @@ def test_the_parallel_section_times_the_stop_agreement_against_a_baseline(tmp_pa
     assert mlp["backend"] == "gloo" and mlp["batches"] == 2  # 256 images, 2 ranks of 64: 2 batches each
     assert set(mlp["step_ms"]) == set(mlp["over_baseline"]) == {"never", "every step", "every log_interval"}
     assert mlp["over_baseline"]["never"] == 1.0 and all(ms > 0 for ms in mlp["step_ms"].values())
+
+
+def test_the_search_section_holds_the_search_to_the_grids_accuracy_and_a_share_of_its_epochs():
+    from benchmarks.search_speed import table
+    from benchmarks.train_speed import targets
+
+    found = {"runs": 24, "trials": 24, "epochs": 5, "workers": 2, "pruner": "median",
+             "grid": {"wall_s": 126.2, "epochs": 120, "best_accuracy": 0.889},
+             "search": {"wall_s": 110.8, "epochs": 84, "best_accuracy": 0.8907},
+             "epochs_ratio": 0.7, "points_behind": -0.17, "target_epochs_ratio": 0.6, "target_points": 0.3}
+    checks = {c["target"]: c["met"] for c in targets({"search": found}) if c["model"] == "search"}
+    assert checks == {"24 trials: at most 0.6x the 24-run grid's epochs": False,
+                      "24 trials: best accuracy at most 0.3 points behind the grid's": True}
+    lines = table({"search": found})
+    assert lines[1].startswith("search  110.8 s to result,  84 epochs trained, best accuracy 89.07%"), lines
+    assert table({"search": {"skipped": "no Slurm"}}) == ["search: skipped: no Slurm"]

@@ -8,7 +8,6 @@ A trial interrupted (Ctrl-C, a time limit, preemption, a kill) keeps its checkpo
 study; the next worker to ask for a trial, this one after its requeue first, finishes it.
 """
 import argparse
-import signal
 import sys
 import traceback
 
@@ -125,24 +124,15 @@ def main(argv=None) -> int:
     parser.add_argument("folder", help="the search's sweep folder (it holds search.json)")
     parser.add_argument("--worker", default="local", help="this worker's name in the study")
     args = parser.parse_args(argv)
-    stop, received = stopping.StopFlag(), list(stopping.EARLY)
-    stop.requested = bool(received)
-
-    def request_stop(signum, frame):
-        if received and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        received.append(signum)
-        stop.requested = True
-
-    for signum in (signal.SIGINT, signal.SIGTERM, stopping.REQUEUE_SIGNAL):
-        signal.signal(signum, request_stop)
+    stop, received = stopping.stop_on_signals()
     try:
         run_trials(args.folder, args.worker, lambda config, run_dir, reporter: train_here(config, run_dir, reporter,
                                                                                          stop))
     except stopping.StopRequested:
-        print(f"\nStopped. The trial in progress keeps its checkpoint in {args.folder}; run the same search "
-              f"command again to finish it and go on.", file=sys.stderr)
-        return stopping.INTERRUPTED_EXIT if received and received[0] == signal.SIGINT else stopping.TERMINATED_EXIT
+        why, code = stopping.stopped_by(received)
+        print(f"\n{why}. The trial in progress keeps its checkpoint in {args.folder}; run the same search command "
+              f"again to finish it and go on.", file=sys.stderr)
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
