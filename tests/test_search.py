@@ -60,6 +60,9 @@ def test_a_seeded_search_here_proposes_the_same_trials_every_time_and_prunes_the
     (["optimizer.lrr=interval(0.1, 1)"], "optimizer.lrr"),
     (["resources.mem=choice(1G,2G)"], "resources.mem"),
     ([], "search=optuna needs at least one parameter to search"),
+    (["optimizer.lr=interval(0.1, 1)", "resources.tasks_per_node=2"], "not data-parallel"),
+    (["optimizer.lr=interval(0.1, 1)", "resources=auto"], "resources.mem=auto sizes one run from past runs"),
+    (["optimizer.lr=interval(0.1, 1)", "launcher.runs_per_task=4"], "Leave launcher.runs_per_task at 1"),
 ])
 def test_a_bad_space_is_refused_in_one_paragraph_before_anything_is_created(tiny_data, tmp_path, space, phrase):
     result = run(["-m", "search=optuna", *space, f"data.root={tiny_data}", f"hydra.sweep.dir={tmp_path / 'search'}",

@@ -28,7 +28,10 @@ def search(config, arguments) -> None:
     folder = Path(str(config.hydra.sweep.dir)).resolve()
     with report_errors(), _removed_if_unused(folder):
         settings = OmegaConf.to_container(config.search, resolve=True)
-        spaces.check_settings(config.search, cpus=len(os.sched_getaffinity(0)))
+        here = config.launcher.name != "slurm"  # (workers here are processes: at most the CPUs)
+        spaces.check_settings(config.search, cpus=len(os.sched_getaffinity(0)) if here else None)
+        if not here:
+            _check_workers(config)
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         space = spaces.parse(list(arguments), base)
         space.fixed = [o for o in space.fixed if not _is_about_the_search(o)]
@@ -42,7 +45,7 @@ def search(config, arguments) -> None:
 
             submit_workers(config, folder, workers_wanted(found))
         else:
-            sys.exit(run_here(found, min(int(settings["workers"]), len(os.sched_getaffinity(0)))))
+            sys.exit(run_here(found, int(settings["workers"])))
 
 
 @contextlib.contextmanager
@@ -54,6 +57,29 @@ def _removed_if_unused(folder):
         if callbacks.created_here(folder) and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
         raise
+
+
+def _check_workers(config):
+    """What a Slurm worker asks for must fit a worker: one process that trains trial after trial."""
+    res, launcher = config.resources, config.launcher
+    if int(res.nodes) * int(res.tasks_per_node) > 1:
+        raise UserError(
+            f"resources.nodes={res.nodes} resources.tasks_per_node={res.tasks_per_node}: a search's worker trains "
+            f"its trials in one process, not data-parallel. Leave both at 1; to train more trials at once, raise "
+            f"search.workers."
+        )
+    if str(launcher.get("runs_per_task", 1)) != "1":
+        raise UserError(
+            f"launcher.runs_per_task={launcher.runs_per_task} packs a grid's runs into a task; a search's worker "
+            f"already trains trial after trial in one task. Leave launcher.runs_per_task at 1."
+        )
+    auto = [key for key in ("mem", "time") if str(res[key]) == "auto"]
+    if auto:
+        raise UserError(
+            f"resources.{auto[0]}=auto sizes one run from past runs like it; a search's worker trains many trials. "
+            f"Give the worker resources.mem (what one trial needs) and resources.time (its limit: it checkpoints and "
+            f"requeues itself there), e.g. resources.mem=2G resources.time=1:00:00."
+        )
 
 
 def _is_about_the_search(override):
