@@ -101,7 +101,7 @@ def test_on_slurm_one_array_of_workers_trains_every_trial_once_and_the_same_comm
         assert RUN_FILES <= {p.name for p in (tmp_path / "search" / str(trial["number"])).iterdir()}
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
     assert re.search(rf"^{array}_0\s+search\s+COMPLETED\s", listing, re.M), listing
-    assert re.search(rf"^search {tmp_path / 'search'}: \d done, \d pruned, 0 running of 5 trials; best accuracy ",
+    assert re.search(rf"^search {tmp_path / 'search'}: \d done(, \d pruned)?, 0 running of 5 trials; best accuracy ",
                      listing, re.M), listing
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "search").glob("*/checkpoint.pt")}
@@ -155,3 +155,39 @@ def test_a_worker_stopped_at_its_limit_then_cancelled_leaves_its_trial_to_finish
     assert metrics_but_timings(tmp_path / "search" / "0") == metrics_but_timings(tmp_path / "straight")
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
     assert f"search {tmp_path / 'search'}: 2 done, 0 running of 2 trials" in listing, listing
+
+
+def test_a_trial_whose_values_are_refused_fails_alone_and_the_search_goes_on(tiny_data, tmp_path):
+    """fp16 needs a GPU: those trials are FAIL, with the reason in their trial.json; the others train."""
+    result = run([*SPACE[:2], "trainer.precision=choice(fp32,fp16)", "search.sampler=grid", "search.n_trials=2",
+                  "trainer.epochs=1", f"data.root={tiny_data}", f"hydra.sweep.dir={tmp_path / 'search'}"],
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    found = {t["params"]["trainer.precision"]: t for t in trials(tmp_path / "search")}
+    assert found["fp32"]["state"] == "COMPLETE" and found["fp16"]["state"] == "FAIL", found
+    assert "trainer.precision=fp16" in found["fp16"]["error"], found["fp16"]
+
+
+@pytest.mark.slurm
+def test_a_search_refused_at_submit_leaves_nothing_and_a_warning_between_trials_requeues_its_worker(
+        slurm_env, tiny_data, tmp_path):
+    """More memory than the node has: refused before the search folder is written, so the fixed command starts
+    the search. Its worker, warned of its time limit (USR2) among many short trials, is requeued (at once, or
+    before its next trial) and the study ends with every trial trained once."""
+    command = [*SPACE, "search.n_trials=12", "search.pruner=none", "trainer.epochs=1", f"data.root={tiny_data}",
+               "launcher=slurm", f"hydra.sweep.dir={tmp_path / 'search'}", f"launcher.log_dir={tmp_path / 'logs'}"]
+    refused = run([*command, "resources.mem=100G"], cwd=tmp_path)
+    assert refused.returncode == 2 and "100G of memory" in refused.stderr, refused.stderr
+    assert not (tmp_path / "search").exists()
+    job = submitted_id(run([*command, "resources.mem=1G", "+resources.extra={hold: true}"], cwd=tmp_path))
+    log = tmp_path / "logs" / f"search_{job}.out"
+    subprocess.run(["scontrol", "release", job], check=True)
+    wait_for_text(log, "Trial 2 done", timeout=300)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_for(job, timeout=300) == {job: "COMPLETED"}
+    text = log.read_text()
+    assert "asking Slurm to requeue" in text, text
+    found = trials(tmp_path / "search")
+    assert len(found) == 12 and all(t["state"] == "COMPLETE" for t in found), found
+    started = re.findall(r"^Trial (\d+): ", text, re.M)
+    assert sorted(map(int, started)) == list(range(12)), started  # each begun once (a resumed one says so)

@@ -24,11 +24,12 @@ class TrainJob(submitit.helpers.Checkpointable):
     it at its limit, as TIMEOUT, with the last whole epoch's checkpoint in place.
     """
 
-    def __init__(self, config, run_dir, max_requeues, epoch_end=None):
+    def __init__(self, config, run_dir, max_requeues, epoch_end=None, worker=None):
         self.config = config
         self.run_dir = str(run_dir)
         self.max_requeues = max_requeues
         self.epoch_end = epoch_end  # train()'s: a search's trial reports each epoch and may be pruned
+        self.worker = worker  # a search's worker (SearchWorker) that trains this run as one of its trials
 
     def __call__(self):
         results = train_runs([self])
@@ -54,13 +55,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         if environment.num_tasks > 1:  # data-parallel: MASTER_ADDR, RANK, WORLD_SIZE... for torch, replacing any
             # the submitting shell had set (sbatch passes its environment on); a MASTER_PORT set there is kept
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        requeues, stop, terminated = restarts(), StopFlag(), []
+        worker = getattr(self, "worker", None)
+        requeues, stop, terminated = restarts(), worker.stop if worker else StopFlag(), []
         before = stop_on_terminate(stop, terminated)  # Slurm ends the job: preempted (it requeues it), cancelled...
-        submitit_handler = private_apis.submitit_requeue_handler()
+        submitit_handler = worker.requeue if worker else private_apis.submitit_requeue_handler()
         if requeues >= self.max_requeues:
             signal.signal(REQUEUE_SIGNAL, self._last_warning)
         else:
             signal.signal(REQUEUE_SIGNAL, lambda signum, frame: setattr(stop, "requested", True))
+        between = worker.between_trials if worker else submitit_handler
         try:
             return train(cfg, self.run_dir, stop, epoch_end=getattr(self, "epoch_end", None))
         except StopRequested:
@@ -68,6 +71,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                 if environment.global_rank == 0:
                     print(f"Checkpointed in {self.run_dir}: Slurm is ending this job (preempted: it requeues it, "
                           f"and it resumes there; cancelled or out of time: the checkpoint stays)", flush=True)
+                if worker:  # the trial is free for another worker now, not once Slurm's kill comes
+                    worker.release()
                 # Wait for Slurm's kill: a preempted job that ended itself within its GraceTime would count as
                 # ended, not be requeued. (An exit, not an error submitit would record as the job's result.)
                 time.sleep(TERMINATED_WAIT_S)
@@ -79,13 +84,16 @@ class TrainJob(submitit.helpers.Checkpointable):
                   f"of at most {self.max_requeues})", flush=True)
             submitit_handler(REQUEUE_SIGNAL, None)  # submitit: checkpoint(), requeue, exit
             raise
-        finally:  # between the runs of a packed task, a signal requeues the task at once
-            signal.signal(REQUEUE_SIGNAL, submitit_handler)
+        finally:  # between the runs of a packed task, a signal requeues the task at once (a search's worker: it
+            signal.signal(REQUEUE_SIGNAL, between)  # remembers it, and is requeued before its next trial)
             signal.signal(signal.SIGTERM, before)
 
     def _last_warning(self, signum, frame):
+        worker = getattr(self, "worker", None)
+        later = (f"python -m mnist.jobs resubmit {worker.folder}" if worker else
+                 f"python -m mnist.run hydra.run.dir={self.run_dir}")
         print(f"Time limit near and no requeue left ({self.max_requeues} used): Slurm will stop this job. "
-              f"Resume it later with: python -m mnist.run hydra.run.dir={self.run_dir}", file=sys.stderr, flush=True)
+              f"Resume it later with: {later}", file=sys.stderr, flush=True)
 
 
 TERMINATED_WAIT_S = 3600  # longer than any GraceTime or KillWait
@@ -108,21 +116,59 @@ class PackedJob(submitit.helpers.Checkpointable):
 class SearchWorker(submitit.helpers.Checkpointable):
     """A task of a search's array (mnist.search): trial after trial of the study in `folder`, each a TrainJob in
     its trial's folder, until the study has its n_trials. Near its time limit the trial in progress checkpoints
-    and submitit requeues this worker, which then finishes that trial first (it is this worker's, and free)."""
+    and submitit requeues this worker, which then finishes that trial first (it is this worker's, and free);
+    a warning that comes between two trials requeues it before it takes the next."""
 
     def __init__(self, folder, max_requeues):
         self.folder = str(folder)
         self.max_requeues = max_requeues
 
     def __call__(self):
+        from mnist import private_apis
         from mnist.env import job_id
         from mnist.search.worker import run_trials
+        from mnist.stopping import REQUEUE_SIGNAL, StopFlag
 
-        def train_one(config, run_dir, reporter):
+        self.stop, self.claimed = StopFlag(), None
+        self.requeue = private_apis.submitit_requeue_handler()  # (submitit's, before this worker's own)
+        signal.signal(REQUEUE_SIGNAL, self.between_trials)
+
+        def train_one(config, run_dir, reporter, claimed):
+            self.claimed = claimed
             config["data"]["download"] = False
-            train_runs([TrainJob(config, run_dir, self.max_requeues, epoch_end=reporter)])
+            train_run(TrainJob(config, run_dir, self.max_requeues, epoch_end=reporter, worker=self))
 
-        return run_trials(self.folder, job_id(), train_one)
+        return run_trials(self.folder, job_id(), train_one, before_each=self.requeue_if_asked)
+
+    def between_trials(self, signum, frame) -> None:
+        self.stop.requested = True
+
+    def __getstate__(self):  # what submitit pickles, at submit and at a requeue: not this attempt's flag and trial
+        return {"folder": self.folder, "max_requeues": self.max_requeues}
+
+    def requeue_if_asked(self) -> None:
+        """Before the next trial: a time-limit warning that came meanwhile requeues this worker now."""
+        from mnist.env import restarts
+        from mnist.stopping import REQUEUE_SIGNAL
+
+        if self.stop.requested and restarts() < self.max_requeues:
+            print(f"Time limit near: asking Slurm to requeue this worker before its next trial (requeue "
+                  f"{restarts() + 1} of at most {self.max_requeues})", flush=True)
+            self.requeue(REQUEUE_SIGNAL, None)  # submitit: checkpoint(), requeue, exit
+        self.stop.requested = False
+
+    def release(self) -> None:
+        """Let go of the trial in progress (checkpointed; this process waits for Slurm's kill)."""
+        if self.claimed is not None:
+            self.claimed.release()
+
+
+def train_run(job, task=None) -> object:
+    """One run of a task, with its usage.json (`task`: its place in a packed task)."""
+    from mnist import usage
+
+    with usage.recording(job.run_dir, task):  # the run's own record of what it used: usage.json
+        return job.train()
 
 
 def train_runs(jobs) -> list[list[dict]]:
@@ -147,8 +193,7 @@ def train_runs(jobs) -> list[list[dict]]:
             print(f"Run {index + 1} of {len(jobs)} in this task: {job.run_dir}", flush=True)
         task = {"index": index, "runs": len(jobs), "startup_s": startup_s, "started": time.time()}
         try:
-            with usage.recording(job.run_dir, task):  # the run's own record of what it used: usage.json
-                results.append(job.train())
+            results.append(train_run(job, task))
         except (StopRequested, KeyboardInterrupt):
             raise
         except Exception:

@@ -71,7 +71,13 @@ def _run_folders(entries, target, log_dir):
     if not path.is_dir():
         raise UserError(f"{target} is neither a job id (like 123456 or 123456_3) nor a folder. Give a job id, an array "
                         f"id, or a sweep folder: python -m mnist.jobs resubmit multirun/<date>/<time>")
-    folders = [str(f.resolve()) for f in rundir.find_runs(path)]
+    from mnist.search import study
+
+    if study.is_search(path.resolve().parent):
+        raise UserError(f"{target} is a trial of the search {path.resolve().parent}: resubmit the search, whose "
+                        f"workers finish its interrupted trials: python -m mnist.jobs resubmit {path.resolve().parent}")
+    # a search's trials are the search's to rerun (a pruned one is ended, not unfinished)
+    folders = [str(f.resolve()) for f in rundir.find_runs(path) if not study.is_search(f.resolve().parent)]
     if not folders:
         raise UserError(f"{target} holds no run folders (a folder with config.yaml). Give a sweep folder "
                         f"(multirun/<date>/<time>), a run folder, or a job id.")
@@ -149,15 +155,15 @@ def _configs(todo, overrides, more, log_dir, asked):
         if "launcher.log_dir" not in given:
             merged["launcher"]["log_dir"] = str(log_dir)
         if more and job:
-            for short in _more(merged, job, given, _limits_of(limits, merged)):
+            for short in more_for(merged, job, given, limits_of(limits, merged)):
                 print(f"--more for {folder}: {short}", file=sys.stderr)
         configs.append(rundir.resume_config(folder, merged, overrides))
     _one_request(configs)
-    _fit_packing(configs, _limits_of(limits, configs[0]).get("time"))
+    _fit_packing(configs, limits_of(limits, configs[0]).get("time"))
     return configs
 
 
-def _limits_of(limits, config):
+def limits_of(limits, config) -> dict:
     return limits.get(config["resources"].get("partition"), limits.get(None, {}))
 
 
@@ -179,7 +185,7 @@ def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _more(config, job, given, limits) -> list[str]:
+def more_for(config, job, given, limits) -> list[str]:
     """--more: for a run killed for memory, what its cause says to ask (twice its memory, or more for a larger
     peak); for one that timed out, twice its own time limit (not its packed task's). Within the partition's limits;
     returns what had to stop short of what it wanted, in words."""

@@ -256,12 +256,13 @@ def submit_array(runs, single=False, overrides=None, previous=None, asked=None) 
     return jobs[0].job_id.split("_")[0]
 
 
-def submit_workers(cfg, folder, workers, previous=None) -> str | None:
+def submit_workers(cfg, folder, workers, previous=None, asked=None) -> str | None:
     """A search's workers (mnist.search): ONE job array of `workers` tasks, each training trials of the study in
-    `folder` until it has its n_trials; every task asks for what `cfg`'s resources say a run needs."""
+    `folder` until it has its n_trials; every task asks for what `cfg`'s resources say a run needs. `asked`: what
+    check() already found."""
     from mnist.launch.job import SearchWorker
 
-    check(cfg)
+    check(cfg, asked)
     array = workers > 1
     params = _common_parameters([cfg], "search", array)
     if cfg.dry_run:

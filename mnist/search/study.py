@@ -166,6 +166,12 @@ class Claimed:
     trial: object  # optuna.trial.Trial
     resumed: bool
     reported: tuple = ()  # the epochs whose objective the study has
+    claim: object = None  # the open file that holds the trial's claim
+
+    def release(self) -> None:
+        """Let another worker take the trial (this one stopped, its checkpoint written)."""
+        if self.claim is not None:
+            self.claim.close()
 
 
 @contextlib.contextmanager
@@ -194,12 +200,19 @@ def claim_next(opened, worker) -> Iterator[Claimed | None]:
             return
         trial = opened.trial(number)
         trial.set_user_attr("worker", worker)
-        claimed = Claimed(number, params, trial_folder(search, number), trial, resumed, reported)
-        write_trial(claimed, "RUNNING", worker=worker)
+        claimed = Claimed(number, params, trial_folder(search, number), trial, resumed, reported, claim)
+        write_trial(claimed, "RUNNING", worker=worker, workers=[*_workers_of(claimed), worker])
     try:
         yield claimed
     finally:
-        claim.close()
+        claimed.release()
+
+
+def _workers_of(claimed):
+    try:
+        return json.loads((claimed.folder / TRIAL).read_text()).get("workers", [])
+    except (OSError, ValueError):
+        return []
 
 
 def write_trial(claimed, state, **more) -> None:
@@ -221,13 +234,14 @@ def read_trials(folder) -> list[dict]:
     return sorted(trials, key=lambda t: t.get("number", 0))
 
 
-def progress(folder) -> str:
-    """The study's progress for a listing: "4 done, 1 pruned, 2 running of 20 trials; best accuracy 0.981 (trial
-    3)", from the trials' own files (no optuna)."""
+def progress(folder, probe=False) -> str:
+    """The study's progress: "4 done, 1 pruned, 2 running of 20 trials; best accuracy 0.981 (trial 3)", from the
+    trials' own files (no optuna). `probe`: tell interrupted trials from running ones by taking each one's claim
+    for a moment (not for listings, which may run every few seconds: a worker asking meanwhile would pass it by)."""
     search, trials = read_search(folder), read_trials(folder)
     states = [t.get("state") for t in trials]
     running = [t for t in trials if t.get("state") == "RUNNING"]
-    interrupted = sum(_is_free(trial_folder(search, t["number"])) for t in running)
+    interrupted = sum(_is_free(trial_folder(search, t["number"])) for t in running) if probe else 0
     text = ", ".join(f"{n} {word}" for n, word in (
         (states.count("COMPLETE"), "done"), (states.count("PRUNED"), "pruned"),
         (len(running) - interrupted, "running"), (interrupted, "interrupted"), (states.count("FAIL"), "failed"))
@@ -257,6 +271,7 @@ def _is_free(folder):
 
 
 def current_trial(folder, worker) -> int | None:
-    """The trial `worker` trains (or trained when it stopped), or None."""
-    mine = [t for t in read_trials(folder) if t.get("worker") == worker and t.get("state") == "RUNNING"]
-    return mine[-1]["number"] if mine else None
+    """The trial `worker` trains, or the last it took (another worker may have finished it since), or None."""
+    mine = [t for t in read_trials(folder) if worker in t.get("workers", [t.get("worker")])]
+    running = [t for t in mine if t.get("worker") == worker and t.get("state") == "RUNNING"]
+    return (running or mine)[-1]["number"] if mine else None

@@ -35,17 +35,26 @@ def search(config, arguments) -> None:
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         space = spaces.parse(list(arguments), base)
         space.fixed = [o for o in space.fixed if not _is_about_the_search(o)]
+        old = _continued(folder, space, settings)
+        workers = _workers_wanted(settings, space, folder if old else None)
+        asked = {}
+        if here:
+            _check_data_here(config)
+        else:  # resources, the cluster, the data: all before anything is written
+            from mnist.launch.slurm import check
+
+            check(config, asked)
+            if old and not config.dry_run:
+                _no_live_workers(folder, config.launcher.log_dir)
         if config.dry_run:
-            return _dry_run(config, folder, space, settings)
-        _continued(folder, space, settings)
+            return _dry_run(config, folder, space, settings, workers, asked)
         found = studies.write_search(folder, space, settings, [])
         studies.Study(found)  # the study itself, before any worker: a sampler that cannot be made is said here
-        if config.launcher.name == "slurm":
-            from mnist.launch.slurm import submit_workers
+        if here:
+            sys.exit(run_here(found, workers))
+        from mnist.launch.slurm import submit_workers
 
-            submit_workers(config, folder, workers_wanted(found))
-        else:
-            sys.exit(run_here(found, int(settings["workers"])))
+        submit_workers(config, folder, workers, asked=asked)
 
 
 @contextlib.contextmanager
@@ -90,15 +99,22 @@ def _is_about_the_search(override):
 
 
 def _continued(folder, space, settings):
-    """A folder that holds a search continues it, if it is the same search; any other non-empty folder is refused."""
+    """A folder that holds a search continues it, if it is the same search: the same space, the same values of what
+    a trial trains, and the settings but CHANGEABLE (where and how its workers run may change). Any other non-empty
+    folder is refused. Returns the search found, or None."""
     if studies.is_search(folder):
         old = studies.read_search(folder)
-        differ = [k for k in settings if k not in CHANGEABLE and old.settings.get(k) != settings[k]]
-        if old.space != space or differ:
-            what = ", ".join([*(["the search space"] if old.space != space else []), *(f"search.{k}" for k in differ)])
+        differ = [f"search.{k}" for k in settings if k not in CHANGEABLE and old.settings.get(k) != settings[k]]
+        if old.space.params != space.params:
+            differ.insert(0, "search space")
+        ours, theirs = _trained(space.fixed), _trained(old.space.fixed)
+        differ += [f"{key} ({ours.get(key, 'not given')}, there {theirs.get(key, 'not given')})"
+                   for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+        if differ:
             raise UserError(
-                f"{folder} holds a search with a different {what}: a search continues only as the same search. Run "
-                f"this one in another folder (hydra.sweep.dir=...), or repeat that search's command to continue it."
+                f"{folder} holds a search with a different {', '.join(differ)}: a search continues only as the same "
+                f"search. Run this one in another folder (hydra.sweep.dir=...), or repeat that search's command to "
+                f"continue it."
             )
         return old
     if folder.exists() and any(folder.iterdir()):
@@ -109,11 +125,44 @@ def _continued(folder, space, settings):
     return None
 
 
-def workers_wanted(search) -> int:
-    """As many workers as search.workers, but no more than trials left to train (interrupted ones included)."""
-    trials = studies.read_trials(search.folder)
+def _trained(fixed):
+    """{key: value} of the fixed overrides that change what a trial trains (not where or how it runs)."""
+    from mnist.rundir import TAKEN_FROM_COMMAND, _under
+
+    pairs = (o.split("=", 1) for o in fixed if "=" in o)
+    return {key.lstrip("+~"): value for key, value in pairs
+            if not _under(key.lstrip("+~"), (*TAKEN_FROM_COMMAND, "data.root", "data.download"))}
+
+
+def _workers_wanted(settings, space, folder=None):
+    """As many workers as search.workers, but no more than trials are left (interrupted ones included)."""
+    n_trials = int(settings["n_trials"])
+    if settings["sampler"] == "grid":
+        n_trials = min(n_trials, studies.grid_size(space))
+    trials = studies.read_trials(folder) if folder is not None else []
     ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
-    return max(1, min(int(search.settings["workers"]), search.n_trials - ended))
+    return max(1, min(int(settings["workers"]), n_trials - ended))
+
+
+def _check_data_here(config):
+    """The data is there and whole before the first trial (a run here downloads what is missing)."""
+    from mnist import datafiles
+
+    if not datafiles.will_download(config.data):
+        datafiles.prepare(config.data.root, config.data.name)
+
+
+def _no_live_workers(folder, log_dir):
+    """Refuse to send more workers while some of the search's are still queued or running."""
+    from mnist.launch import slurm
+
+    going = slurm.still_queued(log_dir, [folder])
+    if going:
+        why = next(iter(going.values()))
+        fix = ("Slurm is ending it: run this again once it has ended (seconds)" if "COMPLETING" in why else
+               "it goes on with the study by itself. Cancel it first (python -m mnist.jobs cancel JOB) to send new "
+               "workers")
+        raise UserError(f"{folder} has a worker {why}: {fix}.")
 
 
 def run_here(search, workers) -> int:
@@ -122,54 +171,82 @@ def run_here(search, workers) -> int:
           flush=True)
     command = [sys.executable, "-m", "mnist.search.worker", str(search.folder)]  # (a process of its own: Hydra's
     names = ["local"] if workers == 1 else [f"local-{i}" for i in range(workers)]  # state is this one's)
-    processes = [subprocess.Popen([*command, "--worker", name]) for name in names]
+    threads = ["--threads", str(max(1, len(os.sched_getaffinity(0)) // workers))] if workers > 1 else []
+    processes = [subprocess.Popen([*command, "--worker", name, *threads]) for name in names]
     try:
         return max(p.wait() for p in processes)
     except KeyboardInterrupt:  # each worker got the Ctrl-C too, and checkpoints its trial
         return max(p.wait() for p in processes)
 
 
-def _dry_run(config, folder, space, settings):
+def _dry_run(config, folder, space, settings, workers, asked):
     """What would be searched and the workers' script: nothing written, nothing submitted."""
     params = {k: p.to_dict() for k, p in space.params.items()}
     print(f"(dry run) search in {folder}: {json.dumps(params)}; fixed: {' '.join(space.fixed) or 'nothing'}; "
-          f"{settings['n_trials']} trials, {settings['workers']} workers", file=sys.stderr)
+          f"{settings['n_trials']} trials, {workers} worker{'s' * (workers > 1)}", file=sys.stderr)
     if config.launcher.name == "slurm":
         from mnist.launch.slurm import submit_workers
 
-        submit_workers(config, folder, int(settings["workers"]))
+        submit_workers(config, folder, workers, asked=asked)
 
 
 def resubmit_search(folder, log_dir, overrides, more=False) -> str | None:
     """`python -m mnist.jobs resubmit SWEEP` for a search: workers that first finish the interrupted trials, then go
-    on to n_trials (as many as search.workers, no more than trials are left). Its own where-and-how come from the
-    search's command, then these overrides."""
+    on to n_trials (as many as search.workers, no more than trials are left). Where and how they run comes from the
+    search's command, then these overrides (`resources.*`, `launcher.*`); --more asks for what the last workers
+    lacked: twice the memory of one killed for memory, twice the time of one that ran out of requeues."""
     from mnist.config import compose, finalize
     from mnist.launch import slurm
 
     folder = Path(folder).resolve()
     found = studies.read_search(folder)
-    if more:
-        raise UserError("--more is for runs killed for memory or time; a search's workers requeue themselves at "
-                        "their time limit. Give the workers more with resources.mem=... or resources.time=... "
-                        f"instead: python -m mnist.jobs resubmit {folder} resources.time=...")
-    trials = studies.read_trials(folder)
-    ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+    trained = sorted(_trained(overrides))
+    if trained:
+        raise UserError(
+            f"{', '.join(trained)}: a resubmitted search trains its trials as its command said; only where and how "
+            f"its workers run may change (resources.*, launcher.*). To search with other values, run a new search "
+            f"in another folder (hydra.sweep.dir=...)."
+        )
+    ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in studies.read_trials(folder))
     if ended >= found.n_trials:
-        print(f"Nothing to rerun in {folder}: {studies.progress(folder)}.")
+        print(f"Nothing to rerun in {folder}: {studies.progress(folder, probe=True)}.")
         return None
-    going = slurm.still_queued(log_dir, [folder])
-    if going:
-        why = next(iter(going.values()))
-        fix = ("Slurm is ending it: run this again once it has ended (seconds)" if "COMPLETING" in why else
-               "it goes on with the study by itself. Cancel it first (python -m mnist.jobs cancel JOB) to send new "
-               "workers")
-        raise UserError(f"{folder} has a worker {why}: {fix}.")
-    cfg = finalize(compose(["launcher=slurm", *found.space.fixed, f"launcher.log_dir={log_dir}", *overrides]))
-    workers = workers_wanted(found)
+    _no_live_workers(folder, log_dir)
+    given = overrides
+    overrides = ["launcher=slurm", *found.space.fixed, f"launcher.log_dir={log_dir}", *given]
+    if more:
+        overrides += _more(log_dir, folder, overrides, given)
+    cfg = finalize(compose(overrides))
+    _check_workers(cfg)
+    workers = _workers_wanted(found.settings, found.space, folder)
     if not cfg.dry_run:
-        print(f"Resubmitting {folder}: {studies.progress(folder)}")
+        print(f"Resubmitting {folder}: {studies.progress(folder, probe=True)}")
     return slurm.submit_workers(cfg, folder, workers, previous=_last_workers(log_dir, folder, workers))
+
+
+def _more(log_dir, folder, overrides, given):
+    """The overrides --more adds for the search's last workers (mnist.launch.resubmit.more_for's rules)."""
+    from mnist import rundir
+    from mnist.config import compose
+    from mnist.launch import outcome, record, resources
+    from mnist.launch.resubmit import limits_of, more_for
+
+    entries = [e for e in record.read(log_dir) if Path(e.run_dir).resolve() == folder]
+    last = [e for e in entries if e.job_id.split("_")[0] == entries[-1].job_id.split("_")[0]] if entries else []
+    jobs = outcome.describe(last, record.states(last), log_dir)
+    config = OmegaConf.to_container(compose(overrides), resolve=True)
+    limits = limits_of(resources.limits_by_partition(resources.ask_cluster(config["dry_run"])), config)
+    before = dict(config["resources"])
+    killed = [j for j in jobs if j["memory_kill"] or j["state"] == "OUT_OF_MEMORY"]
+    timed_out = [j for j in jobs if j["state"] == "TIMEOUT"]
+    for job in [*killed[:1], *timed_out[:1]]:  # (one of each: the rules double what the config asks)
+        for short in more_for(config, job, rundir.given_keys(given), limits):
+            print(f"--more for {folder}: {short}", file=sys.stderr)
+    added = [f"resources.{key}={config['resources'][key]}" for key in ("mem", "time")
+             if config["resources"][key] != before[key]]
+    print(f"--more for {folder}: " + (" ".join(added) if added else "no worker was killed for memory or ran out of "
+                                      "time; nothing to raise"), file=sys.stderr)
+    return added
 
 
 def _last_workers(log_dir, folder, workers):

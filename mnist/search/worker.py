@@ -8,6 +8,7 @@ A trial interrupted (Ctrl-C, a time limit, preemption, a kill) keeps its checkpo
 study; the next worker to ask for a trial, this one after its requeue first, finishes it.
 """
 import argparse
+import re
 import sys
 import traceback
 
@@ -47,34 +48,47 @@ def trial_config(search, claimed, download=True) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def run_trials(folder, worker, train_one) -> int:
+def run_trials(folder, worker, train_one, before_each=None) -> int:
     """Claim and train trials until none is left; returns how many this worker ended.
-    `train_one(config, run_dir, reporter)` trains one (raising StopRequested when stopped: the trial stays open)."""
+    `train_one(config, run_dir, reporter, claimed)` trains one (raising StopRequested when stopped: the trial
+    stays open); `before_each()` runs before a trial is claimed. A trial that fails is recorded FAIL and the
+    worker goes on: a bad searched value fails that trial only (the data was checked before any trial)."""
     search = studies.read_search(folder)
-    opened = studies.Study(search, worker)
+    opened = studies.Study(search, seed_key(worker))
     ended = 0
     while True:
+        if before_each is not None:
+            before_each()
         with studies.claim_next(opened, worker) as claimed:
             if claimed is None:
-                print(f"Worker {worker}: the study has its {search.n_trials} trials; done.", flush=True)
+                print(f"Worker {worker}: no trial left to take ({studies.progress(folder)}); done.", flush=True)
                 return ended
             print(f"Trial {claimed.number}{' (resuming)' if claimed.resumed else ''}: "
                   f"{' '.join(spaces.overrides(search.space, claimed.params)[len(search.space.fixed):])}  "
                   f"in {claimed.folder}", flush=True)
             reporter = Reporter(search, claimed)
             try:
-                train_one(trial_config(search, claimed), claimed.folder, reporter)
+                train_one(trial_config(search, claimed), claimed.folder, reporter, claimed)
             except (stopping.StopRequested, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:
                 opened.study.tell(claimed.number, state=_states().FAIL)
-                studies.write_trial(claimed, "FAIL", error=str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
-                if isinstance(e, UserError):  # (bad data or config: every trial would fail alike)
-                    raise
-                traceback.print_exc()
+                why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                studies.write_trial(claimed, "FAIL", error=why)
+                if isinstance(e, UserError):
+                    print(f"Trial {claimed.number} failed: {e}", flush=True)
+                else:
+                    traceback.print_exc()
                 continue
             finish(opened, search, claimed, rundir.read_metrics(claimed.folder), reporter)
             ended += 1
+
+
+def seed_key(worker) -> str:
+    """What makes a worker's seed its own: its place (an array task's index, local-i's i), not its job id, so that
+    a seeded search proposes the same trials on every submission."""
+    match = re.search(r"[_-](\d+)$", str(worker))
+    return match.group(1) if match else "0"
 
 
 def finish(opened, search, claimed, rows, reporter) -> None:
@@ -105,13 +119,16 @@ def _states():
     return optuna.trial.TrialState
 
 
-def train_here(config, run_dir, reporter, stop) -> list[dict]:
-    """One trial in this process, with its usage.json, as `python -m mnist.run` trains a run."""
+def train_here(config, run_dir, reporter, stop, threads=None) -> list[dict]:
+    """One trial in this process, with its usage.json, as `python -m mnist.run` trains a run; `threads`: this
+    worker's share of the CPUs, where the trial's config leaves it to auto."""
     from omegaconf import OmegaConf
 
     from mnist import usage
     from mnist.train import train
 
+    if threads and str(config["trainer"]["threads"]) == "auto":
+        config["trainer"]["threads"] = threads
     with usage.recording(run_dir):
         return train(OmegaConf.create(config), run_dir, stop, epoch_end=reporter)
 
@@ -123,11 +140,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist.search.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="the search's sweep folder (it holds search.json)")
     parser.add_argument("--worker", default="local", help="this worker's name in the study")
+    parser.add_argument("--threads", type=int, help="CPU threads a trial trains on (default: trainer.threads)")
     args = parser.parse_args(argv)
     stop, received = stopping.stop_on_signals()
     try:
-        run_trials(args.folder, args.worker, lambda config, run_dir, reporter: train_here(config, run_dir, reporter,
-                                                                                         stop))
+        run_trials(args.folder, args.worker, lambda config, run_dir, reporter, claimed: train_here(
+            config, run_dir, reporter, stop, args.threads))
     except stopping.StopRequested:
         why, code = stopping.stopped_by(received)
         print(f"\n{why}. The trial in progress keeps its checkpoint in {args.folder}; run the same search command "
