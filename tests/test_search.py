@@ -129,8 +129,7 @@ def test_a_worker_stopped_at_its_limit_then_cancelled_leaves_its_trial_to_finish
     subprocess.run(["scontrol", "release", array], check=True)
     wait_for_text(log, "Train Epoch: 2 ", timeout=300)
     subprocess.run(["scancel", "--signal=USR2", array], check=True)  # as Slurm does before the time limit
-    wait_for_text(log, "Trial 0 (resuming)", timeout=300)
-    wait_for_text(log, "Train Epoch: 3 ", timeout=300)
+    wait_for_text(log, "Trial 0 (resuming)", timeout=300)  # (with two epochs or more of trial 0 still to train)
     subprocess.run(["scancel", array], check=True)
     assert wait_for(array) == {array: "CANCELLED"}
     assert trials(tmp_path / "search")[0]["state"] == "RUNNING"

@@ -56,7 +56,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             # the submitting shell had set (sbatch passes its environment on); a MASTER_PORT set there is kept
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         worker = getattr(self, "worker", None)
-        requeues, stop, terminated = restarts(), worker.stop if worker else StopFlag(), []
+        # (a worker's flag and SIGTERMs: one that came before this trial began counts, and is not a requeue)
+        requeues = restarts()
+        stop, terminated = (worker.stop, worker.terminated) if worker else (StopFlag(), [])
         before = stop_on_terminate(stop, terminated)  # Slurm ends the job: preempted (it requeues it), cancelled...
         submitit_handler = worker.requeue if worker else private_apis.submitit_requeue_handler()
         if requeues >= self.max_requeues:
@@ -127,11 +129,12 @@ class SearchWorker(submitit.helpers.Checkpointable):
         from mnist import private_apis
         from mnist.env import job_id
         from mnist.search.worker import run_trials
-        from mnist.stopping import REQUEUE_SIGNAL, StopFlag
+        from mnist.stopping import REQUEUE_SIGNAL, StopFlag, stop_on_terminate
 
-        self.stop, self.claimed = StopFlag(), None
+        self.stop, self.claimed, self.terminated = StopFlag(), None, []
         self.requeue = private_apis.submitit_requeue_handler()  # (submitit's, before this worker's own)
         signal.signal(REQUEUE_SIGNAL, self.between_trials)
+        stop_on_terminate(self.stop, self.terminated)  # (a trial's TrainJob passes Slurm's SIGTERM on to it)
 
         def train_one(config, run_dir, reporter, claimed):
             self.claimed = claimed
@@ -149,8 +152,12 @@ class SearchWorker(submitit.helpers.Checkpointable):
     def requeue_if_asked(self) -> None:
         """Before the next trial: a time-limit warning that came meanwhile requeues this worker now."""
         from mnist.env import restarts
-        from mnist.stopping import REQUEUE_SIGNAL
+        from mnist.stopping import REQUEUE_SIGNAL, TERMINATED_EXIT
 
+        if self.terminated:  # Slurm is ending this job (cancelled, preempted): no next trial; wait for its kill
+            print("Slurm is ending this worker: it takes no other trial", flush=True)
+            time.sleep(TERMINATED_WAIT_S)
+            raise SystemExit(TERMINATED_EXIT)
         if self.stop.requested and restarts() < self.max_requeues:
             print(f"Time limit near: asking Slurm to requeue this worker before its next trial (requeue "
                   f"{restarts() + 1} of at most {self.max_requeues})", flush=True)
