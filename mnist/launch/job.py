@@ -46,7 +46,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         from mnist import private_apis
         from mnist.env import restarts
-        from mnist.stopping import REQUEUE_SIGNAL, TERMINATED_EXIT, StopFlag, StopRequested, stop_on_terminate
+        from mnist.stopping import REQUEUE_SIGNAL, StopFlag, StopRequested, stop_on_terminate
         from mnist.train import train
 
         cfg = OmegaConf.create(self.config)
@@ -75,10 +75,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                           f"and it resumes there; cancelled or out of time: the checkpoint stays)", flush=True)
                 if worker:  # the trial is free for another worker now, not once Slurm's kill comes
                     worker.release()
-                # Wait for Slurm's kill: a preempted job that ended itself within its GraceTime would count as
-                # ended, not be requeued. (An exit, not an error submitit would record as the job's result.)
-                time.sleep(TERMINATED_WAIT_S)
-                raise SystemExit(TERMINATED_EXIT) from None
+                wait_for_kill()
             if environment.global_rank != 0:  # rank 0 requeues the whole job, which ends this task too
                 time.sleep(300)
                 raise
@@ -99,6 +96,15 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 TERMINATED_WAIT_S = 3600  # longer than any GraceTime or KillWait
+
+
+def wait_for_kill() -> None:
+    """Wait for Slurm's kill after its SIGTERM: a preempted job that ended itself within its GraceTime would count
+    as ended, not be requeued. (An exit, not an error submitit would record as the job's result.)"""
+    from mnist.stopping import TERMINATED_EXIT
+
+    time.sleep(TERMINATED_WAIT_S)
+    raise SystemExit(TERMINATED_EXIT) from None
 
 
 class PackedJob(submitit.helpers.Checkpointable):
@@ -152,12 +158,11 @@ class SearchWorker(submitit.helpers.Checkpointable):
     def requeue_if_asked(self) -> None:
         """Before the next trial: a time-limit warning that came meanwhile requeues this worker now."""
         from mnist.env import restarts
-        from mnist.stopping import REQUEUE_SIGNAL, TERMINATED_EXIT
+        from mnist.stopping import REQUEUE_SIGNAL
 
         if self.terminated:  # Slurm is ending this job (cancelled, preempted): no next trial; wait for its kill
             print("Slurm is ending this worker: it takes no other trial", flush=True)
-            time.sleep(TERMINATED_WAIT_S)
-            raise SystemExit(TERMINATED_EXIT)
+            wait_for_kill()
         if self.stop.requested and restarts() < self.max_requeues:
             print(f"Time limit near: asking Slurm to requeue this worker before its next trial (requeue "
                   f"{restarts() + 1} of at most {self.max_requeues})", flush=True)

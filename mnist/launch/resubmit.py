@@ -30,13 +30,11 @@ def resubmit(log_dir, target, overrides, more=False) -> str | None:
     entries = record.read(log_dir)
     from mnist.search import study
 
-    if study.is_search(target) or record.JOB_ID.fullmatch(str(target)) and study.is_search(
-            (_run_folders(entries, target, log_dir) or [""])[0]):
+    folders = [target] if study.is_search(target) else _run_folders(entries, target, log_dir)
+    if study.is_search(folders[0]):  # a search folder, or a job id of one of its workers
         from mnist.search.sweep import resubmit_search
 
-        folder = target if study.is_search(target) else _run_folders(entries, target, log_dir)[0]
-        return resubmit_search(folder, log_dir, overrides, more)
-    folders = _run_folders(entries, target, log_dir)
+        return resubmit_search(folders[0], log_dir, overrides, more)
     submissions = _submissions(entries, folders)
     jobs = _jobs(submissions, log_dir)
     todo, left = [], []

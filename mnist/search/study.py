@@ -40,16 +40,27 @@ class Search:
 
     @property
     def n_trials(self) -> int:
-        n = int(self.settings["n_trials"])
-        if self.settings["sampler"] == "grid":  # a grid has so many points, and a repeated one teaches nothing
-            n = min(n, grid_size(self.space))
-        return n
+        return trials_wanted(self.settings, self.space)
 
     def objective(self, row) -> float:
         return float(row[OBJECTIVES[self.settings["objective"]]])
 
     def trial_overrides(self, params) -> list[str]:
         return [*self.overrides, *spaces.overrides(self.space, params)]
+
+
+def trials_wanted(settings, space) -> int:
+    """search.n_trials, but no more than a grid has points (a repeated one teaches nothing)."""
+    n = int(settings["n_trials"])
+    return min(n, grid_size(space)) if settings["sampler"] == "grid" else n
+
+
+ENDED = ("COMPLETE", "PRUNED", "FAIL")  # a trial's states that count towards n_trials for good
+
+
+def ended(folder) -> int:
+    """How many of the search's trials have ended (not the running or interrupted ones)."""
+    return sum(t.get("state") in ENDED for t in read_trials(folder))
 
 
 def grid_size(space) -> int:

@@ -136,12 +136,8 @@ def _trained(fixed):
 
 def _workers_wanted(settings, space, folder=None):
     """As many workers as search.workers, but no more than trials are left (interrupted ones included)."""
-    n_trials = int(settings["n_trials"])
-    if settings["sampler"] == "grid":
-        n_trials = min(n_trials, studies.grid_size(space))
-    trials = studies.read_trials(folder) if folder is not None else []
-    ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
-    return max(1, min(int(settings["workers"]), n_trials - ended))
+    ended = studies.ended(folder) if folder is not None else 0
+    return max(1, min(int(settings["workers"]), studies.trials_wanted(settings, space) - ended))
 
 
 def _check_data_here(config):
@@ -207,8 +203,7 @@ def resubmit_search(folder, log_dir, overrides, more=False) -> str | None:
             f"its workers run may change (resources.*, launcher.*). To search with other values, run a new search "
             f"in another folder (hydra.sweep.dir=...)."
         )
-    ended = sum(t["state"] in ("COMPLETE", "PRUNED", "FAIL") for t in studies.read_trials(folder))
-    if ended >= found.n_trials:
+    if studies.ended(folder) >= found.n_trials:
         print(f"Nothing to rerun in {folder}: {studies.progress(folder, probe=True)}.")
         return None
     _no_live_workers(folder, log_dir)
