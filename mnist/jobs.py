@@ -24,6 +24,7 @@ from pathlib import Path
 from mnist import figures, rundir
 from mnist.errors import UserError
 from mnist.launch import gateway, outcome, record
+from mnist.search import study
 
 HEADER = ("JOB", "NAME", "STATE", "REQUEUED", "TIME", "CPU", "MEM", "NODE", "CAUSE", "LAST LOG LINE", "RUN FOLDER")
 CAUSE_WIDTH, LINE_WIDTH = 80, 50
@@ -42,16 +43,15 @@ def describe(log_dir, entries=None) -> list[dict]:
 
 def table(jobs) -> list[str]:
     """The status table's lines, and one summary line per array of two or more tasks."""
-    from mnist.search import study
-
     lines, searches = [], {}
     for job in jobs:
         cells = outcome.shown(job)
         requeued = f"{job['requeues']}x" if job["requeues"] else "-"
         folder = job["run_dir"]
         if study.is_search(folder):  # a search's worker: the trial it is on
-            searches[folder] = True
-            trial = study.current_trial(folder, job["job_id"])
+            if folder not in searches:
+                searches[folder] = study.read_trials(folder)
+            trial = study.current_trial(folder, job["job_id"], searches[folder])
             folder = f"{folder} (trial {trial})" if trial is not None else folder
         lines.append((job["job_id"], job["name"] or "-", job["state"], requeued, cells["time"], cells["cpu"],
                       cells["mem"], job["node"] or "-", outcome.cut(job["cause"], CAUSE_WIDTH),
@@ -63,7 +63,7 @@ def table(jobs) -> list[str]:
         if "_" in job["job_id"]:
             arrays.setdefault(job["job_id"].split("_")[0], []).append(job)
     summaries = [f"array {array}: {outcome.summary(tasks)}" for array, tasks in arrays.items() if len(tasks) > 1]
-    summaries += [f"search {folder}: {study.progress(folder)}" for folder in searches]
+    summaries += [f"search {folder}: {study.progress(folder, trials=trials)}" for folder, trials in searches.items()]
     return out + ([""] + summaries if summaries else [])
 
 
@@ -106,11 +106,25 @@ def show(log_dir, job_id) -> None:
     chosen = [e for e in entries if e.job_id == job_id] or [e for e in entries if e.job_id.split("_")[0] == job_id]
     if not chosen:
         record.find(log_dir, job_id)  # says which jobs there are
-    runs = {e.run_dir for e in chosen}
-    history = [e for e in entries if e.run_dir in runs]
+    lines = {id(e): _submissions(entries, e) for e in chosen}
+    history = [e for e in entries if any(e is h for line in lines.values() for h in line)]
     jobs = {id(entry): job for entry, job in zip(history, describe(log_dir, history))}  # (a packed task: a run each)
-    print("\n\n".join(_details(jobs[id(e)], [jobs[id(h)] for h in history if h.run_dir == e.run_dir])
-                      for e in chosen))
+    print("\n\n".join(_details(jobs[id(e)], [jobs[id(h)] for h in lines[id(e)]]) for e in chosen))
+
+
+def _submissions(entries, entry) -> list:
+    """The submissions of the entry's run folder, in order. A search's workers share its folder: a worker's are
+    its own line of them (each resubmitted worker names the one it follows), not its siblings."""
+    if not study.is_search(entry.run_dir):
+        return [e for e in entries if e.run_dir == entry.run_dir]
+    by_id = {e.job_id: e for e in entries if e.run_dir == entry.run_dir}
+    followed_by = {e.previous: e for e in by_id.values() if e.previous}
+    line = [entry]
+    while line[0].previous in by_id and by_id[line[0].previous] not in line:
+        line.insert(0, by_id[line[0].previous])
+    while line[-1].job_id in followed_by and followed_by[line[-1].job_id] not in line:
+        line.append(followed_by[line[-1].job_id])
+    return line
 
 
 def _details(job, history):
@@ -132,8 +146,19 @@ def _details(job, history):
         lines.append((f"attempt {attempt.restart}", _attempt_line(attempt)))
     lines.append(("submissions", " -> ".join(f"{h['job_id']} {h['state']}" for h in history)
                   + f"  (of {Path(job['run_dir']).name})"))
-    lines.append(("trained by", _trained_by(job["run_dir"])))
+    lines.append(("trained by", _trained_by(job["run_dir"])) if not study.is_search(job["run_dir"]) else
+                 ("trials", _trials_of(job["run_dir"], job["job_id"])))
     return "\n".join(line if isinstance(line, str) else f"  {line[0] + ':':<12} {line[1]}" for line in lines)
+
+
+def _trials_of(folder, worker):
+    """What a search's worker trained, by the trials' own records (trial.json): each trial it took, in order."""
+    mine = study.taken_by(study.read_trials(folder), worker)
+    if not mine:
+        return "- (none taken yet)"
+    return "; ".join(f"{t['number']} {t['state']}" + (f" after {t['epochs']} epoch{'s' * (t['epochs'] != 1)}"
+                                                      if t.get("epochs") else "")
+                     + ("" if t.get("worker") == worker else f" (finished by {t.get('worker')})") for t in mine)
 
 
 def _trained_by(run_dir):

@@ -78,6 +78,15 @@ def test_a_search_without_m_is_refused(tiny_data, tmp_path):
     assert result.returncode == 2 and "-m" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("models, minutes", [("choice(mlp,cnn)", 15), ("mlp", 5)])
+def test_workers_of_a_search_over_models_ask_for_the_longest_time_limit_of_them(tiny_data, tmp_path, models, minutes):
+    """conf/resources/cpu.yaml gives the CNN 15 minutes and the MLP 5: a worker may train either."""
+    result = run(["-m", "search=optuna", f"model={models}", "optimizer.lr=interval(0.1, 1)", "launcher=slurm",
+                  "dry_run=true", f"data.root={tiny_data}", f"hydra.sweep.dir={tmp_path / 'search'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"#SBATCH --time={minutes}\n" in result.stdout, result.stdout
+
+
 @pytest.mark.slurm
 def test_on_slurm_one_array_of_workers_trains_every_trial_once_and_the_same_command_continues_the_study(
         slurm_env, tiny_data, tmp_path):
@@ -154,6 +163,11 @@ def test_a_worker_stopped_at_its_limit_then_cancelled_leaves_its_trial_to_finish
     assert metrics_but_timings(tmp_path / "search" / "0") == metrics_but_timings(tmp_path / "straight")
     listing = run(["--logs", str(tmp_path / "logs")], tmp_path, module="mnist.jobs").stdout
     assert f"search {tmp_path / 'search'}: 2 done, 0 running of 2 trials" in listing, listing
+    shown = run(["--logs", str(tmp_path / "logs"), "show", job], tmp_path, module="mnist.jobs").stdout
+    assert f"{array} CANCELLED -> {job} COMPLETED  (of search)" in shown, shown  # this worker's line, no sibling's
+    assert "trials:      0 COMPLETE after 4 epochs; 1 COMPLETE after 4 epochs" in shown, shown
+    shown = run(["--logs", str(tmp_path / "logs"), "show", array], tmp_path, module="mnist.jobs").stdout
+    assert f"trials:      0 COMPLETE after 4 epochs (finished by {job})\n" in shown, shown
 
 
 def test_a_trial_whose_values_are_refused_fails_alone_and_the_search_goes_on(tiny_data, tmp_path):

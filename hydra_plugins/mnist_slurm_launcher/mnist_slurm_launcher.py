@@ -67,7 +67,8 @@ class MnistSlurmSweeper(BasicSweeper):
         if self.config.get("search", {}).get("name", "none") != "none":
             from mnist.search.sweep import search
 
-            return search(self.config, arguments)
+            return search(self.config, arguments,
+                          lambda overrides: self.hydra_context.config_loader.load_sweep_config(self.config, overrides))
         if not self.config.get("dry_run"):
             return super().sweep(arguments)
         return private_apis.sweep_without_record(self, arguments)

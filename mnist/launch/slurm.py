@@ -256,15 +256,16 @@ def submit_array(runs, single=False, overrides=None, previous=None, asked=None) 
     return jobs[0].job_id.split("_")[0]
 
 
-def submit_workers(cfg, folder, workers, previous=None, asked=None) -> str | None:
+def submit_workers(cfg, folder, workers, previous=None, asked=None, trial_cfgs=()) -> str | None:
     """A search's workers (mnist.search): ONE job array of `workers` tasks, each training trials of the study in
-    `folder` until it has its n_trials; every task asks for what `cfg`'s resources say a run needs. `asked`: what
+    `folder` until it has its n_trials; every task asks for what `cfg`'s resources say a run needs, and for the
+    longest time limit of `trial_cfgs` (the configs its trials may get that differ in it). `asked`: what
     check() already found."""
     from mnist.launch.job import SearchWorker
 
     check(cfg, asked)
     array = workers > 1
-    params = _common_parameters([cfg], "search", array)
+    params = _common_parameters([cfg, *trial_cfgs], "search", array)
     if cfg.dry_run:
         sys.stdout.write(render(cfg, params, array_size=workers if array else None))
         return None

@@ -245,11 +245,12 @@ def read_trials(folder) -> list[dict]:
     return sorted(trials, key=lambda t: t.get("number", 0))
 
 
-def progress(folder, probe=False) -> str:
+def progress(folder, probe=False, trials=None) -> str:
     """The study's progress: "4 done, 1 pruned, 2 running of 20 trials; best accuracy 0.981 (trial 3)", from the
     trials' own files (no optuna). `probe`: tell interrupted trials from running ones by taking each one's claim
-    for a moment (not for listings, which may run every few seconds: a worker asking meanwhile would pass it by)."""
-    search, trials = read_search(folder), read_trials(folder)
+    for a moment (not for listings, which may run every few seconds: a worker asking meanwhile would pass it by).
+    `trials`: the folder's, if already read."""
+    search, trials = read_search(folder), read_trials(folder) if trials is None else trials
     states = [t.get("state") for t in trials]
     running = [t for t in trials if t.get("state") == "RUNNING"]
     interrupted = sum(_is_free(trial_folder(search, t["number"])) for t in running) if probe else 0
@@ -281,8 +282,14 @@ def _is_free(folder):
     return True
 
 
-def current_trial(folder, worker) -> int | None:
-    """The trial `worker` trains, or the last it took (another worker may have finished it since), or None."""
-    mine = [t for t in read_trials(folder) if worker in t.get("workers", [t.get("worker")])]
+def taken_by(trials, worker) -> list[dict]:
+    """The trials `worker` took (began, or went on with after another worker), by number."""
+    return [t for t in trials if worker in t.get("workers", [t.get("worker")])]
+
+
+def current_trial(folder, worker, trials=None) -> int | None:
+    """The trial `worker` trains, or the last it took (another worker may have finished it since), or None.
+    `trials`: the folder's, if already read."""
+    mine = taken_by(read_trials(folder) if trials is None else trials, worker)
     running = [t for t in mine if t.get("worker") == worker and t.get("state") == "RUNNING"]
     return (running or mine)[-1]["number"] if mine else None

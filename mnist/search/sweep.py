@@ -5,6 +5,7 @@ once), or processes here, one after another's trials or side by side (launcher=l
 The same command again, with the same hydra.sweep.dir, continues the study: it never starts over.
 """
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mnist import callbacks
-from mnist.config import report_errors
+from mnist.config import CONF_DIR, report_errors
 from mnist.errors import UserError
 from mnist.search import space as spaces
 from mnist.search import study as studies
@@ -23,8 +24,9 @@ from mnist.search import study as studies
 CHANGEABLE = ("n_trials", "workers", "pruner")
 
 
-def search(config, arguments) -> None:
-    """Hydra's sweeper hands over the composed config (the search's values, not its space) and the overrides."""
+def search(config, arguments, compose) -> None:
+    """Hydra's sweeper hands over the composed config (the search's values, not its space), the overrides, and
+    `compose(overrides)`: the config other overrides give, composed by its Hydra."""
     folder = Path(str(config.hydra.sweep.dir)).resolve()
     with report_errors(), _removed_if_unused(folder):
         settings = OmegaConf.to_container(config.search, resolve=True)
@@ -37,24 +39,25 @@ def search(config, arguments) -> None:
         space.fixed = [o for o in space.fixed if not _is_about_the_search(o)]
         old = _continued(folder, space, settings)
         workers = _workers_wanted(settings, space, folder if old else None)
-        asked = {}
+        asked, trial_cfgs = {}, []
         if here:
             _check_data_here(config)
         else:  # resources, the cluster, the data: all before anything is written
             from mnist.launch.slurm import check
 
             check(config, asked)
+            trial_cfgs = _group_configs(space, space.fixed, compose)
             if old and not config.dry_run:
                 _no_live_workers(folder, config.launcher.log_dir)
         if config.dry_run:
-            return _dry_run(config, folder, space, settings, workers, asked)
+            return _dry_run(config, folder, space, settings, workers, asked, trial_cfgs)
         found = studies.write_search(folder, space, settings, [])
         studies.Study(found)  # the study itself, before any worker: a sampler that cannot be made is said here
         if here:
             sys.exit(run_here(found, workers))
         from mnist.launch.slurm import submit_workers
 
-        submit_workers(config, folder, workers, asked=asked)
+        submit_workers(config, folder, workers, asked=asked, trial_cfgs=trial_cfgs)
 
 
 @contextlib.contextmanager
@@ -175,7 +178,7 @@ def run_here(search, workers) -> int:
         return max(p.wait() for p in processes)
 
 
-def _dry_run(config, folder, space, settings, workers, asked):
+def _dry_run(config, folder, space, settings, workers, asked, trial_cfgs):
     """What would be searched and the workers' script: nothing written, nothing submitted."""
     params = {k: p.to_dict() for k, p in space.params.items()}
     print(f"(dry run) search in {folder}: {json.dumps(params)}; fixed: {' '.join(space.fixed) or 'nothing'}; "
@@ -183,7 +186,7 @@ def _dry_run(config, folder, space, settings, workers, asked):
     if config.launcher.name == "slurm":
         from mnist.launch.slurm import submit_workers
 
-        submit_workers(config, folder, workers, asked=asked)
+        submit_workers(config, folder, workers, asked=asked, trial_cfgs=trial_cfgs)
 
 
 def resubmit_search(folder, log_dir, overrides, more=False) -> str | None:
@@ -216,7 +219,17 @@ def resubmit_search(folder, log_dir, overrides, more=False) -> str | None:
     workers = _workers_wanted(found.settings, found.space, folder)
     if not cfg.dry_run:
         print(f"Resubmitting {folder}: {studies.progress(folder, probe=True)}")
-    return slurm.submit_workers(cfg, folder, workers, previous=_last_workers(log_dir, folder, workers))
+    return slurm.submit_workers(cfg, folder, workers, previous=_last_workers(log_dir, folder, workers),
+                                trial_cfgs=_group_configs(found.space, overrides, lambda o: finalize(compose(o))))
+
+
+def _group_configs(space, overrides, compose) -> list:
+    """A config for each combination of the config groups the space chooses from (model=choice(mlp,cnn)): what a
+    trial asks Slurm for may differ with them (the CNN's longer time limit), so a worker asks for the longest."""
+    groups = {name: p.choices for name, p in space.params.items()
+              if p.kind == "categorical" and (CONF_DIR / name.lstrip("+~").split("@")[0]).is_dir()}
+    return [compose([*overrides, *(f"{name}={choice}" for name, choice in zip(groups, combination))])
+            for combination in itertools.product(*groups.values())] if groups else []
 
 
 def _more(log_dir, folder, overrides, given):
