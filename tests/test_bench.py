@@ -114,13 +114,19 @@ def test_the_search_section_holds_the_search_to_the_grids_accuracy_and_a_share_o
     from benchmarks.search_speed import table
     from benchmarks.train_speed import targets
 
+    each = [{"seed": 0, "wall_s": 110.8, "epochs": 84, "best_accuracy": 0.8907},
+            {"seed": 1, "wall_s": 80.2, "epochs": 54, "best_accuracy": 0.8897}]
     found = {"runs": 24, "trials": 24, "epochs": 5, "workers": 2, "pruner": "median",
              "grid": {"wall_s": 126.2, "epochs": 120, "best_accuracy": 0.889},
-             "search": {"wall_s": 110.8, "epochs": 84, "best_accuracy": 0.8907},
-             "epochs_ratio": 0.7, "points_behind": -0.17, "target_epochs_ratio": 0.6, "target_points": 0.3}
+             "search": {"wall_s": 95.5, "epochs": 69.0, "best_accuracy": 0.8902}, "each": each, "met_by": 1,
+             "epochs_ratio": 0.575, "points_behind": -0.02, "target_epochs_ratio": 0.6, "target_points": 0.3}
     checks = {c["target"]: c["met"] for c in targets({"search": found}) if c["model"] == "search"}
-    assert checks == {"24 trials: at most 0.6x the 24-run grid's epochs": False,
+    assert checks == {"24 trials: at most 0.6x the 24-run grid's epochs": True,
                       "24 trials: best accuracy at most 0.3 points behind the grid's": True}
+    assert not [c for c in targets({"search": {**found, "epochs_ratio": 0.7}}) if c["model"] == "search"][0]["met"]
     lines = table({"search": found})
-    assert lines[1].startswith("search  110.8 s to result,  84 epochs trained, best accuracy 89.07%"), lines
+    assert lines[1].startswith("search   95.5 s to result,  69.0 epochs trained, best accuracy 89.02%  (the mean of "
+                               "2 searches"), lines
+    assert lines[3] == "  seed 1:   80.2 s,  54 epochs (0.45x), best accuracy 88.97%", lines
+    assert lines[-1].endswith("both targets met by 1 of 2 searches"), lines
     assert table({"search": {"skipped": "no Slurm"}}) == ["search: skipped: no Slurm"]

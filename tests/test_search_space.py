@@ -264,7 +264,7 @@ def test_the_shipped_settings_pass():
     assert settings.name == "optuna" and settings.n_trials == 20 and settings.workers == 1
     assert (settings.direction, settings.objective, settings.sampler, settings.pruner) == (
         "maximize", "accuracy", "tpe", "median")
-    assert settings.seed is None
+    assert settings.seed is None and settings.prune_after == 2
     check_settings(settings)
     check_settings(settings, cpus=1)
     check_settings(optuna_yaml(objective="test_loss", direction="minimize", sampler="grid", pruner="none", seed=7))
@@ -283,6 +283,8 @@ def test_the_shipped_settings_pass():
     ({"pruner": "hyperband"}, "search.pruner='hyperband'", "median, asha, none"),
     ({"pruner": None}, "search.pruner=None", "median, asha, none"),
     ({"seed": "abc"}, "search.seed='abc'", "search.seed=null"),
+    ({"prune_after": 0}, "search.prune_after=0", "search.prune_after=2"),
+    ({"prune_after": "two"}, "search.prune_after='two'", "search.prune_after=2"),
     ({"objective": "test_loss"}, "search.objective=test_loss with search.direction=maximize",
      "Set search.direction=minimize"),
     ({"direction": "minimize"}, "search.objective=accuracy with search.direction=minimize",
@@ -312,7 +314,7 @@ def test_more_workers_than_cpus_here_is_refused():
 def test_a_missing_setting_is_named():
     with pytest.raises(UserError, match="search.pruner is not set"):
         check_settings({"n_trials": 5, "workers": 1, "direction": "maximize", "objective": "accuracy",
-                        "sampler": "tpe", "seed": None})
+                        "sampler": "tpe", "seed": None, "prune_after": 2})
 
 
 def test_reading_the_space_imports_neither_torch_nor_optuna():

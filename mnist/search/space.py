@@ -206,6 +206,11 @@ def check_settings(search_cfg, cpus: int | None = None) -> None:
     objective = _one_of(search_cfg, "objective", tuple(OBJECTIVES))
     _one_of(search_cfg, "sampler", SAMPLERS)
     _one_of(search_cfg, "pruner", PRUNERS)
+    prune_after = _setting(search_cfg, "prune_after")
+    if not _is_int(prune_after) or prune_after < 1:
+        raise SearchError(f"search.prune_after={prune_after!r} is not a positive integer: it is how many trials must "
+                          f"complete before the median pruner compares a trial with their median. Set e.g. "
+                          f"search.prune_after=2.")
     seed = _setting(search_cfg, "seed")
     if seed is not None and not _is_int(seed):
         raise SearchError(f"search.seed={seed!r} is neither null nor an integer. Set search.seed=null (a new seed "

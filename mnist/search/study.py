@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class Study:
         self.storage = JournalStorage(JournalFileBackend(str(search.folder / JOURNAL)))
         self.study = optuna.create_study(study_name=STUDY_NAME, storage=self.storage,
                                          direction=search.settings["direction"],
-                                         pruner=_pruner(search.settings["pruner"]), load_if_exists=True)
+                                         pruner=_pruner(search.settings), load_if_exists=True)
         self.study.sampler = _sampler(search, _seed(search.settings.get("seed"), worker, len(self.study.trials)))
 
     def trial(self, number) -> object:
@@ -131,14 +132,19 @@ def _sampler(search, seed):
         return optuna.samplers.GridSampler(spaces.grid(search.space), seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    with warnings.catch_warnings():  # (both are "experimental" in Optuna 4, and say so on every worker's start)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # multivariate: learns lr and width together; constant_liar: workers ask while others' trials still run,
+        # and those count as bad until they end, so two workers are not sent to the same spot
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
-def _pruner(name):
+def _pruner(settings):
     import optuna
 
-    if name == "median":  # (a trial is compared with others once a few have ended, from its first epoch on)
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    name = settings["pruner"]
+    if name == "median":  # (compares from a trial's first epoch on, once prune_after trials have completed)
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.get("prune_after", 3), n_warmup_steps=0)
     if name == "asha":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()

@@ -21,7 +21,7 @@ from mnist.search import space as spaces
 from mnist.search import study as studies
 
 # the settings a continued search may change; the others would make it another search
-CHANGEABLE = ("n_trials", "workers", "pruner")
+CHANGEABLE = ("n_trials", "workers", "pruner", "prune_after")
 
 
 def search(config, arguments, compose) -> None:
