@@ -107,7 +107,8 @@ def show(log_dir, job_id) -> None:
     if not chosen:
         record.find(log_dir, job_id)  # says which jobs there are
     lines = {id(e): _submissions(entries, e) for e in chosen}
-    history = [e for e in entries if any(e is h for line in lines.values() for h in line)]
+    shown = {id(h) for line in lines.values() for h in line}
+    history = [e for e in entries if id(e) in shown]
     jobs = {id(entry): job for entry, job in zip(history, describe(log_dir, history))}  # (a packed task: a run each)
     print("\n\n".join(_details(jobs[id(e)], [jobs[id(h)] for h in lines[id(e)]]) for e in chosen))
 

@@ -110,7 +110,7 @@ def parse(overrides: list[str], cfg) -> Space:
             space.fixed.append(text)
             continue
         _check_searchable(override, text, key)
-        group = _group(override)
+        group = group_of(override.key_or_group)
         param = _param(parser, override, text, group)
         if group:
             _check_group(override, text, group, param, cfg)
@@ -246,9 +246,9 @@ def _key(override) -> str:
     return override.key_or_group + (f"@{override.package}" if override.package else "")
 
 
-def _group(override):
-    """The config group this override chooses from (conf/<group>/ exists), else None."""
-    name = override.key_or_group
+def group_of(key) -> str | None:
+    """The config group a key names (`model`, a Space's `+model` or `model@pkg`), else None."""
+    name = key.lstrip("+~").split("@")[0]
     return name if re.fullmatch(r"\w+", name) and (CONF_DIR / name).is_dir() else None
 
 

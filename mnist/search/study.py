@@ -143,7 +143,8 @@ def _pruner(settings):
     import optuna
 
     name = settings["pruner"]
-    if name == "median":  # (compares from a trial's first epoch on, once prune_after trials have completed)
+    if name == "median":  # (compares from a trial's first epoch on, once prune_after trials have completed;
+        # a search.json written before prune_after existed keeps the 3 its search began with)
         return optuna.pruners.MedianPruner(n_startup_trials=settings.get("prune_after", 3), n_warmup_steps=0)
     if name == "asha":
         return optuna.pruners.SuccessiveHalvingPruner()

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mnist import callbacks
-from mnist.config import CONF_DIR, report_errors
+from mnist.config import report_errors
 from mnist.errors import UserError
 from mnist.search import space as spaces
 from mnist.search import study as studies
@@ -227,7 +227,7 @@ def _group_configs(space, overrides, compose) -> list:
     """A config for each combination of the config groups the space chooses from (model=choice(mlp,cnn)): what a
     trial asks Slurm for may differ with them (the CNN's longer time limit), so a worker asks for the longest."""
     groups = {name: p.choices for name, p in space.params.items()
-              if p.kind == "categorical" and (CONF_DIR / name.lstrip("+~").split("@")[0]).is_dir()}
+              if p.kind == "categorical" and spaces.group_of(name)}
     return [compose([*overrides, *(f"{name}={choice}" for name, choice in zip(groups, combination))])
             for combination in itertools.product(*groups.values())] if groups else []
 
